@@ -1,0 +1,1 @@
+"""The `capsnet` command: data, train, export (need the training extra) and serve."""

@@ -1,0 +1,87 @@
+"""The `capsnet` command: data, train, export, serve.
+
+Imports are lazy, so `capsnet serve` never loads torch and runs on the serving install alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def _data(args: argparse.Namespace) -> None:
+    from model_export.data import DataError, default_cache_dir, fetch
+
+    for name in args.datasets:
+        try:
+            sources = fetch(name, data_dir=args.data_dir, cache_dir=args.cache_dir)
+        except DataError as exc:
+            raise SystemExit(str(exc)) from None
+        where = (args.cache_dir or default_cache_dir()) / name
+        for fname, src in sources.items():
+            print(f"{name}/{fname}: verified, from {src}, cached in {where}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from model_export.train import run
+
+    run(args)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from model_export.export import run
+
+    run(args)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from service.cli import run
+
+    run(args)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("train", help="train a CapsNet (needs the [train] extra)")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr-decay", type=float, default=0.96, help="exponential decay per epoch")
+    p.add_argument("--routing-iterations", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--output", type=Path, default=Path("runs/capsnet"))
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--max-shift", type=int, default=2, help="random shift augmentation, pixels")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--data-dir", type=Path, default=None, help="a directory holding the IDX files")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a CapsNetConfig field, e.g. --set conv1_channels=64")  # fmt: skip
+    p.set_defaults(func=_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capsnet", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="fetch and verify MNIST / Fashion-MNIST into the cache")
+    p.add_argument("datasets", nargs="*", default=["mnist"], choices=["mnist", "fashion-mnist"])
+    p.add_argument("--data-dir", type=Path, default=None, help="a directory holding the IDX files")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="default: $CAPSNET_DATA_DIR or ~/.cache/capsnet/data")  # fmt: skip
+    p.set_defaults(func=_data)
+
+    _add_train(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args.func(args)

@@ -1,0 +1,91 @@
+"""Capsule layers and routing by agreement, after Sabour, Frosst & Hinton, arXiv 1710.09829.
+
+Primary capsules are numbered in (type, row, col) order: capsule i = type * G*G + row * G + col, where
+G is the side of the grid (6 for MNIST), so a row of coupling coefficients reshapes to (types, G, G).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model_export.config import CapsNetConfig
+
+SQUASH_EPS = 1e-8
+
+
+def squash(s: Tensor, dim: int = -1) -> Tensor:
+    """Shrink s to a length in [0, 1) keeping its direction: |s|^2 / (1 + |s|^2) * s / |s|.
+
+    The eps sits inside the square root so that a zero vector maps to zero with a finite gradient.
+    """
+    sq = (s * s).sum(dim=dim, keepdim=True)
+    return s * (sq / ((1.0 + sq) * torch.sqrt(sq + SQUASH_EPS)))
+
+
+class PrimaryCaps(nn.Module):
+    """A convolution whose output channels are read as `types` capsules of `dim` components each."""
+
+    def __init__(self, cfg: CapsNetConfig) -> None:
+        super().__init__()
+        self.types, self.dim = cfg.primary_types, cfg.primary_dim
+        self.conv = nn.Conv2d(
+            cfg.conv1_channels,
+            cfg.primary_types * cfg.primary_dim,
+            kernel_size=cfg.primary_kernel,
+            stride=cfg.primary_stride,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) feature map -> (B, N, dim) squashed capsules in (type, row, col) order."""
+        B = x.shape[0]
+        y = self.conv(x)  # (B, types*dim, G, G); channel = type*dim + d
+        G = y.shape[-1]
+        y = y.view(B, self.types, self.dim, G, G)  # (B, types, dim, G, G)
+        y = y.permute(0, 1, 3, 4, 2)  # (B, types, G, G, dim)
+        u = y.reshape(B, self.types * G * G, self.dim)  # (B, N, dim), N in (type, row, col) order
+        return squash(u)
+
+
+def route(u_hat: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """Routing by agreement (Procedure 1 of the paper).
+
+    u_hat: (B, J, N, D) prediction vectors, u_hat[b, j, i] = û_j|i (children i vote for parents j).
+    Returns v (B, J, D), the parent capsules, and c (B, r, N, J), the coupling of every iteration.
+    `iterations` is a Python int, so tracing unrolls the loop into r copies.
+    """
+    B, J, N, _ = u_hat.shape
+    b = u_hat.new_zeros(B, N, J)  # routing logits b_ij
+    couplings = []
+    v = u_hat.new_zeros(B, J, u_hat.shape[-1])
+    for it in range(iterations):
+        c = torch.softmax(b, dim=2)  # (B, N, J): c_i = softmax over the parents j of b_i
+        couplings.append(c)
+        s = torch.matmul(c.transpose(1, 2).unsqueeze(2), u_hat).squeeze(2)  # (B, J, D): Σ_i c_ij û_j|i
+        v = squash(s)  # (B, J, D)
+        if it + 1 < iterations:  # the last update of b would change nothing that is returned
+            agreement = torch.matmul(u_hat, v.unsqueeze(-1)).squeeze(-1)  # (B, J, N): û_j|i · v_j
+            b = b + agreement.transpose(1, 2)  # (B, N, J)
+    return v, torch.stack(couplings, dim=1)  # (B, J, D), (B, r, N, J)
+
+
+class DigitCaps(nn.Module):
+    """One 8x16 transformation matrix W_ij per (child i, parent j), then routing by agreement."""
+
+    def __init__(self, cfg: CapsNetConfig) -> None:
+        super().__init__()
+        self.iterations = cfg.routing_iterations
+        self.num_out, self.dim_out = cfg.num_classes, cfg.digit_dim
+        # W[i, j] maps an 8-D child to a 16-D vote: (N, J, D_out, D_in)
+        self.W = nn.Parameter(
+            0.01 * torch.randn(cfg.num_primary, cfg.num_classes, cfg.digit_dim, cfg.primary_dim)
+        )
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """u (B, N, D_in) -> v (B, J, D_out), coupling (B, r, N, J)."""
+        B, N, K = u.shape
+        J, D = self.num_out, self.dim_out
+        # One batched matmul over the children i: (N, J*D, K) @ (N, K, B), no (B, N, J, D, K) broadcast.
+        votes = torch.bmm(self.W.view(N, J * D, K), u.permute(1, 2, 0))  # (N, J*D, B)
+        u_hat = votes.view(N, J, D, B).permute(3, 1, 0, 2).contiguous()  # (B, J, N, D)
+        return route(u_hat, self.iterations)

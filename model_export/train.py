@@ -1,0 +1,217 @@
+"""Training loop: Adam with exponential decay, margin + reconstruction loss, shift augmentation,
+a checkpoint per epoch that `--resume` continues from, and a JSON-lines log of the run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model_export.config import CapsNetConfig
+from model_export.data import dataset_checksum, get_spec, load_split, random_shift
+from model_export.model import CapsNet, capsnet_loss
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "capsnet-checkpoint/1"
+
+
+def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, 28, 28) -> float32 (B, 1, 28, 28) in [0, 1]."""
+    return torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1).to(device)
+
+
+@torch.inference_mode()
+def predict(
+    model: CapsNet, images: np.ndarray, batch_size: int = 500, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Capsule lengths (N, J) for uint8 images (N, 28, 28)."""
+    model.eval()
+    out = [
+        model(to_tensor(images[i : i + batch_size], device))[0].cpu().numpy()
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out)
+
+
+def evaluate(model: CapsNet, images: np.ndarray, labels: np.ndarray, **kw: Any) -> float:
+    return float((predict(model, images, **kw).argmax(1) == labels).mean())
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs for CapsNetConfig fields (values parsed as JSON)."""
+    names = {f.name for f in fields(CapsNetConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(f"--set expects KEY=VALUE with KEY in {sorted(names)}, got {item!r}")
+        out[key] = json.loads(value)
+    return out
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash never leaves half a checkpoint
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and sanity-check a checkpoint written by `capsnet train`; raise ValueError otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for corrupt files
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    return state
+
+
+def build_model(state: dict[str, Any]) -> CapsNet:
+    """Rebuild the model from a checkpoint's stored config and load its weights strictly."""
+    cfg = CapsNetConfig.from_dict(state["config"])
+    model = CapsNet(cfg)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint weights do not match its config: {exc}") from exc
+    return model
+
+
+def train(
+    *,
+    dataset: str = "mnist",
+    epochs: int = 1,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    lr_decay: float = 0.96,
+    routing_iterations: int = 3,
+    seed: int = 0,
+    device: str | None = None,
+    output: Path = Path("runs/capsnet"),
+    resume: bool = False,
+    limit: int | None = None,
+    max_shift: int = 2,
+    threads: int | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    data_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and return the final checkpoint dict (also written to output/last.pt every epoch)."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, log_path = output / "last.pt", output / "best.pt", output / "log.jsonl"
+
+    x_train, y_train = load_split(dataset, "train", data_dir=data_dir)
+    x_test, y_test = load_split(dataset, "test", data_dir=data_dir)
+    if limit:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+
+    torch.manual_seed(seed)
+    cfg = CapsNetConfig(routing_iterations=routing_iterations, **(config_overrides or {}))
+    model = CapsNet(cfg).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
+    start_epoch, history, best_acc = 0, [], -1.0
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path)
+        if state["config"] != cfg.to_dict() or state["dataset"] != dataset:
+            raise SystemExit(f"{last_path} was trained with another config or dataset; not resuming")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+        best_acc = max((h["test_accuracy"] for h in history), default=-1.0)
+        log.info("resuming from %s after epoch %d", last_path, start_epoch)
+    elif not resume and log_path.exists():
+        log_path.unlink()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("CapsNet %s, %d parameters, %d training images on %s", cfg, n_params, len(x_train), dev)
+    steps = math.ceil(len(x_train) / batch_size)
+    state: dict[str, Any] = {}
+    for epoch in range(start_epoch, epochs):
+        rng = np.random.default_rng([seed, epoch])  # same seed, same order and shifts
+        order = rng.permutation(len(x_train))
+        model.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
+                   mininterval=2.0, unit="batch")  # fmt: skip
+        for step in bar:
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            images = to_tensor(random_shift(x_train[idx], max_shift, rng), dev)
+            targets = torch.from_numpy(y_train[idx]).to(dev)
+            loss, lengths = capsnet_loss(model, images, targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            correct += int((lengths.argmax(1) == targets).sum())
+            rate = seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}", refresh=False)
+        sched.step()
+        train_seconds = time.perf_counter() - t0
+        test_acc = evaluate(model, x_test, y_test, device=dev)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "test_accuracy": test_acc,
+            "images_per_second": seen / train_seconds,
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - t0 - train_seconds,
+            "lr": opt.param_groups[0]["lr"],
+        }
+        history.append(record)
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("epoch %d: %s", epoch + 1, record)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": cfg.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+            "dataset": dataset,
+            "dataset_sha256": dataset_checksum(dataset),
+            "labels": list(get_spec(dataset).labels),
+            "test_accuracy": test_acc,
+            "train_images": len(x_train),
+            "args": {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "seed": seed,
+                     "max_shift": max_shift, "limit": limit, "device": str(dev)},  # fmt: skip
+        }
+        save_checkpoint(last_path, state)
+        if test_acc > best_acc:
+            best_acc = test_acc
+            save_checkpoint(best_path, state)
+    if not state:  # nothing left to train: hand back what is on disk
+        state = load_checkpoint(last_path)
+    return state
+
+
+def run(args: argparse.Namespace) -> None:
+    state = train(
+        dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        lr_decay=args.lr_decay, routing_iterations=args.routing_iterations, seed=args.seed,
+        device=args.device, output=args.output, resume=args.resume, limit=args.limit,
+        max_shift=args.max_shift, threads=args.threads, config_overrides=parse_overrides(args.set),
+        data_dir=args.data_dir,
+    )  # fmt: skip
+    print(f"epoch {state['epoch']}: test accuracy {state['test_accuracy']:.4f}; "
+          f"checkpoint {args.output / 'last.pt'}")  # fmt: skip
