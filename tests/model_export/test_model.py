@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from model_export.config import CapsNetConfig
+from model_export.model import CapsNet, capsnet_loss, margin_loss
+
+TINY = CapsNetConfig(conv1_channels=16, primary_types=4)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_shapes_lengths_and_coupling(B):
+    torch.manual_seed(0)
+    model = CapsNet(TINY).eval()
+    x = torch.rand(B, 1, 28, 28)
+    with torch.no_grad():
+        lengths, poses, coupling = model(x)
+    N = TINY.num_primary
+    assert lengths.shape == (B, 10) and poses.shape == (B, 10, 16) and coupling.shape == (B, 3, N, 10)
+    assert N == 4 * 6 * 6
+    for t in (lengths, poses, coupling):
+        assert torch.isfinite(t).all()
+    assert torch.all(lengths >= 0) and torch.all(lengths < 1)
+    torch.testing.assert_close(lengths, poses.norm(dim=-1))
+    torch.testing.assert_close(coupling.sum(-1), torch.ones(B, 3, N))
+    torch.testing.assert_close(coupling[:, 0], torch.full((B, N, 10), 0.1))
+    assert (coupling[:, -1] - coupling[:, 0]).abs().max() > 0  # routing moved the coupling
+    recon = model.reconstruct(poses, lengths.argmax(1))
+    assert recon.shape == (B, 1, 28, 28) and recon.min() >= 0 and recon.max() <= 1
+
+
+def test_default_config_has_paper_parameter_counts():
+    model = CapsNet()
+    total = sum(p.numel() for p in model.parameters())
+    decoder = sum(p.numel() for p in model.decoder.parameters())
+    assert total == 8_215_568  # 8.2 M, like the paper
+    assert total - decoder == 6_804_224  # 6.8 M without the decoder
+    assert model.digits.W.shape == (1152, 10, 16, 8)
+    assert model.config.routing_iterations == 3
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = CapsNet(TINY)
+    loss, _ = capsnet_loss(model, torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 5, 9]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_margin_loss_values():
+    lengths = torch.tensor([[0.95, 0.05, 0.5], [0.2, 0.0, 0.0]])
+    targets = torch.tensor([0, 0])
+    # image 0: present 0 (0.95 > 0.9), absent: 0.5*(0.5-0.1)^2 = 0.08 ; image 1: (0.9-0.2)^2 = 0.49
+    assert margin_loss(lengths, targets).item() == pytest.approx((0.08 + 0.49) / 2)
