@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_data)
 
     _add_train(sub)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, verified against PyTorch")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by `capsnet train`")
+    p.add_argument("--output", type=Path, default=Path("models/capsnet-mnist"))
+    p.add_argument("--name", default="capsnet-mnist", help="model name stored in the metadata")
+    p.set_defaults(func=_export)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,6 +35,13 @@ class Decoder(nn.Module):
         return self.layers(masked).view(B, -1, self.image_size, self.image_size)
 
 
+class CapsNetOutput(NamedTuple):
+    lengths: Tensor  # (B, J) capsule lengths = class probabilities
+    poses: Tensor  # (B, J, D) digit capsules v_j
+    coupling: Tensor  # (B, r, N, J) c_ij of every routing iteration
+    primary_activations: Tensor  # (B, N) lengths of the primary capsules u_i
+
+
 class CapsNet(nn.Module):
     def __init__(self, cfg: CapsNetConfig | None = None) -> None:
         super().__init__()
@@ -44,11 +53,16 @@ class CapsNet(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, 1, 28, 28) in [0, 1] -> lengths (B, J), poses v (B, J, D), coupling (B, r, N, J)."""
+        out = self.run(x)
+        return out.lengths, out.poses, out.coupling
+
+    def run(self, x: Tensor) -> CapsNetOutput:
+        """Everything the service shows, the primary capsules' activations included."""
         h = F.relu(self.conv1(x))  # (B, 256, 20, 20)
         u = self.primary(h)  # (B, N, 8)
         v, coupling = self.digits(u)  # (B, J, D), (B, r, N, J)
         lengths = torch.linalg.vector_norm(v, dim=-1)  # (B, J): probability that class j is present
-        return lengths, v, coupling
+        return CapsNetOutput(lengths, v, coupling, torch.linalg.vector_norm(u, dim=-1))
 
     def reconstruct(self, poses: Tensor, classes: Tensor) -> Tensor:
         """Decoder fed with the poses masked to `classes` (B,) -> (B, C, H, W)."""

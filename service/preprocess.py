@@ -1,0 +1,338 @@
+"""Bytes or JSON in, a validated 28x28 float32 MNIST-style image out (numpy + Pillow only).
+
+Users send photos and scans: dark ink on light paper, any size, off-centre, noisy, JPEG. `to_mnist`
+brings them into the form MNIST's own digits were given (LeCun et al.): grey levels, the digit fitted
+into a 20x20 box keeping its aspect ratio (anti-aliased), then placed in a 28x28 field so that its
+centre of mass sits at the centre, pixel (14, 14) in row/column index coordinates as in MNIST itself.
+
+Every failure is a `PreprocessError` that carries the HTTP status the web layer should answer with:
+
+    400  empty upload, corrupt or truncated image, an image with a zero side
+    413  more pixels than allowed (decompression bombs): checked from the header, before decoding
+    415  bytes that are not a PNG, JPEG, GIF, BMP, TIFF or WebP image
+    422  well-formed input with the wrong content: wrong size for ``mode="none"``, no digit found,
+         JSON arrays of the wrong shape, type or range
+
+The `detail` message is meant for the client: it never holds a stack trace or a file path.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from numbers import Real
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageFilter, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 28  # side of an MNIST image
+DIGIT_BOX = 20  # MNIST fits each digit into a 20x20 box inside the 28x28 field
+SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP")  # MPO: JPEG from phones
+
+# File signatures of the supported formats: bytes that start like one of them but do not decode are
+# corrupt (400); bytes that start like none of them are an unsupported media type (415).
+_SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
+    ("PNG", (b"\x89PNG\r\n\x1a\n",)),
+    ("JPEG", (b"\xff\xd8\xff",)),
+    ("GIF", (b"GIF87a", b"GIF89a")),
+    ("BMP", (b"BM",)),
+    ("TIFF", (b"II*\x00", b"MM\x00*")),
+)
+
+_WORK_SIDE = 512  # photos are reduced to at most this many pixels a side before the analysis
+_BACKGROUND_SIDE = 48  # the background tone is estimated on a copy this small ...
+_BACKGROUND_WINDOW = 15  # ... with a morphological opening this wide, wider than any pen stroke there
+_MIN_CONTRAST = 0.08  # ink must stand out from the paper by this much (of the full grey range) ...
+_MIN_SNR = 6.0  # ... and by this many noise standard deviations
+_SPECK_FRACTION = 0.05  # ink blobs lighter than this fraction of the largest one are noise
+_BOX_LEVEL = 0.1  # the crop is the bounding box of the ink above this level
+
+
+class PreprocessError(ValueError):
+    """Input the service refuses, with the HTTP status and the message the client should get."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+FloatImage = npt.NDArray[np.float32]
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _sniff(data: bytes) -> str | None:
+    for name, signatures in _SIGNATURES:
+        if data.startswith(signatures):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode an upload into a fully loaded Pillow image (first frame, EXIF orientation applied).
+
+    The pixel count is checked against `max_pixels` from the header, before any pixel is decoded, so a
+    small file that claims a huge canvas (a decompression bomb) costs nothing.
+    """
+    if not data:
+        raise PreprocessError(400, "The upload is empty.")
+    kind = _sniff(data)
+    supported = "PNG, JPEG, GIF, BMP, TIFF or WebP"
+    try:
+        img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own bomb check runs inside open(); its warning is an exception only where warnings
+        # are errors (our tests). Elsewhere it is logged by Pillow and our own check below applies.
+        raise PreprocessError(413, f"The image has more pixels than the limit of {max_pixels}.") from None
+    except Exception:  # Pillow raises SyntaxError, OSError, ValueError, struct.error ... on bad headers
+        if kind is None:
+            raise PreprocessError(415, f"The upload is not a {supported} image.") from None
+        raise PreprocessError(400, f"The {kind} image is corrupt or truncated.") from None
+
+    with img:
+        fmt = img.format or kind or "image"
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise PreprocessError(400, f"The {fmt} image is empty ({width}x{height} pixels).")
+        if width * height > max_pixels:
+            raise PreprocessError(
+                413, f"The image has {width}x{height} pixels, more than the limit of {max_pixels}."
+            )
+        try:
+            img.seek(0)  # multi-frame GIF/TIFF/WebP: the first frame
+            img.load()  # decode now so that truncation and corruption surface here
+            frame = img.copy()  # detaches the frame from the file so that the file can be closed
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise PreprocessError(413, f"The image has more pixels than the limit of {max_pixels}.") from None
+        except Exception:  # decoders raise OSError, ValueError, EOFError, SyntaxError, ...
+            raise PreprocessError(400, f"The {fmt} image is corrupt or truncated.") from None
+    try:
+        oriented = ImageOps.exif_transpose(frame)
+    except Exception:  # unreadable EXIF: the pixels are fine, keep them as stored
+        log.debug("ignoring unreadable EXIF orientation", exc_info=True)
+        oriented = frame
+    return oriented if oriented is not None else frame
+
+
+def _grey(img: Image.Image, *, background: float) -> tuple[FloatImage, int]:
+    """Luminance in [0, 1] (float32) and the bit depth it came from; alpha is composited over a
+    uniform `background` (1.0: white paper; 0.0: MNIST's black)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a16 = np.asarray(img).astype(np.float32)
+        return np.clip(a16 / 65535.0, 0.0, 1.0), 16
+    if img.mode == "F":
+        af = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 1.0 if af.max(initial=0.0) <= 1.0 else (255.0 if af.max() <= 255.0 else 65535.0)
+        return np.clip(af / scale, 0.0, 1.0), 32
+    has_alpha = img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (round(255 * background),) * 3 + (255,))
+        img = Image.alpha_composite(paper, rgba)
+    if img.mode != "L":
+        img = img.convert("RGB").convert("L") if img.mode not in ("1", "P") else img.convert("L")
+    return np.asarray(img, dtype=np.float32) / 255.0, 8
+
+
+# ------------------------------------------------------------------------------------ MNIST procedure
+
+
+def _resize(a: FloatImage, size: tuple[int, int], resample: Image.Resampling) -> FloatImage:
+    """Resize a float image; `size` is (width, height) as in Pillow."""
+    out = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32)).resize(size, resample)
+    return np.asarray(out, dtype=np.float32)
+
+
+def _box_blur(a: FloatImage, *, radius: int) -> FloatImage:
+    """Mean over a (2r+1) x (2r+1) window, edges replicated."""
+    h, w = a.shape
+    k = 2 * radius + 1
+    p = np.pad(a, radius, mode="edge")
+    return np.mean([p[dy : dy + h, dx : dx + w] for dy in range(k) for dx in range(k)], axis=0, dtype=np.float32)
+
+
+def _background(ink: FloatImage) -> FloatImage:
+    """Smooth estimate of the paper tone under bright ink: a morphological opening (min then max
+    filter) on a small copy removes strokes narrower than the window; a blur and upscale follow."""
+    h, w = ink.shape
+    scale = _BACKGROUND_SIDE / max(h, w)
+    small_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = Image.fromarray(_resize(ink, small_size, Image.Resampling.BOX))  # mode "F"
+    opened = small.filter(ImageFilter.MinFilter(_BACKGROUND_WINDOW)).filter(
+        ImageFilter.MaxFilter(_BACKGROUND_WINDOW)
+    )
+    blurred = _box_blur(np.asarray(opened, dtype=np.float32), radius=2)  # Pillow blurs no "F" images
+    return _resize(blurred, (w, h), Image.Resampling.BILINEAR)
+
+
+def _otsu(values: FloatImage, bins: int = 256) -> float:
+    """Otsu's threshold: the grey level that best splits `values` into two classes."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, float(values.max()) + 1e-6))
+    p = hist.astype(np.float64) / max(1, hist.sum())
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * centres)
+    between = (m0[-1] * w0 - m0) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    return float(centres[int(np.argmax(between))])
+
+
+def _components(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    """Label 8-connected components of `mask` (0 = background) by propagating the largest label."""
+    h, w = mask.shape
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
+    while True:
+        p = np.pad(labels, 1)
+        neighbours = np.max(
+            [p[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], axis=0
+        )  # (h, w): the largest label in each 3x3 neighbourhood
+        new = np.where(mask, neighbours, 0)
+        if np.array_equal(new, labels):
+            return labels
+        labels = new
+
+
+def _drop_specks(ink: FloatImage) -> FloatImage:
+    """Zero the ink blobs that are much lighter than the largest one (dust, noise, stray marks)."""
+    h, w = ink.shape
+    scale = min(1.0, 96 / max(h, w))  # label on a small copy: fast, and a stroke stays connected
+    small_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = _resize(ink, small_size, Image.Resampling.BOX)
+    labels = _components(small > _BOX_LEVEL / 2)
+    ids, inverse = np.unique(labels, return_inverse=True)
+    mass = np.bincount(inverse.ravel(), weights=small.ravel())
+    mass[ids == 0] = 0.0
+    keep_small = (mass >= _SPECK_FRACTION * mass.max())[inverse].reshape(labels.shape) & (labels > 0)
+    keep = Image.fromarray(keep_small.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+    # Grow the kept region by a couple of pixels so that the soft edges of kept strokes stay.
+    grown = np.asarray(keep.filter(ImageFilter.MaxFilter(5)), dtype=np.uint8) > 0
+    return np.where(grown, ink, 0.0).astype(np.float32)
+
+
+def _centre_of_mass(a: FloatImage) -> tuple[float, float]:
+    total = float(a.sum())
+    rows, cols = np.indices(a.shape)
+    return float((rows * a).sum() / total), float((cols * a).sum() / total)
+
+
+def to_mnist(img: Image.Image) -> FloatImage:
+    """Bring a photo or scan of one digit into MNIST form: a (28, 28) float32 array in [0, 1], white
+    ink on black, the digit fitted into 20x20 and centred by its centre of mass.
+
+    Raises PreprocessError(422) when no digit stands out from the background (a blank page): a
+    prediction for an empty field would be meaningless.
+    """
+    grey, _ = _grey(img, background=1.0)  # (H, W), alpha composited over white paper
+    h, w = grey.shape
+    if max(h, w) > _WORK_SIDE:  # a 12-megapixel photo needs no more detail than this
+        scale = _WORK_SIDE / max(h, w)
+        grey = _resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
+
+    # Polarity: the border is mostly paper; light paper means dark ink, so invert to bright ink.
+    border = max(1, round(0.05 * min(grey.shape)))
+    frame = np.concatenate(
+        [grey[:border].ravel(), grey[-border:].ravel(), grey[:, :border].ravel(), grey[:, -border:].ravel()]
+    )
+    ink = 1.0 - grey if float(np.median(frame)) > 0.5 else grey
+
+    # Remove the paper tone (uneven lighting included), then the noise floor, and stretch the ink to 1.
+    residual = np.clip(ink - _background(ink), 0.0, None)
+    split = _otsu(residual)
+    paper, strokes = residual[residual <= split], residual[residual > split]
+    noise = 1.4826 * float(np.median(np.abs(paper - np.median(paper)))) if paper.size else 0.0
+    floor = float(np.median(paper)) + 2.0 * noise if paper.size else 0.0
+    top = float(np.percentile(strokes, 95)) if strokes.size else 0.0
+    if top - floor < _MIN_CONTRAST or top < _MIN_SNR * max(noise, 1e-6):
+        raise PreprocessError(422, "No digit found: nothing in the image stands out from the background.")
+    ink = np.clip((residual - floor) / (top - floor), 0.0, 1.0).astype(np.float32)
+    ink = _drop_specks(ink)
+
+    # Crop to the ink's bounding box and fit it into 20x20, keeping the aspect ratio.
+    rows = np.flatnonzero((ink > _BOX_LEVEL).any(axis=1))
+    cols = np.flatnonzero((ink > _BOX_LEVEL).any(axis=0))
+    digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    dh, dw = digit.shape
+    scale = DIGIT_BOX / max(dh, dw)
+    size = (max(1, min(DIGIT_BOX, round(dw * scale))), max(1, min(DIGIT_BOX, round(dh * scale))))
+    digit = np.clip(_resize(digit, size, Image.Resampling.LANCZOS), 0.0, 1.0)  # (<=20, <=20)
+    if float(digit.sum()) <= 0.0:
+        raise PreprocessError(422, "No digit found: nothing in the image stands out from the background.")
+
+    # Paste into 28x28 so that the centre of mass lands on (14, 14), staying inside the field.
+    cy, cx = _centre_of_mass(digit)
+    sh, sw = digit.shape
+    top_row = min(max(round(IMAGE_SIZE / 2 - cy), 0), IMAGE_SIZE - sh)
+    left_col = min(max(round(IMAGE_SIZE / 2 - cx), 0), IMAGE_SIZE - sw)
+    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    out[top_row : top_row + sh, left_col : left_col + sw] = digit
+    return out
+
+
+# ------------------------------------------------------------------------------------------- entry points
+
+
+def preprocess_bytes(data: bytes, *, mode: Literal["mnist", "none"], max_pixels: int) -> FloatImage:
+    """An uploaded image as the model's (28, 28) float32 input in [0, 1].
+
+    mode="mnist": any photo or scan, brought to MNIST form by `to_mnist`.
+    mode="none": an image that is already MNIST-like (28x28, white digit on black); its grey levels
+    are taken as they are (8-bit / 255, 16-bit / 65535, alpha over black).
+    """
+    if mode not in ("mnist", "none"):
+        raise PreprocessError(422, f"Unknown preprocess mode {mode!r}: use 'mnist' or 'none'.")
+    img = decode_image(data, max_pixels=max_pixels)
+    if mode == "mnist":
+        return to_mnist(img)
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+        width, height = img.size
+        raise PreprocessError(
+            422,
+            f"preprocess=none needs a {IMAGE_SIZE}x{IMAGE_SIZE} image, got {width}x{height}; "
+            "use preprocess=mnist for photos and scans.",
+        )
+    grey, _ = _grey(img, background=0.0)
+    return np.ascontiguousarray(grey, dtype=np.float32)
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def validate_array(obj: object, *, size: int = IMAGE_SIZE) -> FloatImage:
+    """A JSON image (`size` rows of `size` finite numbers in [0, 1]) as a float32 (size, size) array.
+
+    Booleans, strings, None, NaN, infinities and out-of-range values are refused with a 422 whose
+    detail says what was wrong and where (row and column, counted from 0).
+    """
+    shape = f"{size}x{size} array (a list of {size} rows of {size} numbers in [0, 1])"
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    if not isinstance(obj, (list, tuple)):
+        raise PreprocessError(422, f"Expected a {shape}, got {type(obj).__name__}.")
+    if len(obj) != size:
+        raise PreprocessError(422, f"Expected a {shape}, got {len(obj)} rows.")
+    out = np.empty((size, size), dtype=np.float32)
+    for i, row in enumerate(obj):
+        if not isinstance(row, (list, tuple)):
+            raise PreprocessError(422, f"Row {i} must be a list of {size} numbers, got {type(row).__name__}.")
+        if len(row) != size:
+            raise PreprocessError(422, f"Row {i} has {len(row)} values, expected {size}.")
+        for j, v in enumerate(row):
+            if isinstance(v, bool) or not isinstance(v, Real):
+                raise PreprocessError(
+                    422, f"Pixel [{i}][{j}] must be a number in [0, 1], got {type(v).__name__} {_describe(v)}."
+                )
+            if not (0 <= v <= 1):  # False for NaN too; compares huge ints exactly, without overflow
+                what = "not a finite number" if isinstance(v, float) and not math.isfinite(v) else "out of range"
+                raise PreprocessError(422, f"Pixel [{i}][{j}] is {what}: {_describe(v)}; expected [0, 1].")
+            out[i, j] = v
+    return out

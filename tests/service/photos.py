@@ -1,0 +1,46 @@
+"""Render MNIST digits as the photos users send: dark ink on uneven grey paper, upscaled, off-centre,
+noisy, JPEG-compressed. Shared by the preprocessing tests."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def render_photo(
+    digit: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    canvas: tuple[int, int] = (300, 224),
+    scale: float = 7.0,
+    noise: float = 0.03,
+    quality: int | None = 75,
+) -> bytes:
+    """`digit` (28, 28) uint8 white-on-black -> encoded photo bytes (JPEG, or PNG when quality is None).
+
+    canvas is (height, width). The 28x28 field is upscaled by `scale` (bicubic, like a pen stroke seen
+    by a camera) and placed at a random offset; the paper is grey with a linear lighting gradient.
+    """
+    height, width = canvas
+    side = round(28 * scale)
+    ink = Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC)
+    ink_a = np.zeros((height, width), dtype=np.float64)
+    top = int(rng.integers(0, max(1, height - side + 1)))
+    left = int(rng.integers(0, max(1, width - side + 1)))
+    patch = np.asarray(ink, dtype=np.float64)[: height - top, : width - left] / 255.0
+    ink_a[top : top + patch.shape[0], left : left + patch.shape[1]] = patch
+    yy, xx = np.mgrid[0:height, 0:width]
+    tone = rng.uniform(0.62, 0.85)
+    gy, gx = rng.uniform(-0.12, 0.12, size=2)
+    paper = tone + gy * (yy / height - 0.5) + gx * (xx / width - 0.5)
+    ink_tone = rng.uniform(0.08, 0.25)
+    photo = paper * (1 - ink_a) + ink_tone * ink_a + rng.normal(0.0, noise, size=ink_a.shape)
+    img = Image.fromarray(np.clip(photo * 255 + 0.5, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    if quality is None:
+        img.save(buf, "PNG")
+    else:
+        img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
