@@ -6,32 +6,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model_export.config import CapsNetConfig
 from model_export.export import ExportError, export, graph_control_flow
-from model_export.model import CapsNet
-from model_export.train import CHECKPOINT_FORMAT, save_checkpoint
-
-TINY = {"conv1_channels": 16, "primary_types": 4}
-
-
-def make_checkpoint(path, r=3, seed=0):
-    torch.manual_seed(seed)
-    cfg = CapsNetConfig(routing_iterations=r, **TINY)
-    model = CapsNet(cfg)
-    save_checkpoint(path, {
-        "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), "epoch": 1,
-        "dataset": "mnist", "dataset_sha256": "d" * 64, "labels": [str(i) for i in range(10)],
-        "test_accuracy": 0.5, "history": [],
-    })  # fmt: skip
-    return model.eval()
-
+from tests.factories import make_checkpoint, mnist_test_images
 
 @pytest.fixture(scope="module")
 def real_images():
-    from model_export.data import load_split
-
-    x, _ = load_split("mnist", "test")
-    return (x[:80].astype(np.float32) / 255.0)[:, None]
+    return mnist_test_images(80)
 
 
 @pytest.fixture(scope="module")

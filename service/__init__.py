@@ -1,0 +1,1 @@
+"""Serving side: FastAPI + onnxruntime. Never imports torch or model_export."""

@@ -1,0 +1,443 @@
+"""The FastAPI application: app factory, lifespan, input parsing and routes.
+
+Routes only translate between HTTP and the domain (preprocess, engine); errors are JSON with a
+human `detail` and the right status, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import orjson
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.engine import Batcher, BatchStats, Engine, EngineClosedError, EngineError, QueueFullError
+from service.preprocess import PreprocessError, preprocess_bytes, validate_array
+from service.schemas import ErrorResponse, Health, ImagesRequest, Metadata, PredictResponse, RoutingTraceResponse
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("image/", "application/octet-stream")
+
+
+class APIError(Exception):
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status_code, self.detail, self.headers = status_code, detail, headers
+
+
+def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of the app's own (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("capsnet_requests_total", "HTTP requests", ["endpoint", "method", "status"],
+                                registry=self.registry)  # fmt: skip
+        self.latency = Histogram(
+            "capsnet_request_seconds", "HTTP request latency", ["endpoint"], registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )  # fmt: skip
+        self.batch_size = Histogram("capsnet_batch_images", "images per inference batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)  # fmt: skip
+        self.queue_time = Histogram(
+            "capsnet_queue_seconds", "time a request waited for its batch", registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+        )  # fmt: skip
+        self.inference_time = Histogram(
+            "capsnet_inference_seconds", "onnxruntime time per batch", registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )  # fmt: skip
+        self.queue_depth = Gauge("capsnet_queue_images", "images waiting or in inference", registry=self.registry)
+        self.rejected = Counter("capsnet_rejected_total", "requests refused because the queue was full",
+                                registry=self.registry)  # fmt: skip
+
+    def observe_batch(self, images: int, queue_seconds: list[float], inference_seconds: float) -> None:
+        self.batch_size.observe(images)
+        self.inference_time.observe(inference_seconds)
+        for q in queue_seconds:
+            self.queue_time.observe(q)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (no BaseHTTPMiddleware overhead) counting requests per route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: Callable[[], set[str]]) -> None:
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            path = scope["path"] if scope["path"] in self.paths() else "other"
+            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+class State:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.metrics = Metrics()
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.capsnet  # type: ignore[no-any-return]
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def get_engine(state: StateDep) -> Engine:
+    if not state.ready or state.engine is None:
+        raise APIError(503, "the model is not loaded yet", {"Retry-After": "1"})
+    return state.engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+async def warm_up(state: State) -> None:
+    assert state.engine is not None
+    seconds = await asyncio.to_thread(state.engine.warm_up, state.settings.max_batch_size)
+    state.ready = True
+    log.info("warm-up done in %.3f s; ready", seconds)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: State = app.state.capsnet
+    s = state.settings
+    state.engine = await asyncio.to_thread(
+        Engine, s.model_dir, providers=s.providers, intra_op_threads=s.intra_op_threads, require_gpu=s.require_gpu
+    )
+    state.batcher = Batcher(state.engine, s.max_batch_size, s.max_wait_ms, s.queue_size,
+                            BatchStats(state.metrics.observe_batch))  # fmt: skip
+    state.batcher.start()
+    warm = asyncio.create_task(warm_up(state))
+    try:
+        yield
+    finally:
+        state.ready = False
+        warm.cancel()
+        await state.batcher.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input: multipart `file` / `files`, a raw image body, or JSON {"images": [...]}
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise APIError(413, f"the body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # let request.form() parse what we already read
+    return body
+
+
+async def read_images(request: Request, settings: Settings, preprocess: str) -> np.ndarray:
+    """The request's images as float32 (k, 1, 28, 28), or an APIError."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, settings.max_upload_bytes)
+    if ctype == "multipart/form-data":
+        blobs = await _multipart_blobs(request, settings)
+        arrays = [await _decode(b, preprocess, settings) for b in blobs]
+    elif ctype.startswith(IMAGE_TYPES):
+        arrays = [await _decode(body, preprocess, settings)]
+    elif ctype == "application/json" or ctype.endswith("+json"):
+        arrays = _json_arrays(body, settings)
+    else:
+        raise APIError(
+            415, f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data (field `file` or "
+            "`files`), an image body (image/png, image/jpeg, ...) or application/json {\"images\": [...]}",
+        )  # fmt: skip
+    return np.stack(arrays)[:, None].astype(np.float32, copy=False)
+
+
+async def _multipart_blobs(request: Request, settings: Settings) -> list[bytes]:
+    try:
+        form = await request.form(max_files=settings.max_images, max_fields=settings.max_images)
+    except StarletteHTTPException as exc:  # python-multipart / starlette limits and parse errors
+        status = 413 if "Too many" in str(exc.detail) else 400
+        raise APIError(status, f"multipart body rejected: {exc.detail}") from None
+    except Exception as exc:
+        raise APIError(400, f"malformed multipart body: {type(exc).__name__}") from None
+    try:
+        parts = form.getlist("file") + form.getlist("files")
+        uploads = [p for p in parts if isinstance(p, UploadFile)]
+        if len(uploads) != len(parts):
+            raise APIError(422, "the `file`/`files` fields must be file uploads, not text")
+        if not uploads:
+            raise APIError(422, "multipart body has no `file` or `files` field")
+        if len(uploads) > settings.max_images:
+            raise APIError(413, f"{len(uploads)} images in one request; the limit is {settings.max_images}")
+        return [await u.read() for u in uploads]
+    finally:
+        await form.close()
+
+
+async def _decode(data: bytes, preprocess: str, settings: Settings) -> np.ndarray:
+    try:
+        return await run_in_threadpool(
+            preprocess_bytes, data, mode=preprocess, max_pixels=settings.max_image_pixels  # type: ignore[arg-type]
+        )
+    except PreprocessError as exc:
+        raise APIError(exc.status_code, exc.detail) from None
+
+
+def _json_arrays(body: bytes, settings: Settings) -> list[np.ndarray]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(422, f"invalid JSON: {exc.msg}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise APIError(422, 'JSON body must be an object {"images": [28x28 arrays of floats in [0, 1]]}')
+    images = doc["images"]
+    if not images:
+        raise APIError(422, "`images` is empty")
+    if len(images) > settings.max_images:
+        raise APIError(413, f"{len(images)} images in one request; the limit is {settings.max_images}")
+    out = []
+    for k, img in enumerate(images):
+        try:
+            out.append(validate_array(img))
+        except PreprocessError as exc:
+            raise APIError(exc.status_code, f"images[{k}]: {exc.detail}") from None
+    return out
+
+
+async def infer(state: State, images: np.ndarray, coupling: bool = False) -> dict[str, np.ndarray]:
+    assert state.batcher is not None
+    try:
+        return await asyncio.wait_for(state.batcher.submit(images, coupling), state.settings.request_timeout_s)
+    except QueueFullError as exc:
+        state.metrics.rejected.inc()
+        raise APIError(503, f"the server is busy: {exc}; retry shortly", {"Retry-After": "1"}) from None
+    except EngineClosedError as exc:
+        raise APIError(503, str(exc), {"Retry-After": "5"}) from None
+    except TimeoutError:
+        raise APIError(504, f"inference took longer than {state.settings.request_timeout_s} s") from None
+
+
+def prediction_items(engine: Engine, out: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    probs, poses = out["probabilities"], out["poses"]
+    best = probs.argmax(axis=1)
+    labels = engine.info.labels
+    return [
+        {"class_index": int(c), "label": labels[c], "probability": probs[i, c],
+         "probabilities": probs[i], "poses": poses[i]}  # fmt: skip
+        for i, c in enumerate(best)
+    ]
+
+
+def routing_summary(coupling: np.ndarray, activations: np.ndarray) -> list[dict[str, Any]]:
+    """Per iteration: activation-weighted coupling mass per class and the entropy of the c_i."""
+    a = activations / max(float(activations.sum()), 1e-12)  # (N,)
+    entropy = -(coupling * np.log(np.clip(coupling, 1e-12, None))).sum(axis=-1)  # (r, N)
+    return [
+        {"iteration": k + 1, "class_mass": a @ coupling[k], "mean_entropy": float(entropy[k].mean()),
+         "weighted_entropy": float(entropy[k] @ a)}  # fmt: skip
+        for k in range(coupling.shape[0])
+    ]
+
+
+def aggregate_coupling(coupling: np.ndarray, types: int, grid: list[int], how: str) -> np.ndarray:
+    """(r, N, J) -> unchanged, (r, types, J) or (r, rows, cols, J), averaging the other axis."""
+    r, _, J = coupling.shape
+    by_cell = coupling.reshape(r, types, grid[0], grid[1], J)  # N is (type, row, col) ordered
+    if how == "type":
+        return by_cell.mean(axis=(2, 3))
+    if how == "position":
+        return by_cell.mean(axis=1)
+    return coupling
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "corrupt, truncated or empty image, malformed body",
+        413: "body, image (pixels) or image count over the limit",
+        415: "unsupported Content-Type or image format",
+        422: "wrong JSON shape or values (NaN, out of [0, 1]), bad query",
+        503: "model not ready, or queue full (see Retry-After)",
+        504: "inference timed out",
+    }.items()
+}
+
+IMAGE_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "file": {"type": "string", "format": "binary", "description": "one image"},
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                          "description": "several images, answered in order"},
+            }}},  # fmt: skip
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": ImagesRequest.model_json_schema()},
+        },
+    }
+}
+
+PreprocessQ = Annotated[
+    Literal["mnist", "none"],
+    Query(description="`mnist`: bring a photo/scan to MNIST form; `none`: the image already is 28x28 MNIST-like"),
+]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="CapsNet inference service",
+        version="0.1.0",
+        description="Capsule Network (Sabour, Frosst & Hinton 2017, arXiv 1710.09829) served with onnxruntime: "
+        "class probabilities as capsule lengths, 16-D poses and the routing coupling coefficients.",
+        lifespan=lifespan,
+        responses=ERRORS,
+    )
+    state = State(settings)
+    app.state.capsnet = state
+    paths = {getattr(r, "path", "") for r in app.router.routes}
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, paths=lambda: paths)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> Response:
+        return json_response({"detail": exc.detail}, exc.status_code, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return json_response({"detail": str(exc.detail)}, exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        msgs = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+        return json_response({"detail": "; ".join(msgs) or "invalid request"}, 422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return json_response({"detail": "internal server error"}, 500)
+
+    @app.post("/predict", response_model=PredictResponse, openapi_extra=IMAGE_BODY_DOC,
+              summary="Classify one or more images")  # fmt: skip
+    async def predict(request: Request, state: StateDep, engine: EngineDep,
+                      preprocess: PreprocessQ = "mnist") -> Response:  # fmt: skip
+        images = await read_images(request, state.settings, preprocess)
+        out = await infer(state, images)
+        info = engine.info
+        return json_response({"model": {"name": info.name, "version": info.version},
+                              "predictions": prediction_items(engine, out)})  # fmt: skip
+
+    @app.post("/routing-trace", response_model=RoutingTraceResponse, openapi_extra=IMAGE_BODY_DOC,
+              summary="The coupling coefficients c_ij of every routing iteration for one image")  # fmt: skip
+    async def routing_trace(
+        request: Request, state: StateDep, engine: EngineDep, preprocess: PreprocessQ = "mnist",
+        iterations: Annotated[Literal["all", "last"], Query(description="every iteration or only the last")] = "all",
+        aggregate: Annotated[Literal["none", "type", "position"],
+                             Query(description="average the coupling over positions (`type`) or types (`position`)")] = "none",
+    ) -> Response:  # fmt: skip
+        images = await read_images(request, state.settings, preprocess)
+        if len(images) != 1:
+            raise APIError(422, f"routing-trace takes exactly one image, got {len(images)}")
+        out = await infer(state, images, coupling=True)
+        info = engine.info
+        coupling, activations = out["coupling"][0], out["primary_activations"][0]  # (r, N, J), (N,)
+        summary = routing_summary(coupling, activations)
+        which = list(range(1, info.routing_iterations + 1))
+        if iterations == "last":
+            coupling, which = coupling[-1:], which[-1:]
+        item = prediction_items(engine, out)[0]
+        item.update({
+            "model": {"name": info.name, "version": info.version},
+            "iterations": info.routing_iterations,
+            "classes": info.labels,
+            "primary_capsules": {"count": info.num_primary, "types": info.primary_types,
+                                 "grid": info.primary_grid, "order": ["type", "row", "col"]},
+            "coupling_iterations": which,
+            "aggregate": aggregate,
+            "coupling": np.ascontiguousarray(aggregate_coupling(coupling, info.primary_types, info.primary_grid,
+                                                                aggregate)),
+            "primary_activations": activations,
+            "summary": summary,
+        })  # fmt: skip
+        return json_response(item)
+
+    @app.get("/health/live", response_model=Health)
+    async def live() -> Response:
+        return json_response({"status": "alive"})
+
+    @app.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
+    async def ready(state: StateDep) -> Response:
+        if state.ready:
+            return json_response({"status": "ready"})
+        return json_response({"status": "starting", "detail": "model loading or warming up"}, 503,
+                             {"Retry-After": "1"})  # fmt: skip
+
+    @app.get("/metadata", response_model=Metadata)
+    async def metadata(state: StateDep, engine: EngineDep) -> Response:
+        info = engine.info
+        s = state.settings
+        return json_response({
+            "name": info.name, "version": info.version, "labels": info.labels,
+            "routing_iterations": info.routing_iterations,
+            "primary_capsules": {"count": info.num_primary, "types": info.primary_types,
+                                 "grid": info.primary_grid, "order": ["type", "row", "col"]},
+            "inputs": info.inputs, "outputs": info.outputs, "providers": engine.providers,
+            "decoder": engine.decoder is not None, "model_card": info.card, "onnx_metadata": info.metadata,
+            "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms,
+                         "queue_size": s.queue_size},
+        })  # fmt: skip
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def metrics(state: StateDep) -> Response:
+        if state.batcher is not None:
+            state.metrics.queue_depth.set(state.batcher.pending)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    paths.update(getattr(r, "path", "") for r in app.router.routes)
+    return app

@@ -1,0 +1,30 @@
+"""`capsnet serve`: check the model loads (one clear message if not), then start uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.engine import Engine, EngineError
+    from service.settings import get_settings
+
+    if args.model_dir is not None:
+        os.environ["CAPSNET_MODEL_DIR"] = str(args.model_dir)  # workers read the same settings
+    get_settings.cache_clear()
+    s = get_settings()
+    logging.getLogger().setLevel(s.log_level.upper())
+    try:  # fail before binding the port, with one line instead of a lifespan traceback
+        Engine(s.model_dir, providers=s.providers, intra_op_threads=s.intra_op_threads, require_gpu=s.require_gpu)
+    except EngineError as exc:
+        raise SystemExit(f"capsnet serve: {exc}") from None
+    uvicorn.run(
+        "service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+        log_level=s.log_level.lower(), timeout_graceful_shutdown=30,
+    )  # fmt: skip

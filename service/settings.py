@@ -1,0 +1,35 @@
+"""Service configuration from environment variables with the prefix CAPSNET_."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "capsnet-mnist"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAPSNET_", protected_namespaces=())
+
+    model_dir: Path = Field(SHIPPED_MODEL, description="directory holding capsnet.onnx (+ decoder.onnx)")
+    providers: str = Field(
+        "auto", description="'auto' (CUDA when usable, else CPU) or a comma list of ORT providers"
+    )
+    require_gpu: bool = Field(False, description="fail startup unless the CUDA provider is really used")
+    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads, 0 = one per core")
+    max_batch_size: int = Field(64, ge=1, description="most images in one inference batch")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
+    queue_size: int = Field(1024, ge=1, description="most images waiting; beyond it 503 + Retry-After")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body (413)")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="largest decoded image (413)")
+    max_images: int = Field(64, ge=1, description="most images in one request (413)")
+    request_timeout_s: float = Field(30.0, gt=0, description="inference wait before 504")
+    log_level: str = Field("info", description="logging level")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

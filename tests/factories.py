@@ -1,0 +1,34 @@
+"""Small real artifacts for the tests: seeded tiny checkpoints and their ONNX exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_export.config import CapsNetConfig
+from model_export.model import CapsNet
+from model_export.train import CHECKPOINT_FORMAT, save_checkpoint
+
+TINY = {"conv1_channels": 16, "primary_types": 4}
+
+
+def make_checkpoint(path: Path, r: int = 3, seed: int = 0) -> CapsNet:
+    """A seeded, untrained tiny CapsNet saved as a `capsnet train` checkpoint."""
+    torch.manual_seed(seed)
+    cfg = CapsNetConfig(routing_iterations=r, **TINY)
+    model = CapsNet(cfg)
+    save_checkpoint(path, {
+        "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), "epoch": 1,
+        "dataset": "mnist", "dataset_sha256": "d" * 64, "labels": [str(i) for i in range(10)],
+        "test_accuracy": 0.5, "history": [],
+    })  # fmt: skip
+    return model.eval()
+
+
+def mnist_test_images(n: int) -> np.ndarray:
+    from model_export.data import load_split
+
+    x, _ = load_split("mnist", "test")
+    return (x[:n].astype(np.float32) / 255.0)[:, None]

@@ -1,0 +1,321 @@
+"""The service against a real exported model: every endpoint and input form, on the numbers."""
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.engine import Engine
+from service.preprocess import preprocess_bytes
+from service.settings import Settings
+from tests.factories import mnist_test_images
+
+
+def png_bytes(array01: np.ndarray, invert=True, scale=6) -> bytes:
+    """A 28x28 [0,1] digit drawn as dark ink on light paper, scaled up, as PNG."""
+    a = (255 - array01 * 255) if invert else array01 * 255
+    img = Image.fromarray(a.astype(np.uint8)).resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return mnist_test_images(8)[:, 0]
+
+
+@pytest.fixture(scope="module")
+def session(tiny_model_dir):
+    return ort.InferenceSession(str(tiny_model_dir / "capsnet.onnx"), providers=["CPUExecutionProvider"])
+
+
+class ReadyClient(TestClient):
+    """A TestClient that, once started, waits for the warm-up to finish (readiness)."""
+
+    def __enter__(self):
+        super().__enter__()
+        for _ in range(200):
+            if self.get("/health/ready").status_code == 200:
+                break
+            time.sleep(0.02)
+        return self
+
+
+def make_client(model_dir, **kw):
+    return ReadyClient(create_app(Settings(model_dir=model_dir, **kw)))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_dir):
+    with make_client(tiny_model_dir) as c:
+        yield c
+
+
+def direct(session, arrays):
+    x = np.stack(arrays)[:, None].astype(np.float32)
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": x}), strict=True))
+
+
+def check_prediction(item, probs, poses):
+    assert item["class_index"] == int(probs.argmax())
+    assert item["label"] == str(int(probs.argmax()))
+    np.testing.assert_allclose(item["probabilities"], probs, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(item["poses"], poses, rtol=1e-6, atol=1e-7)
+    assert item["probability"] == pytest.approx(float(probs.max()), rel=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(item["poses"], axis=1), item["probabilities"], atol=1e-5)
+
+
+def test_predict_every_input_form_agrees_with_onnx(client, session, digits):
+    pngs = [png_bytes(d) for d in digits[:3]]
+    arrays = [preprocess_bytes(p, mode="mnist", max_pixels=10**7) for p in pngs]
+    ref = direct(session, arrays)
+
+    r = client.post("/predict", files={"file": ("d.png", pngs[0], "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["name"] == "tiny" and len(body["predictions"]) == 1
+    check_prediction(body["predictions"][0], ref["probabilities"][0], ref["poses"][0])
+
+    r = client.post("/predict", files=[("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)])
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 3
+    for i, item in enumerate(preds):  # input order kept
+        check_prediction(item, ref["probabilities"][i], ref["poses"][i])
+
+    r = client.post("/predict", content=pngs[1], headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    check_prediction(r.json()["predictions"][0], ref["probabilities"][1], ref["poses"][1])
+
+    r = client.post("/predict", json={"images": [d.tolist() for d in digits[:2]]})
+    assert r.status_code == 200, r.text
+    ref_json = direct(session, list(digits[:2]))
+    for i, item in enumerate(r.json()["predictions"]):
+        check_prediction(item, ref_json["probabilities"][i], ref_json["poses"][i])
+
+
+def test_preprocess_none_takes_mnist_arrays_as_they_are(client, session, digits):
+    raw = Image.fromarray((digits[0] * 255).round().astype(np.uint8))
+    buf = io.BytesIO()
+    raw.save(buf, format="PNG")
+    r = client.post("/predict?preprocess=none", content=buf.getvalue(), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    ref = direct(session, [(digits[0] * 255).round() / 255.0])
+    check_prediction(r.json()["predictions"][0], ref["probabilities"][0], ref["poses"][0])
+
+
+def test_routing_trace_numbers(client, session, digits):
+    png = png_bytes(digits[0])
+    ref = direct(session, [preprocess_bytes(png, mode="mnist", max_pixels=10**7)])
+    r = client.post("/routing-trace", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    t = r.json()
+    assert t["iterations"] == 3 and t["classes"] == [str(i) for i in range(10)]
+    assert t["primary_capsules"] == {"count": 144, "types": 4, "grid": [6, 6], "order": ["type", "row", "col"]}
+    c = np.array(t["coupling"])
+    assert c.shape == (3, 144, 10) and t["coupling_iterations"] == [1, 2, 3]
+    np.testing.assert_allclose(c.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(c[0], 0.1, atol=1e-7)  # b = 0: the first iteration is uniform
+    np.testing.assert_allclose(c, ref["coupling"][0], atol=1e-6)  # the last one produced the outputs
+    check_prediction(t, ref["probabilities"][0], ref["poses"][0])
+    a = ref["primary_activations"][0]
+    np.testing.assert_allclose(t["primary_activations"], a, rtol=1e-6)
+    s = t["summary"]
+    assert [x["iteration"] for x in s] == [1, 2, 3]
+    np.testing.assert_allclose(s[0]["class_mass"], 0.1, atol=1e-6)
+    assert s[0]["mean_entropy"] == pytest.approx(np.log(10), abs=1e-5)
+    np.testing.assert_allclose(s[2]["class_mass"], (a / a.sum()) @ c[2], atol=1e-6)
+    assert sum(s[2]["class_mass"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_routing_trace_shrinking_options(client, digits):
+    png = png_bytes(digits[1])
+    full = np.array(client.post("/routing-trace", content=png, headers={"content-type": "image/png"}).json()["coupling"])
+    r = client.post("/routing-trace?iterations=last&aggregate=type", content=png,
+                    headers={"content-type": "image/png"})  # fmt: skip
+    t = r.json()
+    assert t["coupling_iterations"] == [3] and t["aggregate"] == "type"
+    np.testing.assert_allclose(t["coupling"], full[-1:].reshape(1, 4, 36, 10).mean(2), atol=1e-6)
+    r = client.post("/routing-trace?aggregate=position", content=png, headers={"content-type": "image/png"})
+    np.testing.assert_allclose(r.json()["coupling"], full.reshape(3, 4, 6, 6, 10).mean(1), atol=1e-6)
+    assert len(r.json()["summary"]) == 3  # the summary always covers every iteration
+    r = client.post("/routing-trace", files=[("files", ("a.png", png, "image/png"))] * 2)
+    assert r.status_code == 422 and "exactly one image" in r.json()["detail"]
+
+
+def test_health_metadata_metrics(client, tiny_model_dir):
+    assert client.get("/health/live").json() == {"status": "alive"}
+    assert client.get("/health/ready").status_code == 200
+    m = client.get("/metadata").json()
+    assert m["name"] == "tiny" and m["routing_iterations"] == 3 and m["labels"][3] == "3"
+    assert m["providers"] == ["CPUExecutionProvider"]
+    assert [i["name"] for i in m["inputs"]] == ["image"]
+    assert m["primary_capsules"]["count"] == 144 and m["decoder"] is True
+    client.post("/predict", json={"images": [np.zeros((28, 28)).tolist()]})
+    text = client.get("/metrics").text
+    assert 'capsnet_requests_total{endpoint="/predict",method="POST",status="200"}' in text
+    assert "capsnet_batch_images_bucket" in text and "capsnet_queue_seconds_count" in text
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/png", "application/json"} <= set(content)
+
+
+def _tiff_truncated(png):
+    img = Image.open(io.BytesIO(png))
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    return buf.getvalue()[:200]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "needle"),
+    [
+        ({"content": b"hello, not an image", "headers": {"content-type": "image/png"}}, 415, ""),
+        ({"content": b"", "headers": {"content-type": "image/png"}}, 400, ""),
+        ({"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "Content-Type"),
+        ({"content": b"abc"}, 415, "Content-Type"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "invalid JSON"),
+        ({"json": {"image": []}}, 422, "images"),
+        ({"json": {"images": []}}, 422, "empty"),
+        ({"json": {"images": [[[0.5] * 27] * 28]}}, 422, "images[0]"),
+        ({"json": {"images": [[[2.0] * 28] * 28]}}, 422, "images[0]"),
+        ({"content": b'{"images": [[[NaN]]]}', "headers": {"content-type": "application/json"}}, 422, "JSON"),
+        ({"json": {"images": [[[0.0] * 28] * 28] * 65}}, 413, "limit"),
+        ({"files": {"other": ("a.png", b"x", "image/png")}}, 422, "file"),
+        ({"data": {"file": "text, not a file"}, "files": {"x": ("a", b"1", "text/plain")}}, 422, ""),
+    ],
+)
+def test_bad_input_gets_its_status_and_the_next_request_works(client, digits, kwargs, status, needle):
+    r = client.post("/predict", **kwargs)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and needle in detail and "Traceback" not in detail
+    ok = client.post("/predict", json={"images": [digits[0].tolist()]})
+    assert ok.status_code == 200
+
+
+def test_body_and_query_limits(tiny_model_dir, digits):
+    png = png_bytes(digits[0])
+    with make_client(tiny_model_dir, max_upload_bytes=len(png) - 1) as c:
+        r = c.post("/predict", content=png, headers={"content-type": "image/png"})
+        assert r.status_code == 413 and "limit" in r.json()["detail"]
+    with make_client(tiny_model_dir, max_image_pixels=100 * 100) as c:
+        r = c.post("/predict", content=png, headers={"content-type": "image/png"})  # 168x168 pixels
+        assert r.status_code == 413
+        r = c.post("/routing-trace?aggregate=diagonal", json={"images": [digits[0].tolist()]})
+        assert r.status_code == 422 and "aggregate" in r.json()["detail"]
+
+
+def test_concurrent_requests_are_batched_and_equal_single_answers(tiny_model_dir, session, digits):
+    with make_client(tiny_model_dir, max_wait_ms=50, max_batch_size=16) as c:
+        bodies = [{"images": [d.tolist()]} for d in digits]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda b: c.post("/predict", json=b), bodies))
+        ref = direct(session, list(digits))
+        for i, r in enumerate(answers):
+            assert r.status_code == 200
+            check_prediction(r.json()["predictions"][0], ref["probabilities"][i], ref["poses"][i])
+        metrics = c.get("/metrics").text
+        count = next(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("capsnet_batch_images_count"))  # fmt: skip
+        total = next(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("capsnet_batch_images_sum"))  # fmt: skip
+        assert total == 8  # the 8 images, and only they, went through the batcher (warm-up bypasses it)
+        assert count < 8, "8 concurrent requests inside a 50 ms window were not batched"
+
+
+def test_full_queue_gives_503_with_retry_after(tiny_model_dir, digits, monkeypatch):
+    release = threading.Event()
+    real = Engine.classify
+
+    def slow(self, images, outputs=None):
+        if len(images) == 1 and images.any():
+            release.wait(10)
+        return real(self, images, outputs)
+
+    monkeypatch.setattr(Engine, "classify", slow)
+    with make_client(tiny_model_dir, queue_size=2, max_batch_size=1, max_wait_ms=0) as c:
+        body = {"images": [digits[0].tolist()]}
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(c.post, "/predict", json=body) for _ in range(6)]
+            time.sleep(1.0)
+            release.set()
+            statuses = sorted(f.result().status_code for f in futures)
+        assert statuses.count(503) >= 3 and statuses.count(200) >= 1
+        assert set(statuses) == {200, 503}
+        busy = next(f.result() for f in futures if f.result().status_code == 503)
+        assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+        assert c.post("/predict", json=body).status_code == 200  # recovers by itself
+
+
+def test_readiness_is_false_until_warm_up_ran(tiny_model_dir, monkeypatch):
+    gate = threading.Event()
+    real = Engine.warm_up
+
+    def gated(self, max_batch):
+        gate.wait(10)
+        return real(self, max_batch)
+
+    monkeypatch.setattr(Engine, "warm_up", gated)
+    with TestClient(create_app(Settings(model_dir=tiny_model_dir))) as c:
+        r = c.get("/health/ready")
+        assert r.status_code == 503 and r.json()["status"] == "starting"
+        assert c.post("/predict", json={"images": [np.zeros((28, 28)).tolist()]}).status_code == 503
+        assert c.get("/health/live").status_code == 200
+        gate.set()
+        for _ in range(100):
+            if c.get("/health/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.get("/health/ready").json() == {"status": "ready"}
+
+
+def test_cuda_requested_without_gpu_is_reported_honestly(tiny_model_dir):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider at all")
+    with make_client(tiny_model_dir, providers="CUDAExecutionProvider,CPUExecutionProvider") as c:
+        providers = c.get("/metadata").json()["providers"]
+        try:
+            import ctypes
+
+            ctypes.CDLL("libcuda.so.1")
+            has_gpu = True
+        except OSError:
+            has_gpu = False
+        assert ("CUDAExecutionProvider" in providers) == has_gpu
+        assert providers[-1] == "CPUExecutionProvider"
+
+
+def test_require_gpu_fails_startup_without_cuda(tiny_model_dir):
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("a GPU driver is present here")
+    except OSError:
+        pass
+    app = create_app(Settings(model_dir=tiny_model_dir, require_gpu=True))
+    with pytest.raises(Exception, match="CAPSNET_REQUIRE_GPU=1"), TestClient(app):
+        pass
+
+
+def test_missing_model_fails_startup_with_a_clear_message(tmp_path):
+    app = create_app(Settings(model_dir=tmp_path))
+    with pytest.raises(Exception, match="model file not found"), TestClient(app):
+        pass
+
+
+def test_orjson_keeps_float32_values(client, digits):
+    r = client.post("/predict", json={"images": [digits[2].tolist()]})
+    probs = orjson.loads(r.content)["predictions"][0]["probabilities"]
+    assert all(isinstance(p, float) and 0 <= p < 1 for p in probs) and len(probs) == 10
