@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="a checkpoint written by `capsnet train`")
     p.add_argument("--output", type=Path, default=Path("models/capsnet-mnist"))
     p.add_argument("--name", default="capsnet-mnist", help="model name stored in the metadata")
+    p.add_argument("--no-card", dest="card", action="store_false",
+                   help="skip the model card (it evaluates the ONNX file on the whole test set)")
+    p.add_argument("--train-command", default=None, help="for the card, if the checkpoint lacks it")
+    p.add_argument("--hardware", default=None, help="for the card, if the checkpoint lacks it")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("serve", help="serve the model over HTTP (settings: CAPSNET_* variables)")

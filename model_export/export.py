@@ -212,8 +212,17 @@ def graph_control_flow(proto: onnx.ModelProto) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
+    from model_export.card import write_card
+
     try:
         report = export(args.checkpoint, args.output, name=args.name)
     except (ExportError, ValueError) as exc:
         raise SystemExit(f"export failed: {exc}") from None
-    print(json.dumps({"output": str(args.output), "parity_max_abs_diff": report["parity_max_abs_diff"]}))
+    summary: dict[str, Any] = {"output": str(args.output), "parity_max_abs_diff": report["parity_max_abs_diff"]}
+    if args.card:
+        state = load_checkpoint(args.checkpoint)
+        command = args.train_command or state.get("command") or "unknown"
+        hardware = args.hardware or state.get("hardware") or "unknown"
+        card = write_card(args.output, state, report["metadata"], command=command, hardware=hardware)
+        summary["onnx_test_accuracy"] = card["evaluation"]["test_accuracy"]
+    print(json.dumps(summary))

@@ -8,6 +8,8 @@ import json
 import logging
 import math
 import os
+import platform
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -46,6 +48,13 @@ def predict(
 
 def evaluate(model: CapsNet, images: np.ndarray, labels: np.ndarray, **kw: Any) -> float:
     return float((predict(model, images, **kw).argmax(1) == labels).mean())
+
+
+def hardware_description(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}")  # fmt: skip
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -107,6 +116,7 @@ def train(
     config_overrides: dict[str, Any] | None = None,
     data_dir: Path | None = None,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Train and return the final checkpoint dict (also written to output/last.pt every epoch)."""
     if threads:
@@ -196,6 +206,8 @@ def train(
             "labels": list(get_spec(dataset).labels),
             "test_accuracy": test_acc,
             "train_images": len(x_train),
+            "command": " ".join(["capsnet", *sys.argv[1:]]) if command is None else command,
+            "hardware": hardware_description(dev),
             "args": {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "seed": seed,
                      "max_shift": max_shift, "limit": limit, "eval_limit": eval_limit,
                      "device": str(dev)},  # fmt: skip

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-from numbers import Real
 from typing import Literal
 
 import numpy as np
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 28  # side of an MNIST image
 DIGIT_BOX = 20  # MNIST fits each digit into a 20x20 box inside the 28x28 field
-SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP")  # MPO: JPEG from phones
+SUPPORTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # phones' MPO files open as JPEG
 
 # File signatures of the supported formats: bytes that start like one of them but do not decode are
 # corrupt (400); bytes that start like none of them are an unsupported media type (415).
@@ -49,6 +48,7 @@ _BACKGROUND_SIDE = 48  # the background tone is estimated on a copy this small .
 _BACKGROUND_WINDOW = 15  # ... with a morphological opening this wide, wider than any pen stroke there
 _MIN_CONTRAST = 0.08  # ink must stand out from the paper by this much (of the full grey range) ...
 _MIN_SNR = 6.0  # ... and by this many noise standard deviations
+_NOISE_FLOOR = 2.0  # grey levels within this many noise standard deviations of the paper are paper
 _SPECK_FRACTION = 0.05  # ink blobs lighter than this fraction of the largest one are noise
 _BOX_LEVEL = 0.1  # the crop is the bounding box of the ink above this level
 
@@ -87,6 +87,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise PreprocessError(400, "The upload is empty.")
     kind = _sniff(data)
     supported = "PNG, JPEG, GIF, BMP, TIFF or WebP"
+    Image.init()  # registers the TIFF and WebP plugins; returns at once after the first call
     try:
         img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -123,16 +124,18 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return oriented if oriented is not None else frame
 
 
-def _grey(img: Image.Image, *, background: float) -> tuple[FloatImage, int]:
-    """Luminance in [0, 1] (float32) and the bit depth it came from; alpha is composited over a
+def _grey(img: Image.Image, *, background: float) -> FloatImage:
+    """Luminance in [0, 1] as float32: 8-bit levels / 255, 16-bit / 65535; alpha is composited over a
     uniform `background` (1.0: white paper; 0.0: MNIST's black)."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a16 = np.asarray(img).astype(np.float32)
-        return np.clip(a16 / 65535.0, 0.0, 1.0), 16
+        a16: FloatImage = np.asarray(img, dtype=np.float32)
+        grey16: FloatImage = np.clip(a16 / 65535.0, 0.0, 1.0)
+        return grey16
     if img.mode == "F":
-        af = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        af: FloatImage = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         scale = 1.0 if af.max(initial=0.0) <= 1.0 else (255.0 if af.max() <= 255.0 else 65535.0)
-        return np.clip(af / scale, 0.0, 1.0), 32
+        grey_f: FloatImage = np.clip(af / scale, 0.0, 1.0)
+        return grey_f
     has_alpha = img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -140,7 +143,7 @@ def _grey(img: Image.Image, *, background: float) -> tuple[FloatImage, int]:
         img = Image.alpha_composite(paper, rgba)
     if img.mode != "L":
         img = img.convert("RGB").convert("L") if img.mode not in ("1", "P") else img.convert("L")
-    return np.asarray(img, dtype=np.float32) / 255.0, 8
+    return np.asarray(img, dtype=np.float32) / 255.0
 
 
 # ------------------------------------------------------------------------------------ MNIST procedure
@@ -152,52 +155,66 @@ def _resize(a: FloatImage, size: tuple[int, int], resample: Image.Resampling) ->
     return np.asarray(out, dtype=np.float32)
 
 
-def _box_blur(a: FloatImage, *, radius: int) -> FloatImage:
-    """Mean over a (2r+1) x (2r+1) window, edges replicated."""
-    h, w = a.shape
-    k = 2 * radius + 1
-    p = np.pad(a, radius, mode="edge")
-    return np.mean([p[dy : dy + h, dx : dx + w] for dy in range(k) for dx in range(k)], axis=0, dtype=np.float32)
-
-
 def _background(ink: FloatImage) -> FloatImage:
-    """Smooth estimate of the paper tone under bright ink: a morphological opening (min then max
-    filter) on a small copy removes strokes narrower than the window; a blur and upscale follow."""
+    """Smooth estimate of the background under bright ink (uneven lighting included).
+
+    A morphological opening (min then max filter) on a small copy removes every stroke narrower than
+    the window; a quadratic surface fitted to what is left models lighting gradients and vignetting,
+    and extrapolates to the borders, where the opening itself is unreliable.
+    """
     h, w = ink.shape
     scale = _BACKGROUND_SIDE / max(h, w)
-    small_size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = Image.fromarray(_resize(ink, small_size, Image.Resampling.BOX))  # mode "F"
-    opened = small.filter(ImageFilter.MinFilter(_BACKGROUND_WINDOW)).filter(
-        ImageFilter.MaxFilter(_BACKGROUND_WINDOW)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = Image.fromarray(_resize(ink, (sw, sh), Image.Resampling.BOX))  # mode "F"
+    opened = np.asarray(
+        small.filter(ImageFilter.MinFilter(_BACKGROUND_WINDOW)).filter(
+            ImageFilter.MaxFilter(_BACKGROUND_WINDOW)
+        ),
+        dtype=np.float64,
+    )  # (sh, sw)
+    m = _BACKGROUND_WINDOW // 2
+    if sh > 4 * m and sw > 4 * m:  # leave out the margin where the opening loses a slope
+        opened = opened[m:-m, m:-m]
+        ys, xs = np.mgrid[m : sh - m, m : sw - m]
+    else:
+        ys, xs = np.mgrid[0:sh, 0:sw]
+
+    def terms(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
+
+    # Coordinates in [-1, 1] across the image, pixel centres, the same at both resolutions.
+    coef, *_ = np.linalg.lstsq(
+        terms((ys + 0.5) / sh * 2 - 1, (xs + 0.5) / sw * 2 - 1).reshape(-1, 6), opened.ravel(), rcond=None
     )
-    blurred = _box_blur(np.asarray(opened, dtype=np.float32), radius=2)  # Pillow blurs no "F" images
-    return _resize(blurred, (w, h), Image.Resampling.BILINEAR)
-
-
-def _otsu(values: FloatImage, bins: int = 256) -> float:
-    """Otsu's threshold: the grey level that best splits `values` into two classes."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, float(values.max()) + 1e-6))
-    p = hist.astype(np.float64) / max(1, hist.sum())
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(p)
-    m0 = np.cumsum(p * centres)
-    between = (m0[-1] * w0 - m0) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
-    return float(centres[int(np.argmax(between))])
+    fy = (np.arange(h, dtype=np.float64)[:, None] + 0.5) / h * 2 - 1
+    fx = (np.arange(w, dtype=np.float64)[None, :] + 0.5) / w * 2 - 1
+    fy, fx = np.broadcast_arrays(fy, fx)
+    return (terms(fy, fx) @ coef).astype(np.float32)  # (h, w)
 
 
 def _components(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
-    """Label 8-connected components of `mask` (0 = background) by propagating the largest label."""
+    """Label the 8-connected components of `mask` (0 = background): a flood fill, linear in the size
+    of the (small) mask whatever its shape, so a maze-like upload costs no more than a blot."""
     h, w = mask.shape
-    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
-    while True:
-        p = np.pad(labels, 1)
-        neighbours = np.max(
-            [p[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], axis=0
-        )  # (h, w): the largest label in each 3x3 neighbourhood
-        new = np.where(mask, neighbours, 0)
-        if np.array_equal(new, labels):
-            return labels
-        labels = new
+    ink: list[bool] = mask.ravel().tolist()
+    labels = [0] * (h * w)
+    n = 0
+    for start in np.flatnonzero(mask).tolist():
+        if labels[start]:
+            continue
+        n += 1
+        labels[start] = n
+        stack = [start]
+        while stack:
+            y, x = divmod(stack.pop(), w)
+            for ny in (y - 1, y, y + 1):
+                if 0 <= ny < h:
+                    for nx in (x - 1, x, x + 1):
+                        q = ny * w + nx
+                        if 0 <= nx < w and ink[q] and not labels[q]:
+                            labels[q] = n
+                            stack.append(q)
+    return np.asarray(labels, dtype=np.int64).reshape(h, w)
 
 
 def _drop_specks(ink: FloatImage) -> FloatImage:
@@ -207,6 +224,8 @@ def _drop_specks(ink: FloatImage) -> FloatImage:
     small_size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = _resize(ink, small_size, Image.Resampling.BOX)
     labels = _components(small > _BOX_LEVEL / 2)
+    if not labels.any():  # strokes too faint to survive the small copy: nothing to judge them by
+        return ink
     ids, inverse = np.unique(labels, return_inverse=True)
     mass = np.bincount(inverse.ravel(), weights=small.ravel())
     mass[ids == 0] = 0.0
@@ -230,27 +249,35 @@ def to_mnist(img: Image.Image) -> FloatImage:
     Raises PreprocessError(422) when no digit stands out from the background (a blank page): a
     prediction for an empty field would be meaningless.
     """
-    grey, _ = _grey(img, background=1.0)  # (H, W), alpha composited over white paper
+    grey = _grey(img, background=1.0)  # (H, W), alpha composited over white paper
     h, w = grey.shape
     if max(h, w) > _WORK_SIDE:  # a 12-megapixel photo needs no more detail than this
         scale = _WORK_SIDE / max(h, w)
         grey = _resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
 
-    # Polarity: the border is mostly paper; light paper means dark ink, so invert to bright ink.
+    # Polarity: the border is mostly paper, and the ink is the few pixels far from it. Ink darker than
+    # the paper (a photo, even a dim one) is inverted so that the ink is bright, as in MNIST.
     border = max(1, round(0.05 * min(grey.shape)))
     frame = np.concatenate(
         [grey[:border].ravel(), grey[-border:].ravel(), grey[:, :border].ravel(), grey[:, -border:].ravel()]
     )
-    ink = 1.0 - grey if float(np.median(frame)) > 0.5 else grey
+    paper = float(np.median(frame))
+    darkest, brightest = (float(v) for v in np.percentile(grey, [0.5, 99.5]))
+    dark_ink, bright_ink = paper - darkest, brightest - paper
+    light_paper = dark_ink > bright_ink or (dark_ink == bright_ink and paper > 0.5)
+    ink = 1.0 - grey if light_paper else grey
 
-    # Remove the paper tone (uneven lighting included), then the noise floor, and stretch the ink to 1.
-    residual = np.clip(ink - _background(ink), 0.0, None)
-    split = _otsu(residual)
-    paper, strokes = residual[residual <= split], residual[residual > split]
-    noise = 1.4826 * float(np.median(np.abs(paper - np.median(paper)))) if paper.size else 0.0
-    floor = float(np.median(paper)) + 2.0 * noise if paper.size else 0.0
-    top = float(np.percentile(strokes, 95)) if strokes.size else 0.0
-    if top - floor < _MIN_CONTRAST or top < _MIN_SNR * max(noise, 1e-6):
+    # Remove the background tone (uneven lighting included), then the noise floor; stretch the ink to 1.
+    background = _background(ink)
+    residual = ink - background
+    if light_paper:  # light falls on paper and ink alike: divide by the local paper brightness
+        residual = residual / np.maximum(1.0 - background, 0.05)
+    level = float(np.median(residual))  # the paper, now flat; noise from the median absolute deviation
+    noise = 1.4826 * float(np.median(np.abs(residual - level)))
+    floor = level + _NOISE_FLOOR * noise
+    strokes = residual[residual > floor]
+    top = float(np.percentile(strokes, 95)) if strokes.size else level
+    if top - level < max(_MIN_CONTRAST, _MIN_SNR * noise):
         raise PreprocessError(422, "No digit found: nothing in the image stands out from the background.")
     ink = np.clip((residual - floor) / (top - floor), 0.0, 1.0).astype(np.float32)
     ink = _drop_specks(ink)
@@ -258,6 +285,8 @@ def to_mnist(img: Image.Image) -> FloatImage:
     # Crop to the ink's bounding box and fit it into 20x20, keeping the aspect ratio.
     rows = np.flatnonzero((ink > _BOX_LEVEL).any(axis=1))
     cols = np.flatnonzero((ink > _BOX_LEVEL).any(axis=0))
+    if rows.size == 0:
+        raise PreprocessError(422, "No digit found: nothing in the image stands out from the background.")
     digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     dh, dw = digit.shape
     scale = DIGIT_BOX / max(dh, dw)
@@ -287,7 +316,7 @@ def preprocess_bytes(data: bytes, *, mode: Literal["mnist", "none"], max_pixels:
     are taken as they are (8-bit / 255, 16-bit / 65535, alpha over black).
     """
     if mode not in ("mnist", "none"):
-        raise PreprocessError(422, f"Unknown preprocess mode {mode!r}: use 'mnist' or 'none'.")
+        raise PreprocessError(422, f"Unknown preprocess mode {_describe(mode)}: use 'mnist' or 'none'.")
     img = decode_image(data, max_pixels=max_pixels)
     if mode == "mnist":
         return to_mnist(img)
@@ -298,7 +327,7 @@ def preprocess_bytes(data: bytes, *, mode: Literal["mnist", "none"], max_pixels:
             f"preprocess=none needs a {IMAGE_SIZE}x{IMAGE_SIZE} image, got {width}x{height}; "
             "use preprocess=mnist for photos and scans.",
         )
-    grey, _ = _grey(img, background=0.0)
+    grey = _grey(img, background=0.0)
     return np.ascontiguousarray(grey, dtype=np.float32)
 
 
@@ -327,12 +356,15 @@ def validate_array(obj: object, *, size: int = IMAGE_SIZE) -> FloatImage:
         if len(row) != size:
             raise PreprocessError(422, f"Row {i} has {len(row)} values, expected {size}.")
         for j, v in enumerate(row):
-            if isinstance(v, bool) or not isinstance(v, Real):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise PreprocessError(
-                    422, f"Pixel [{i}][{j}] must be a number in [0, 1], got {type(v).__name__} {_describe(v)}."
+                    422,
+                    f"Pixel [{i}][{j}] must be a number in [0, 1], got {type(v).__name__} {_describe(v)}.",
                 )
             if not (0 <= v <= 1):  # False for NaN too; compares huge ints exactly, without overflow
-                what = "not a finite number" if isinstance(v, float) and not math.isfinite(v) else "out of range"
+                what = (
+                    "not a finite number" if isinstance(v, float) and not math.isfinite(v) else "out of range"
+                )
                 raise PreprocessError(422, f"Pixel [{i}][{j}] is {what}: {_describe(v)}; expected [0, 1].")
             out[i, j] = v
     return out

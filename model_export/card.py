@@ -1,0 +1,123 @@
+"""The model card: figures measured through the exported ONNX file with onnxruntime, not PyTorch."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_export.config import CapsNetConfig
+from model_export.data import get_spec, load_split
+
+
+def evaluate_onnx(model_path: Path, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """Predicted classes for uint8 images (N, 28, 28) through onnxruntime's CPU provider."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    preds = []
+    for i in range(0, len(images), batch_size):
+        x = (images[i : i + batch_size].astype(np.float32) / 255.0)[:, None]
+        preds.append(sess.run(["probabilities"], {"image": x})[0].argmax(1))
+    return np.concatenate(preds)
+
+
+def confusion(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
+    m = np.zeros((k, k), dtype=np.int64)
+    np.add.at(m, (labels, preds), 1)
+    return m
+
+
+def build_card(model_dir: Path, state: dict[str, Any], export_meta: dict[str, str], *, command: str,
+               hardware: str) -> dict[str, Any]:  # fmt: skip
+    cfg = CapsNetConfig.from_dict(state["config"])
+    x, y = load_split(state["dataset"], "test")
+    t0 = time.perf_counter()
+    preds = evaluate_onnx(model_dir / "capsnet.onnx", x)
+    eval_seconds = time.perf_counter() - t0
+    labels = list(state["labels"])
+    cm = confusion(y, preds, len(labels))
+    history = state.get("history", [])
+    spec = get_spec(state["dataset"])
+    return {
+        "name": export_meta["name"],
+        "version": export_meta["version"],
+        "architecture": "CapsNet (Sabour, Frosst & Hinton 2017, arXiv 1710.09829)",
+        "config": cfg.to_dict(),
+        "parameters": _parameter_count(state),
+        "dataset": {"name": state["dataset"], "sha256": state["dataset_sha256"],
+                    "files_sha256": spec.sha256, "train_images": state.get("train_images"),
+                    "test_images": int(len(y))},  # fmt: skip
+        "training": {
+            "command": command, "hardware": hardware, "epochs": state["epoch"],
+            "wall_seconds": round(sum(h["train_seconds"] + h["eval_seconds"] for h in history), 1),
+            "images_per_second": [round(h["images_per_second"], 1) for h in history],
+            "test_accuracy_per_epoch_pytorch": [h["test_accuracy"] for h in history],
+            "args": state.get("args", {}),
+        },  # fmt: skip
+        "evaluation": {
+            "runtime": "onnxruntime CPUExecutionProvider",
+            "test_accuracy": float((preds == y).mean()),
+            "errors": int((preds != y).sum()),
+            "per_class_accuracy": {lab: float(cm[k, k] / cm[k].sum()) for k, lab in enumerate(labels)},
+            "confusion_matrix": cm.tolist(),
+            "seconds": round(eval_seconds, 1),
+        },
+        "export": {k: export_meta[k] for k in ("checkpoint_sha256", "exported_at", "opset")},
+        "known_limits": [
+            "Trained on MNIST digits only: anything else (letters, several digits, objects) still gets "
+            "the closest digit; capsule lengths are independent, so look at the lengths, not only argmax.",
+            "Photos and scans go through an MNIST-style preprocessing (invert, crop, 20x20, centre of "
+            "mass); heavy clutter, several digits or very thin strokes can defeat it.",
+            "Shift augmentation of +-2 px only, as in the paper; no rotation or scale augmentation.",
+        ],
+    }
+
+
+def _parameter_count(state: dict[str, Any]) -> dict[str, int]:
+    total = sum(int(np.prod(t.shape)) for t in state["model"].values())
+    decoder = sum(int(np.prod(t.shape)) for k, t in state["model"].items() if k.startswith("decoder."))
+    return {"total": total, "without_decoder": total - decoder}
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    ev, tr, ds = card["evaluation"], card["training"], card["dataset"]
+    labels = list(ev["per_class_accuracy"])
+    lines = [
+        f"# Model card: {card['name']} ({card['version']})", "",
+        f"{card['architecture']}: {card['parameters']['total']:,} parameters "
+        f"({card['parameters']['without_decoder']:,} without the reconstruction decoder), "
+        f"r = {card['config']['routing_iterations']} routing iterations.", "",
+        "## Figures (measured through the exported ONNX file with onnxruntime, CPU provider)", "",
+        f"- Test accuracy: **{ev['test_accuracy'] * 100:.2f} %** on the {ds['test_images']:,} "
+        f"{ds['name']} test images ({ev['errors']} errors).",
+        f"- Training: {tr['epochs']} epoch(s), {tr['wall_seconds'] / 60:.1f} min wall time on {tr['hardware']}; "
+        f"{', '.join(str(r) for r in tr['images_per_second'])} images/s per epoch.",
+        f"- Command: `{tr['command']}`",
+        f"- Data: {ds['name']} in IDX format, {ds['train_images']:,} training images, dataset SHA-256 "
+        f"`{ds['sha256']}` (hash of the four file hashes, listed in model_card.json).",
+        f"- Checkpoint SHA-256 `{card['export']['checkpoint_sha256']}`, exported {card['export']['exported_at']}, "
+        f"opset {card['export']['opset']}.", "",
+        "## Per-class accuracy", "",
+        "| class | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+        "| accuracy % | " + " | ".join(f"{ev['per_class_accuracy'][k] * 100:.2f}" for k in labels) + " |", "",
+        "## Confusion matrix (rows: true class, columns: predicted)", "",
+        "| | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]  # fmt: skip
+    lines += [f"| **{lab}** | " + " | ".join(str(v) for v in row) + " |"
+              for lab, row in zip(labels, ev["confusion_matrix"], strict=True)]  # fmt: skip
+    lines += ["", "## Known limits", ""] + [f"- {x}" for x in card["known_limits"]] + [""]
+    return "\n".join(lines)
+
+
+def write_card(model_dir: Path, state: dict[str, Any], export_meta: dict[str, str], *, command: str,
+               hardware: str) -> dict[str, Any]:  # fmt: skip
+    card = build_card(model_dir, state, export_meta, command=command, hardware=hardware)
+    (model_dir / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    (model_dir / "MODEL_CARD.md").write_text(render_markdown(card))
+    return card

@@ -1,0 +1,491 @@
+"""service.preprocess: the MNIST procedure on photos, and every kind of bad input mapped to its status."""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_export.data import load_split
+from service.preprocess import (
+    PreprocessError,
+    decode_image,
+    preprocess_bytes,
+    to_mnist,
+    validate_array,
+)
+from tests.service.photos import render_photo
+
+MAX_PIXELS = 4_000_000
+
+
+@pytest.fixture(scope="module")
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    return load_split("mnist", "test")
+
+
+def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def paper_digit(digit: np.ndarray, side: int = 112) -> Image.Image:
+    """A clean scan: dark ink on white paper, `side` pixels square."""
+    return Image.fromarray(255 - digit).resize((side, side), Image.Resampling.BICUBIC)
+
+
+def centre_of_mass(a: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.indices(a.shape)
+    return float((rows * a).sum() / a.sum()), float((cols * a).sum() / a.sum())
+
+
+def ink_box(a: np.ndarray, level: float = 0.0) -> tuple[int, int]:
+    rows = np.flatnonzero((a > level).any(axis=1))
+    cols = np.flatnonzero((a > level).any(axis=0))
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def aligned_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Best correlation over shifts of up to one pixel: MNIST rounded each centring to whole pixels."""
+    best = -1.0
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            shifted = np.roll(np.roll(a, dy, axis=0), dx, axis=1)
+            best = max(best, float(np.corrcoef(shifted.ravel(), b.ravel())[0, 1]))
+    return best
+
+
+# ------------------------------------------------------------------------------------ the MNIST procedure
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_photo_comes_back_as_the_mnist_digit(mnist: tuple[np.ndarray, np.ndarray], index: int) -> None:
+    images, _ = mnist
+    rng = np.random.default_rng(index)
+    photo = render_photo(images[index], rng, canvas=(300, 224), scale=7.0, noise=0.03, quality=75)
+    out = to_mnist(decode_image(photo, max_pixels=MAX_PIXELS))
+    original = images[index].astype(np.float32) / 255
+
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() == pytest.approx(1.0, abs=0.05)
+    cy, cx = centre_of_mass(out)
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
+    h, w = ink_box(out)
+    assert max(h, w) <= 20 and max(ink_box(out, 0.1)) >= 18  # fitted into 20x20, filling it
+    assert aligned_correlation(out, original) > 0.85
+    assert np.abs(out.sum() - original.sum()) / original.sum() < 0.3  # about as much ink
+
+
+def test_raw_mnist_digit_is_a_fixed_point(mnist: tuple[np.ndarray, np.ndarray]) -> None:
+    images, _ = mnist
+    for digit in images[:20]:
+        out = to_mnist(Image.fromarray(digit))
+        assert aligned_correlation(out, digit / 255) > 0.97
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_polarity_white_on_black_and_black_on_white_agree(
+    mnist: tuple[np.ndarray, np.ndarray], index: int
+) -> None:
+    digit = np.asarray(paper_digit(mnist[0][index]))  # black on white
+    black_on_white = to_mnist(Image.fromarray(digit))
+    white_on_black = to_mnist(Image.fromarray(255 - digit))
+    np.testing.assert_allclose(black_on_white, white_on_black, atol=1e-5)
+    assert black_on_white.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("paper", "ink"), [(0.35, 0.08), (0.3, 0.8), (0.55, 0.95), (0.9, 0.5)])
+def test_polarity_follows_the_paper_not_a_fixed_grey_level(
+    mnist: tuple[np.ndarray, np.ndarray], paper: float, ink: float
+) -> None:
+    """A dim photo (dark grey paper, darker ink), chalk on a board, light ink on grey, faint pencil."""
+    digit = np.asarray(paper_digit(mnist[0][0]), dtype=np.float64) / 255  # 1 = paper, 0 = ink
+    page = np.full((160, 200), paper)
+    page[20:132, 50:162] = ink + (paper - ink) * digit
+    out = to_mnist(Image.fromarray(np.round(page * 255).astype(np.uint8)))
+    assert aligned_correlation(out, to_mnist(paper_digit(mnist[0][0]))) > 0.95
+
+
+def test_speck_in_a_corner_does_not_change_the_crop(mnist: tuple[np.ndarray, np.ndarray]) -> None:
+    photo = np.asarray(decode_image(render_photo(mnist[0][0], np.random.default_rng(5), quality=None),
+                                    max_pixels=MAX_PIXELS)).copy()  # fmt: skip
+    clean = to_mnist(Image.fromarray(photo))
+    photo[4:10, 4:10] = 20  # a dark speck, 6x6 pixels, far from the digit
+    specked = to_mnist(Image.fromarray(photo))
+    assert np.abs(specked - clean).max() < 0.02
+    assert ink_box(specked) == ink_box(clean)
+
+
+def test_uneven_lighting_is_removed(mnist: tuple[np.ndarray, np.ndarray]) -> None:
+    digit = np.asarray(paper_digit(mnist[0][0], side=200), dtype=np.float64) / 255
+    ramp = np.linspace(0.35, 1.0, 300)[None, :]  # light falls off across the page
+    page = np.ones((200, 300))
+    page[:, 60:260] = digit
+    shaded = Image.fromarray((page * ramp * 255).astype(np.uint8))
+    out = to_mnist(shaded)
+    expected = to_mnist(Image.fromarray((page * 255).astype(np.uint8)))
+    assert aligned_correlation(out, expected) > 0.95
+    assert np.abs(out - expected).mean() < 0.03  # no shadow survives as ink, no stroke fades
+
+
+def test_blank_page_has_no_digit() -> None:
+    rng = np.random.default_rng(0)
+    paper = np.clip(rng.normal(200, 6, size=(240, 320)), 0, 255).astype(np.uint8)
+    for img in (Image.fromarray(paper), Image.new("L", (64, 64), 255), Image.new("RGB", (30, 30), "black")):
+        with pytest.raises(PreprocessError) as err:
+            to_mnist(img)
+        assert err.value.status_code == 422 and "No digit found" in err.value.detail
+
+
+def test_large_photo_is_handled(mnist: tuple[np.ndarray, np.ndarray]) -> None:
+    page = np.full((2400, 3200), 210, dtype=np.uint8)
+    page[900:1300, 1500:1900] = np.asarray(paper_digit(mnist[0][0], side=400)).astype(np.int64) * 210 // 255
+    out = to_mnist(Image.fromarray(page))
+    assert aligned_correlation(out, mnist[0][0] / 255) > 0.9
+
+
+@pytest.mark.parametrize(
+    "stroke", [(slice(1000, 2000), 1500), (1500, slice(1400, 1410)), (slice(0, 3000), slice(0, 2))]
+)
+def test_thin_strokes_in_a_large_image(stroke: tuple[slice | int, slice | int]) -> None:
+    page = np.full((3000, 3000), 230, dtype=np.uint8)
+    page[stroke] = 0
+    out = to_mnist(Image.fromarray(page))
+    assert out.max() == pytest.approx(1.0) and max(ink_box(out)) <= 20
+
+
+def test_exif_rotated_jpeg_is_turned_upright(mnist: tuple[np.ndarray, np.ndarray]) -> None:
+    upright = paper_digit(mnist[0][0], side=140).crop((0, 0, 140, 100)).resize((280, 200))
+    stored = upright.rotate(90, expand=True)  # the camera stored it on its side: 200 wide, 280 tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    data = encode(stored, "JPEG", quality=90, exif=exif.tobytes())
+    decoded = decode_image(data, max_pixels=MAX_PIXELS)
+    assert decoded.size == (280, 200)
+    expected = to_mnist(Image.open(io.BytesIO(encode(upright, "JPEG", quality=90))))
+    assert aligned_correlation(to_mnist(decoded), expected) > 0.95
+
+
+# ----------------------------------------------------------------------- image modes that must succeed
+
+
+def _modes(digit: np.ndarray) -> dict[str, bytes]:
+    """The digit (black on white, 112 px) encoded in the modes and formats users send."""
+    paper = paper_digit(digit)
+    grey = np.asarray(paper)
+    ink = 255 - grey
+    rgba = np.zeros((*grey.shape, 4), dtype=np.uint8)
+    rgba[..., 3] = ink  # black ink on a transparent canvas (a drawing app)
+    la = np.stack([np.zeros_like(grey), ink], axis=-1)
+    palette = paper.convert("RGB").quantize(16)
+    transparent_gif = paper.convert("P")
+    transparent_gif.info["transparency"] = 255
+    frames = [paper, Image.new("L", paper.size, 255), Image.fromarray(255 - grey)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    tiff = io.BytesIO()
+    frames[0].save(tiff, "TIFF", save_all=True, append_images=frames[1:])
+    return {
+        "png-L": encode(paper, "PNG"),
+        "png-16bit": encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+        "tiff-16bit": encode(Image.fromarray(grey.astype(np.uint16) * 257), "TIFF"),
+        "png-RGB": encode(paper.convert("RGB"), "PNG"),
+        "png-RGBA-transparent-canvas": encode(Image.fromarray(rgba), "PNG"),
+        "png-LA": encode(Image.fromarray(la), "PNG"),
+        "png-palette": encode(palette, "PNG"),
+        "png-1bit": encode(paper.point(lambda v: 255 if v > 128 else 0).convert("1"), "PNG"),
+        "gif-palette-transparency": encode(transparent_gif, "GIF", transparency=255),
+        "gif-multiframe": gif.getvalue(),
+        "tiff-multipage": tiff.getvalue(),
+        "jpeg-CMYK": encode(paper.convert("CMYK"), "JPEG", quality=95),
+        "tiff-CMYK": encode(paper.convert("CMYK"), "TIFF"),
+        "jpeg-RGB": encode(paper.convert("RGB"), "JPEG", quality=90),
+        "bmp-L": encode(paper, "BMP"),
+        "bmp-RGB": encode(paper.convert("RGB"), "BMP"),
+        "webp-lossless": encode(paper.convert("RGB"), "WEBP", lossless=True),
+        "webp-lossy": encode(paper.convert("RGB"), "WEBP", quality=90),
+    }
+
+
+MODE_NAMES = list(_modes(np.zeros((28, 28), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize("name", MODE_NAMES)
+def test_every_mode_gives_the_same_digit(mnist: tuple[np.ndarray, np.ndarray], name: str) -> None:
+    digit = mnist[0][0]
+    reference = to_mnist(paper_digit(digit))
+    out = preprocess_bytes(_modes(digit)[name], mode="mnist", max_pixels=MAX_PIXELS)
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert aligned_correlation(out, reference) > 0.9  # 1-bit and lossy formats lose the grey edges
+    assert aligned_correlation(out, digit / 255) > 0.9
+
+
+# ------------------------------------------------------------------------------- mode "none" (as-is)
+
+
+def test_mode_none_takes_28x28_grey_levels_as_they_are(mnist: tuple[np.ndarray, np.ndarray]) -> None:
+    digit = mnist[0][0]
+    out = preprocess_bytes(encode(Image.fromarray(digit), "PNG"), mode="none", max_pixels=MAX_PIXELS)
+    np.testing.assert_array_equal(out, digit.astype(np.float32) / 255)
+    assert out.dtype == np.float32
+
+    sixteen = digit.astype(np.uint16) * 257
+    out16 = preprocess_bytes(encode(Image.fromarray(sixteen), "PNG"), mode="none", max_pixels=MAX_PIXELS)
+    np.testing.assert_allclose(out16, digit / 255, atol=1e-6)
+
+    rgba = np.zeros((28, 28, 4), dtype=np.uint8)
+    rgba[..., :3] = 255
+    rgba[..., 3] = digit  # white ink on a transparent canvas: transparent means MNIST's black
+    out_a = preprocess_bytes(encode(Image.fromarray(rgba), "PNG"), mode="none", max_pixels=MAX_PIXELS)
+    np.testing.assert_allclose(out_a, digit / 255, atol=1 / 255)
+
+
+@pytest.mark.parametrize("size", [(27, 28), (28, 29), (56, 56), (1, 1)])
+def test_mode_none_refuses_other_sizes(size: tuple[int, int]) -> None:
+    with pytest.raises(PreprocessError) as err:
+        preprocess_bytes(encode(Image.new("L", size), "PNG"), mode="none", max_pixels=MAX_PIXELS)
+    assert err.value.status_code == 422
+    assert f"got {size[0]}x{size[1]}" in err.value.detail and "preprocess=mnist" in err.value.detail
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(PreprocessError) as err:
+        preprocess_bytes(encode(Image.new("L", (28, 28)), "PNG"), mode="fancy", max_pixels=MAX_PIXELS)  # type: ignore[arg-type]
+    assert err.value.status_code == 422
+
+
+# ----------------------------------------------------------------------------- the bad-input corpus
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def handmade_png(width: int, height: int, idat: bytes | None = None, *, bit_depth: int = 8) -> bytes:
+    """A greyscale PNG whose header claims width x height; the pixel data is whatever `idat` holds.
+    A bomb: a few KB of zlib that would inflate to gigabytes, never decoded because the header is."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    if idat is None:
+        idat = zlib.compress(b"\x00" * min(width + 1, 1 << 16) * 64, 9)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
+            + png_chunk(b"IEND", b""))  # fmt: skip
+
+
+def handmade_gif(width: int, height: int, frame: tuple[int, int] = (1, 1)) -> bytes:
+    """A GIF whose logical screen claims width x height, holding one frame of `frame` pixels."""
+    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+            + b"," + struct.pack("<HHHHB", 0, 0, *frame, 0) + b"\x02\x02\x44\x01\x00;")  # fmt: skip
+
+
+def handmade_bmp(width: int, height: int) -> bytes:
+    """A 24-bit BMP header claiming width x height, with one row of pixel data."""
+    pixels = b"\x00" * 64
+    header = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, len(pixels), 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + len(pixels), 0, 0, 54) + header + pixels
+
+
+def with_jpeg_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """Rewrite the frame size in a JPEG's SOF0 marker."""
+    at = jpeg.index(b"\xff\xc0")
+    return jpeg[: at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9 :]
+
+
+def corrupt(data: bytes, start: int, length: int = 24) -> bytes:
+    out = bytearray(data)
+    for k in range(start, min(len(out), start + length)):
+        out[k] ^= 0xA5
+    return bytes(out)
+
+
+def _sample(fmt: str, **params: object) -> bytes:
+    img = Image.fromarray((np.indices((48, 64)).sum(0) * 7 % 256).astype(np.uint8))
+    return encode(img if fmt != "WEBP" else img.convert("RGB"), fmt, **params)
+
+
+PNG, JPEG, GIF, BMP, TIFF, WEBP = (_sample(f) for f in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"))
+
+BAD_IMAGES: dict[str, tuple[bytes, int]] = {
+    # empty
+    "empty": (b"", 400),
+    # not an image, or not a supported one
+    "text": (b"hello, this is not an image\n", 415),
+    "json": (b'{"images": [[0.5]]}', 415),
+    "pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF", 415),
+    "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="28" height="28"/>', 415),
+    "html": (b"<!doctype html><html><body>7</body></html>", 415),
+    "zeros": (bytes(1024), 415),
+    "random": (np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), 415),
+    "ppm": (encode(Image.new("L", (28, 28)), "PPM"), 415),
+    "ico": (encode(Image.new("RGBA", (32, 32)), "ICO"), 415),
+    "tga": (encode(Image.new("L", (28, 28)), "TGA"), 415),
+    "gzip-of-png": (zlib.compress(PNG), 415),
+    # truncated
+    "png-signature-only": (PNG[:8], 400),
+    "png-truncated-header": (PNG[:20], 400),
+    "png-truncated-half": (PNG[: len(PNG) // 2], 400),
+    "jpeg-soi-only": (JPEG[:3], 400),
+    "jpeg-truncated-half": (JPEG[: len(JPEG) // 2], 400),
+    "jpeg-missing-end": (JPEG[:-40], 400),
+    "gif-truncated-header": (GIF[:10], 400),
+    "gif-truncated-half": (GIF[: len(GIF) // 2], 400),
+    "bmp-truncated-header": (BMP[:20], 400),
+    "bmp-truncated-half": (BMP[: len(BMP) // 2], 400),
+    "tiff-truncated-header": (TIFF[:6], 400),
+    "tiff-truncated-half": (TIFF[: len(TIFF) // 2], 400),
+    "webp-truncated-half": (WEBP[: len(WEBP) // 2], 400),
+    # corrupt
+    "png-bad-ihdr-crc": (corrupt(PNG, 16, 4), 400),
+    "png-corrupt-zlib": (handmade_png(28, 28, idat=b"\x78\x9c" + bytes(range(200))), 400),
+    "jpeg-corrupt-header": (corrupt(JPEG, 20, 40), 400),
+    "gif-corrupt-lzw": (GIF[:-20] + bytes(range(19)), 400),
+    "bmp-corrupt-header": (corrupt(BMP, 14, 16), 400),
+    "tiff-corrupt-ifd": (TIFF[:4] + struct.pack("<I", 10**9) + TIFF[8:], 400),
+    "webp-corrupt": (corrupt(WEBP, 20, 40), 400),
+    # a zero side
+    "png-0x0": (handmade_png(0, 0), 400),
+    "png-0x28": (handmade_png(0, 28), 400),
+    "png-28x0": (handmade_png(28, 0), 400),
+    "gif-0x0": (handmade_gif(0, 0, frame=(0, 0)), 400),
+    "bmp-0x28": (handmade_bmp(0, 28), 400),
+    # decompression bombs: tiny files that claim huge canvases
+    "png-bomb-50000x50000": (handmade_png(50_000, 50_000), 413),
+    "png-bomb-16bit-30000x30000": (handmade_png(30_000, 30_000, bit_depth=16), 413),
+    "png-bomb-10000x10000": (handmade_png(10_000, 10_000), 413),  # Pillow's warning zone
+    "png-over-limit-3000x3000": (handmade_png(3_000, 3_000), 413),  # over our MAX_PIXELS only
+    "png-over-limit-1x5000000": (handmade_png(1, 5_000_000), 413),
+    "gif-bomb-65535x65535": (handmade_gif(65_535, 65_535), 413),
+    "bmp-bomb-40000x40000": (handmade_bmp(40_000, 40_000), 413),
+    "jpeg-bomb-60000x60000": (with_jpeg_size(JPEG, 60_000, 60_000), 413),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_image_gets_its_status(name: str) -> None:
+    data, status = BAD_IMAGES[name]
+    with pytest.raises(PreprocessError) as err:
+        preprocess_bytes(data, mode="mnist", max_pixels=MAX_PIXELS)
+    assert err.value.status_code == status, err.value.detail
+    detail = err.value.detail
+    assert detail and "Traceback" not in detail and "/" not in detail.replace("image/", "")
+    assert "BytesIO" not in detail and "object at 0x" not in detail
+
+
+def test_bombs_are_small_files() -> None:
+    for name, (data, status) in BAD_IMAGES.items():
+        if status == 413:
+            assert len(data) < 20_000, name
+
+
+def test_the_samples_themselves_are_fine() -> None:
+    for data in (PNG, JPEG, GIF, BMP, TIFF, WEBP):
+        img = decode_image(data, max_pixels=MAX_PIXELS)
+        assert img.size == (64, 48)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 60), (60, 1), (2, 2)])
+def test_tiny_images_do_not_crash(size: tuple[int, int]) -> None:
+    data = encode(Image.new("L", size, 255), "PNG")
+    assert decode_image(data, max_pixels=MAX_PIXELS).size == size
+    with pytest.raises(PreprocessError) as err:
+        preprocess_bytes(data, mode="mnist", max_pixels=MAX_PIXELS)
+    assert err.value.status_code == 422  # a blank page: no digit found
+
+
+def test_a_1xn_stroke_is_a_digit() -> None:
+    line = np.full((1, 60), 255, dtype=np.uint8)
+    line[0, 30:40] = 0
+    out = preprocess_bytes(encode(Image.fromarray(line), "PNG"), mode="mnist", max_pixels=MAX_PIXELS)
+    assert ink_box(out, 0.5) == (2, 20)  # 1x10 ink scaled by 2 to fit 20 wide
+    assert centre_of_mass(out) == pytest.approx((14.0, 14.0), abs=0.5)
+
+
+def test_max_pixels_is_exact() -> None:
+    data = encode(Image.new("L", (100, 100), 255), "PNG")
+    assert decode_image(data, max_pixels=10_000).size == (100, 100)
+    with pytest.raises(PreprocessError) as err:
+        decode_image(data, max_pixels=9_999)
+    assert err.value.status_code == 413 and "100x100" in err.value.detail
+
+
+# ---------------------------------------------------------------------------------------- JSON arrays
+
+
+def grid(value: object = 0.5, n: int = 28, m: int = 28) -> list[list[object]]:
+    return [[value] * m for _ in range(n)]
+
+
+def with_pixel(value: object, i: int = 3, j: int = 7) -> list[list[object]]:
+    g = grid()
+    g[i][j] = value
+    return g
+
+
+def deeply_nested(depth: int) -> list[object]:
+    obj: list[object] = [0.5]
+    for _ in range(depth):
+        obj = [obj]
+    return obj
+
+
+BAD_ARRAYS: dict[str, tuple[object, str]] = {
+    "none": (None, "got NoneType"),
+    "number": (0.5, "got float"),
+    "string": ("0.5", "got str"),
+    "dict": ({"image": grid()}, "got dict"),
+    "empty-list": ([], "got 0 rows"),
+    "27-rows": (grid(n=27), "got 27 rows"),
+    "29-rows": (grid(n=29), "got 29 rows"),
+    "784-flat": ([0.5] * 784, "got 784 rows"),
+    "row-too-short": ([*grid()[:27], [0.5] * 27], "Row 27 has 27 values"),
+    "row-too-long": ([[0.5] * 29, *grid()[1:]], "Row 0 has 29 values"),
+    "row-not-a-list": ([0.5, *grid()[1:]], "Row 0 must be a list"),
+    "row-a-string": (["x" * 28, *grid()[1:]], "Row 0 must be a list"),
+    "3d": ([[[0.5]] * 28] * 28, "Pixel [0][0] must be a number"),
+    "batch-of-one": ([grid()], "got 1 rows"),
+    "deeply-nested": (deeply_nested(5000), "got 1 rows"),
+    "string-pixel": (with_pixel("0.5"), "Pixel [3][7] must be a number"),
+    "null-pixel": (with_pixel(None), "Pixel [3][7] must be a number"),
+    "true-pixel": (with_pixel(True), "Pixel [3][7] must be a number in [0, 1], got bool True"),
+    "false-pixel": (with_pixel(False), "got bool"),
+    "dict-pixel": (with_pixel({"v": 1}), "got dict"),
+    "nan": (with_pixel(math.nan), "Pixel [3][7] is not a finite number"),
+    "inf": (with_pixel(math.inf), "is not a finite number"),
+    "minus-inf": (with_pixel(-math.inf, 27, 27), "Pixel [27][27] is not a finite number"),
+    "negative": (with_pixel(-0.01), "Pixel [3][7] is out of range: -0.01"),
+    "above-one": (with_pixel(1.5), "out of range: 1.5"),
+    "255": (with_pixel(255), "out of range: 255"),
+    "huge-float": (with_pixel(1e308), "out of range"),
+    "huge-int": (with_pixel(10**400), "out of range"),
+    "tiny-negative": (with_pixel(-1e-300), "out of range"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARRAYS))
+def test_bad_array_gets_422_saying_where(name: str) -> None:
+    obj, message = BAD_ARRAYS[name]
+    with pytest.raises(PreprocessError) as err:
+        validate_array(obj)
+    assert err.value.status_code == 422
+    assert message in err.value.detail
+    assert len(err.value.detail) < 200  # a 400-digit number is not echoed back whole
+
+
+@pytest.mark.parametrize("value", [0, 1, 0.0, 1.0, 0.25, 5e-324])
+def test_good_array_is_float32(value: float) -> None:
+    out = validate_array(grid(value))
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert np.all(out == np.float32(value))
+
+
+def test_good_array_keeps_every_pixel_in_place() -> None:
+    values = np.random.default_rng(0).random((28, 28))
+    out = validate_array(values.tolist())
+    np.testing.assert_allclose(out, values, rtol=1e-7)
+    np.testing.assert_array_equal(validate_array(values), out)
+    np.testing.assert_array_equal(validate_array(tuple(tuple(r) for r in values.tolist())), out)
