@@ -58,8 +58,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--max-shift", type=int, default=2, help="random shift augmentation, pixels")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--data-dir", type=Path, default=None, help="a directory holding the IDX files")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a CapsNetConfig field, e.g. --set conv1_channels=64")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a CapsNetConfig field, e.g. --set conv1_channels=64",
+    )
     p.set_defaults(func=_train)
 
 
@@ -71,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="fetch and verify MNIST / Fashion-MNIST into the cache")
     p.add_argument("datasets", nargs="*", default=["mnist"], choices=["mnist", "fashion-mnist"])
     p.add_argument("--data-dir", type=Path, default=None, help="a directory holding the IDX files")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="default: $CAPSNET_DATA_DIR or ~/.cache/capsnet/data")  # fmt: skip
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="default: $CAPSNET_DATA_DIR or ~/.cache/capsnet/data"
+    )
     p.set_defaults(func=_data)
 
     _add_train(sub)
@@ -81,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="a checkpoint written by `capsnet train`")
     p.add_argument("--output", type=Path, default=Path("models/capsnet-mnist"))
     p.add_argument("--name", default="capsnet-mnist", help="model name stored in the metadata")
-    p.add_argument("--no-card", dest="card", action="store_false",
-                   help="skip the model card (it evaluates the ONNX file on the whole test set)")
+    p.add_argument(
+        "--no-card",
+        dest="card",
+        action="store_false",
+        help="skip the model card (it evaluates the ONNX file on the whole test set)",
+    )
     p.add_argument("--train-command", default=None, help="for the card, if the checkpoint lacks it")
     p.add_argument("--hardware", default=None, help="for the card, if the checkpoint lacks it")
     p.set_defaults(func=_export)

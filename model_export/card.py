@@ -31,8 +31,9 @@ def confusion(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
     return m
 
 
-def build_card(model_dir: Path, state: dict[str, Any], export_meta: dict[str, str], *, command: str,
-               hardware: str) -> dict[str, Any]:  # fmt: skip
+def build_card(
+    model_dir: Path, state: dict[str, Any], export_meta: dict[str, str], *, command: str, hardware: str
+) -> dict[str, Any]:
     cfg = CapsNetConfig.from_dict(state["config"])
     x, y = load_split(state["dataset"], "test")
     t0 = time.perf_counter()
@@ -48,16 +49,22 @@ def build_card(model_dir: Path, state: dict[str, Any], export_meta: dict[str, st
         "architecture": "CapsNet (Sabour, Frosst & Hinton 2017, arXiv 1710.09829)",
         "config": cfg.to_dict(),
         "parameters": _parameter_count(state),
-        "dataset": {"name": state["dataset"], "sha256": state["dataset_sha256"],
-                    "files_sha256": spec.sha256, "train_images": state.get("train_images"),
-                    "test_images": int(len(y))},  # fmt: skip
+        "dataset": {
+            "name": state["dataset"],
+            "sha256": state["dataset_sha256"],
+            "files_sha256": spec.sha256,
+            "train_images": state.get("train_images"),
+            "test_images": len(y),
+        },
         "training": {
-            "command": command, "hardware": hardware, "epochs": state["epoch"],
+            "command": command,
+            "hardware": hardware,
+            "epochs": state["epoch"],
             "wall_seconds": round(sum(h["train_seconds"] + h["eval_seconds"] for h in history), 1),
             "images_per_second": [round(h["images_per_second"], 1) for h in history],
             "test_accuracy_per_epoch_pytorch": [h["test_accuracy"] for h in history],
             "args": state.get("args", {}),
-        },  # fmt: skip
+        },
         "evaluation": {
             "runtime": "onnxruntime CPUExecutionProvider",
             "test_accuracy": float((preds == y).mean()),
@@ -87,36 +94,47 @@ def render_markdown(card: dict[str, Any]) -> str:
     ev, tr, ds = card["evaluation"], card["training"], card["dataset"]
     labels = list(ev["per_class_accuracy"])
     lines = [
-        f"# Model card: {card['name']} ({card['version']})", "",
+        f"# Model card: {card['name']} ({card['version']})",
+        "",
         f"{card['architecture']}: {card['parameters']['total']:,} parameters "
         f"({card['parameters']['without_decoder']:,} without the reconstruction decoder), "
-        f"r = {card['config']['routing_iterations']} routing iterations.", "",
-        "## Figures (measured through the exported ONNX file with onnxruntime, CPU provider)", "",
+        f"r = {card['config']['routing_iterations']} routing iterations.",
+        "",
+        "## Figures (measured through the exported ONNX file with onnxruntime, CPU provider)",
+        "",
         f"- Test accuracy: **{ev['test_accuracy'] * 100:.2f} %** on the {ds['test_images']:,} "
         f"{ds['name']} test images ({ev['errors']} errors).",
-        f"- Training: {tr['epochs']} epoch(s), {tr['wall_seconds'] / 60:.1f} min wall time on {tr['hardware']}; "
+        f"- Training: {tr['epochs']} epoch(s), {tr['wall_seconds'] / 60:.1f} min wall time "
+        f"on {tr['hardware']}; "
         f"{', '.join(str(r) for r in tr['images_per_second'])} images/s per epoch.",
         f"- Command: `{tr['command']}`",
         f"- Data: {ds['name']} in IDX format, {ds['train_images']:,} training images, dataset SHA-256 "
         f"`{ds['sha256']}` (hash of the four file hashes, listed in model_card.json).",
-        f"- Checkpoint SHA-256 `{card['export']['checkpoint_sha256']}`, exported {card['export']['exported_at']}, "
-        f"opset {card['export']['opset']}.", "",
-        "## Per-class accuracy", "",
+        f"- Checkpoint SHA-256 `{card['export']['checkpoint_sha256']}`, "
+        f"exported {card['export']['exported_at']}, opset {card['export']['opset']}.",
+        "",
+        "## Per-class accuracy",
+        "",
         "| class | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
-        "| accuracy % | " + " | ".join(f"{ev['per_class_accuracy'][k] * 100:.2f}" for k in labels) + " |", "",
-        "## Confusion matrix (rows: true class, columns: predicted)", "",
+        "| accuracy % | " + " | ".join(f"{ev['per_class_accuracy'][k] * 100:.2f}" for k in labels) + " |",
+        "",
+        "## Confusion matrix (rows: true class, columns: predicted)",
+        "",
         "| | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
-    ]  # fmt: skip
-    lines += [f"| **{lab}** | " + " | ".join(str(v) for v in row) + " |"
-              for lab, row in zip(labels, ev["confusion_matrix"], strict=True)]  # fmt: skip
+    ]
+    lines += [
+        f"| **{lab}** | " + " | ".join(str(v) for v in row) + " |"
+        for lab, row in zip(labels, ev["confusion_matrix"], strict=True)
+    ]
     lines += ["", "## Known limits", ""] + [f"- {x}" for x in card["known_limits"]] + [""]
     return "\n".join(lines)
 
 
-def write_card(model_dir: Path, state: dict[str, Any], export_meta: dict[str, str], *, command: str,
-               hardware: str) -> dict[str, Any]:  # fmt: skip
+def write_card(
+    model_dir: Path, state: dict[str, Any], export_meta: dict[str, str], *, command: str, hardware: str
+) -> dict[str, Any]:
     card = build_card(model_dir, state, export_meta, command=command, hardware=hardware)
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
     (model_dir / "MODEL_CARD.md").write_text(render_markdown(card))

@@ -59,9 +59,17 @@ DATASETS: dict[str, DatasetSpec] = {
     "fashion-mnist": DatasetSpec(
         name="fashion-mnist",
         labels=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-        ),  # fmt: skip
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
         sha256={
             "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
             "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
@@ -133,7 +141,7 @@ def _copy_verified_dir(spec: DatasetSpec, src: Path, dest: Path) -> str | None:
     if bad:
         return f"checksum mismatch for {', '.join(bad)}"
     dest.mkdir(parents=True, exist_ok=True)
-    for f, p in found.items():
+    for p in found.values():
         assert p is not None
         if p.resolve() != (dest / p.name).resolve():
             shutil.copyfile(p, dest / p.name)

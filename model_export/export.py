@@ -72,14 +72,27 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _trace(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str],
-           outputs: list[str], dynamic: dict[str, dict[int, str]]) -> None:  # fmt: skip
+def _trace(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict[str, dict[int, str]],
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's deprecation and shape notes
         torch.onnx.export(
-            module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
-            output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True,
-        )  # fmt: skip
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
 
 
 def _pin_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -114,10 +127,14 @@ def metadata_for(state: dict[str, Any], checkpoint_hash: str, name: str) -> dict
         "epochs": str(state["epoch"]),
         "checkpoint_sha256": checkpoint_hash,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "primary_capsules": json.dumps({
-            "count": cfg.num_primary, "types": cfg.primary_types,
-            "grid": [cfg.primary_grid, cfg.primary_grid], "order": ["type", "row", "col"],
-        }),  # fmt: skip
+        "primary_capsules": json.dumps(
+            {
+                "count": cfg.num_primary,
+                "types": cfg.primary_types,
+                "grid": [cfg.primary_grid, cfg.primary_grid],
+                "order": ["type", "row", "col"],
+            }
+        ),
         "opset": str(OPSET),
     }
 
@@ -138,8 +155,9 @@ def _check_parity(
             ref_rec = model.decoder(torch.from_numpy(ref[1]), torch.from_numpy(mask)).numpy()
         got = cls_sess.run(list(MODEL_OUTPUTS), {"image": x})
         got_rec = dec_sess.run(["reconstruction"], {"poses": ref[1], "mask": mask})[0]
-        for name, r, g in zip((*MODEL_OUTPUTS, "reconstruction"), (*ref, ref_rec), (*got, got_rec),
-                              strict=True):  # fmt: skip
+        for name, r, g in zip(
+            (*MODEL_OUTPUTS, "reconstruction"), (*ref, ref_rec), (*got, got_rec), strict=True
+        ):
             if r.shape != g.shape:
                 raise ExportError(f"{name}: ORT shape {g.shape} != torch {r.shape} at B={B}")
             worst[name] = max(worst[name], float(np.abs(r - g).max()))
@@ -174,19 +192,38 @@ def export(
     with tempfile.TemporaryDirectory() as tmp:
         cls_path, dec_path = Path(tmp) / "capsnet.onnx", Path(tmp) / "decoder.onnx"
         example = torch.from_numpy(images[:2])
-        _trace(_ClassifierGraph(model), (example,), cls_path, ["image"], list(MODEL_OUTPUTS),
-               {"image": {0: "batch"}, **{o: {0: "batch"} for o in MODEL_OUTPUTS}})  # fmt: skip
+        _trace(
+            _ClassifierGraph(model),
+            (example,),
+            cls_path,
+            ["image"],
+            list(MODEL_OUTPUTS),
+            {"image": {0: "batch"}, **{o: {0: "batch"} for o in MODEL_OUTPUTS}},
+        )
         poses = torch.zeros(2, cfg.num_classes, cfg.digit_dim)
         mask = torch.zeros(2, cfg.num_classes)
-        _trace(_DecoderGraph(model), (poses, mask), dec_path, ["poses", "mask"], ["reconstruction"],
-               {"poses": {0: "batch"}, "mask": {0: "batch"}, "reconstruction": {0: "batch"}})  # fmt: skip
+        _trace(
+            _DecoderGraph(model),
+            (poses, mask),
+            dec_path,
+            ["poses", "mask"],
+            ["reconstruction"],
+            {"poses": {0: "batch"}, "mask": {0: "batch"}, "reconstruction": {0: "batch"}},
+        )
         J, D, r, N = cfg.num_classes, cfg.digit_dim, cfg.routing_iterations, cfg.num_primary
         img = (cfg.in_channels, cfg.image_size, cfg.image_size)
-        cls_shapes = {"image": img, "probabilities": (J,), "poses": (J, D), "coupling": (r, N, J),
-                      "primary_activations": (N,)}  # fmt: skip
+        cls_shapes = {
+            "image": img,
+            "probabilities": (J,),
+            "poses": (J, D),
+            "coupling": (r, N, J),
+            "primary_activations": (N,),
+        }
         dec_shapes = {"poses": (J, D), "mask": (J,), "reconstruction": img}
-        for path, doc, shapes in ((cls_path, "CapsNet classifier, routing unrolled", cls_shapes),
-                                  (dec_path, "CapsNet reconstruction decoder", dec_shapes)):  # fmt: skip
+        for path, doc, shapes in (
+            (cls_path, "CapsNet classifier, routing unrolled", cls_shapes),
+            (dec_path, "CapsNet reconstruction decoder", dec_shapes),
+        ):
             proto = onnx.load(str(path))
             _pin_shapes(proto, shapes)
             proto.doc_string = doc
@@ -197,8 +234,12 @@ def export(
         if loops:
             raise ExportError(f"the graph holds control flow {loops}; routing must be unrolled")
         parity = _check_parity(model, cls_path, dec_path, images, batches)
-        report = {"parity_max_abs_diff": parity, "parity_batches": list(batches), "metadata": meta,
-                  "checkpoint": str(checkpoint)}  # fmt: skip
+        report = {
+            "parity_max_abs_diff": parity,
+            "parity_batches": list(batches),
+            "metadata": meta,
+            "checkpoint": str(checkpoint),
+        }
         (Path(tmp) / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         output.mkdir(parents=True, exist_ok=True)
         for f in ("capsnet.onnx", "decoder.onnx", "export.json"):
@@ -218,7 +259,10 @@ def run(args: argparse.Namespace) -> None:
         report = export(args.checkpoint, args.output, name=args.name)
     except (ExportError, ValueError) as exc:
         raise SystemExit(f"export failed: {exc}") from None
-    summary: dict[str, Any] = {"output": str(args.output), "parity_max_abs_diff": report["parity_max_abs_diff"]}
+    summary: dict[str, Any] = {
+        "output": str(args.output),
+        "parity_max_abs_diff": report["parity_max_abs_diff"],
+    }
     if args.card:
         state = load_checkpoint(args.checkpoint)
         command = args.train_command or state.get("command") or "unknown"

@@ -53,8 +53,10 @@ def evaluate(model: CapsNet, images: np.ndarray, labels: np.ndarray, **kw: Any) 
 def hardware_description(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
-            f"{os.cpu_count()} cores, torch {torch.__version__}")  # fmt: skip
+    return (
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}"
+    )
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -161,8 +163,13 @@ def train(
         order = rng.permutation(len(x_train))
         model.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
-                   mininterval=2.0, unit="batch")  # fmt: skip
+        bar = tqdm(
+            range(steps),
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            mininterval=2.0,
+            unit="batch",
+        )
         for step in bar:
             idx = order[step * batch_size : (step + 1) * batch_size]
             images = to_tensor(random_shift(x_train[idx], max_shift, rng), dev)
@@ -208,9 +215,16 @@ def train(
             "train_images": len(x_train),
             "command": " ".join(["capsnet", *sys.argv[1:]]) if command is None else command,
             "hardware": hardware_description(dev),
-            "args": {"batch_size": batch_size, "lr": lr, "lr_decay": lr_decay, "seed": seed,
-                     "max_shift": max_shift, "limit": limit, "eval_limit": eval_limit,
-                     "device": str(dev)},  # fmt: skip
+            "args": {
+                "batch_size": batch_size,
+                "lr": lr,
+                "lr_decay": lr_decay,
+                "seed": seed,
+                "max_shift": max_shift,
+                "limit": limit,
+                "eval_limit": eval_limit,
+                "device": str(dev),
+            },
         }
         save_checkpoint(last_path, state)
         if test_acc > best_acc:
@@ -223,11 +237,24 @@ def train(
 
 def run(args: argparse.Namespace) -> None:
     state = train(
-        dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        lr_decay=args.lr_decay, routing_iterations=args.routing_iterations, seed=args.seed,
-        device=args.device, output=args.output, resume=args.resume, limit=args.limit,
-        eval_limit=args.eval_limit, max_shift=args.max_shift, threads=args.threads, config_overrides=parse_overrides(args.set),
+        dataset=args.dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_decay=args.lr_decay,
+        routing_iterations=args.routing_iterations,
+        seed=args.seed,
+        device=args.device,
+        output=args.output,
+        resume=args.resume,
+        limit=args.limit,
+        eval_limit=args.eval_limit,
+        max_shift=args.max_shift,
+        threads=args.threads,
+        config_overrides=parse_overrides(args.set),
         data_dir=args.data_dir,
-    )  # fmt: skip
-    print(f"epoch {state['epoch']}: test accuracy {state['test_accuracy']:.4f}; "
-          f"checkpoint {args.output / 'last.pt'}")  # fmt: skip
+    )
+    print(
+        f"epoch {state['epoch']}: test accuracy {state['test_accuracy']:.4f}; "
+        f"checkpoint {args.output / 'last.pt'}"
+    )

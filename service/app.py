@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -18,20 +18,35 @@ import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.engine import Batcher, BatchStats, Engine, EngineClosedError, EngineError, QueueFullError
+from service.engine import Batcher, BatchStats, Engine, EngineClosedError, QueueFullError
 from service.preprocess import PreprocessError, preprocess_bytes, validate_array
-from service.schemas import ErrorResponse, Health, ImagesRequest, Metadata, PredictResponse, RoutingTraceResponse
+from service.schemas import (
+    ErrorResponse,
+    Health,
+    ImagesRequest,
+    Metadata,
+    PredictResponse,
+    RoutingTraceResponse,
+)
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
+Preprocess = Literal["mnist", "none"]
 
 
 class APIError(Exception):
@@ -50,25 +65,43 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("capsnet_requests_total", "HTTP requests", ["endpoint", "method", "status"],
-                                registry=self.registry)  # fmt: skip
+        self.requests = Counter(
+            "capsnet_requests_total",
+            "HTTP requests",
+            ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "capsnet_request_seconds", "HTTP request latency", ["endpoint"], registry=self.registry,
+            "capsnet_request_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            registry=self.registry,
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )  # fmt: skip
-        self.batch_size = Histogram("capsnet_batch_images", "images per inference batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)  # fmt: skip
+        )
+        self.batch_size = Histogram(
+            "capsnet_batch_images",
+            "images per inference batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.queue_time = Histogram(
-            "capsnet_queue_seconds", "time a request waited for its batch", registry=self.registry,
+            "capsnet_queue_seconds",
+            "time a request waited for its batch",
+            registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
-        )  # fmt: skip
+        )
         self.inference_time = Histogram(
-            "capsnet_inference_seconds", "onnxruntime time per batch", registry=self.registry,
+            "capsnet_inference_seconds",
+            "onnxruntime time per batch",
+            registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-        )  # fmt: skip
-        self.queue_depth = Gauge("capsnet_queue_images", "images waiting or in inference", registry=self.registry)
-        self.rejected = Counter("capsnet_rejected_total", "requests refused because the queue was full",
-                                registry=self.registry)  # fmt: skip
+        )
+        self.queue_depth = Gauge(
+            "capsnet_queue_images", "images waiting or in inference", registry=self.registry
+        )
+        self.rejected = Counter(
+            "capsnet_rejected_total", "requests refused because the queue was full", registry=self.registry
+        )
 
     def observe_batch(self, images: int, queue_seconds: list[float], inference_seconds: float) -> None:
         self.batch_size.observe(images)
@@ -141,10 +174,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: State = app.state.capsnet
     s = state.settings
     state.engine = await asyncio.to_thread(
-        Engine, s.model_dir, providers=s.providers, intra_op_threads=s.intra_op_threads, require_gpu=s.require_gpu
+        Engine,
+        s.model_dir,
+        providers=s.providers,
+        intra_op_threads=s.intra_op_threads,
+        require_gpu=s.require_gpu,
     )
-    state.batcher = Batcher(state.engine, s.max_batch_size, s.max_wait_ms, s.queue_size,
-                            BatchStats(state.metrics.observe_batch))  # fmt: skip
+    state.batcher = Batcher(
+        state.engine, s.max_batch_size, s.max_wait_ms, s.queue_size, BatchStats(state.metrics.observe_batch)
+    )
     state.batcher.start()
     warm = asyncio.create_task(warm_up(state))
     try:
@@ -157,6 +195,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Input: multipart `file` / `files`, a raw image body, or JSON {"images": [...]}
+
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
@@ -176,7 +215,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-async def read_images(request: Request, settings: Settings, preprocess: str) -> np.ndarray:
+async def read_images(request: Request, settings: Settings, preprocess: Preprocess) -> np.ndarray:
     """The request's images as float32 (k, 1, 28, 28), or an APIError."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request, settings.max_upload_bytes)
@@ -189,9 +228,10 @@ async def read_images(request: Request, settings: Settings, preprocess: str) -> 
         arrays = _json_arrays(body, settings)
     else:
         raise APIError(
-            415, f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data (field `file` or "
-            "`files`), an image body (image/png, image/jpeg, ...) or application/json {\"images\": [...]}",
-        )  # fmt: skip
+            415,
+            f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data (field `file` or "
+            '`files`), an image body (image/png, image/jpeg, ...) or application/json {"images": [...]}',
+        )
     return np.stack(arrays)[:, None].astype(np.float32, copy=False)
 
 
@@ -217,10 +257,10 @@ async def _multipart_blobs(request: Request, settings: Settings) -> list[bytes]:
         await form.close()
 
 
-async def _decode(data: bytes, preprocess: str, settings: Settings) -> np.ndarray:
+async def _decode(data: bytes, preprocess: Preprocess, settings: Settings) -> np.ndarray:
     try:
         return await run_in_threadpool(
-            preprocess_bytes, data, mode=preprocess, max_pixels=settings.max_image_pixels  # type: ignore[arg-type]
+            preprocess_bytes, data, mode=preprocess, max_pixels=settings.max_image_pixels
         )
     except PreprocessError as exc:
         raise APIError(exc.status_code, exc.detail) from None
@@ -250,7 +290,9 @@ def _json_arrays(body: bytes, settings: Settings) -> list[np.ndarray]:
 async def infer(state: State, images: np.ndarray, coupling: bool = False) -> dict[str, np.ndarray]:
     assert state.batcher is not None
     try:
-        return await asyncio.wait_for(state.batcher.submit(images, coupling), state.settings.request_timeout_s)
+        return await asyncio.wait_for(
+            state.batcher.submit(images, coupling), state.settings.request_timeout_s
+        )
     except QueueFullError as exc:
         state.metrics.rejected.inc()
         raise APIError(503, f"the server is busy: {exc}; retry shortly", {"Retry-After": "1"}) from None
@@ -265,8 +307,13 @@ def prediction_items(engine: Engine, out: dict[str, np.ndarray]) -> list[dict[st
     best = probs.argmax(axis=1)
     labels = engine.info.labels
     return [
-        {"class_index": int(c), "label": labels[c], "probability": probs[i, c],
-         "probabilities": probs[i], "poses": poses[i]}  # fmt: skip
+        {
+            "class_index": int(c),
+            "label": labels[c],
+            "probability": probs[i, c],
+            "probabilities": probs[i],
+            "poses": poses[i],
+        }
         for i, c in enumerate(best)
     ]
 
@@ -276,8 +323,12 @@ def routing_summary(coupling: np.ndarray, activations: np.ndarray) -> list[dict[
     a = activations / max(float(activations.sum()), 1e-12)  # (N,)
     entropy = -(coupling * np.log(np.clip(coupling, 1e-12, None))).sum(axis=-1)  # (r, N)
     return [
-        {"iteration": k + 1, "class_mass": a @ coupling[k], "mean_entropy": float(entropy[k].mean()),
-         "weighted_entropy": float(entropy[k] @ a)}  # fmt: skip
+        {
+            "iteration": k + 1,
+            "class_mass": a @ coupling[k],
+            "mean_entropy": float(entropy[k].mean()),
+            "weighted_entropy": float(entropy[k] @ a),
+        }
         for k in range(coupling.shape[0])
     ]
 
@@ -287,9 +338,9 @@ def aggregate_coupling(coupling: np.ndarray, types: int, grid: list[int], how: s
     r, _, J = coupling.shape
     by_cell = coupling.reshape(r, types, grid[0], grid[1], J)  # N is (type, row, col) ordered
     if how == "type":
-        return by_cell.mean(axis=(2, 3))
+        return np.asarray(by_cell.mean(axis=(2, 3)))
     if how == "position":
-        return by_cell.mean(axis=1)
+        return np.asarray(by_cell.mean(axis=1))
     return coupling
 
 
@@ -311,11 +362,19 @@ IMAGE_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "string", "format": "binary", "description": "one image"},
-                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                          "description": "several images, answered in order"},
-            }}},  # fmt: skip
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "one image"},
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "several images, answered in order",
+                        },
+                    },
+                }
+            },
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
@@ -326,7 +385,9 @@ IMAGE_BODY_DOC: dict[str, Any] = {
 
 PreprocessQ = Annotated[
     Literal["mnist", "none"],
-    Query(description="`mnist`: bring a photo/scan to MNIST form; `none`: the image already is 28x28 MNIST-like"),
+    Query(
+        description="`mnist`: bring a photo/scan to MNIST form; `none`: the image already is 28x28 MNIST-like"
+    ),
 ]
 
 
@@ -335,8 +396,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="CapsNet inference service",
         version="0.1.0",
-        description="Capsule Network (Sabour, Frosst & Hinton 2017, arXiv 1710.09829) served with onnxruntime: "
-        "class probabilities as capsule lengths, 16-D poses and the routing coupling coefficients.",
+        description="Capsule Network (Sabour, Frosst & Hinton 2017, arXiv 1710.09829) served with "
+        "onnxruntime: class probabilities as capsule lengths, 16-D poses and the routing coupling "
+        "coefficients.",
         lifespan=lifespan,
         responses=ERRORS,
     )
@@ -363,24 +425,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error")
         return json_response({"detail": "internal server error"}, 500)
 
-    @app.post("/predict", response_model=PredictResponse, openapi_extra=IMAGE_BODY_DOC,
-              summary="Classify one or more images")  # fmt: skip
-    async def predict(request: Request, state: StateDep, engine: EngineDep,
-                      preprocess: PreprocessQ = "mnist") -> Response:  # fmt: skip
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        openapi_extra=IMAGE_BODY_DOC,
+        summary="Classify one or more images",
+    )
+    async def predict(
+        request: Request, state: StateDep, engine: EngineDep, preprocess: PreprocessQ = "mnist"
+    ) -> Response:
         images = await read_images(request, state.settings, preprocess)
         out = await infer(state, images)
         info = engine.info
-        return json_response({"model": {"name": info.name, "version": info.version},
-                              "predictions": prediction_items(engine, out)})  # fmt: skip
+        return json_response(
+            {
+                "model": {"name": info.name, "version": info.version},
+                "predictions": prediction_items(engine, out),
+            }
+        )
 
-    @app.post("/routing-trace", response_model=RoutingTraceResponse, openapi_extra=IMAGE_BODY_DOC,
-              summary="The coupling coefficients c_ij of every routing iteration for one image")  # fmt: skip
+    @app.post(
+        "/routing-trace",
+        response_model=RoutingTraceResponse,
+        openapi_extra=IMAGE_BODY_DOC,
+        summary="The coupling coefficients c_ij of every routing iteration for one image",
+    )
     async def routing_trace(
-        request: Request, state: StateDep, engine: EngineDep, preprocess: PreprocessQ = "mnist",
-        iterations: Annotated[Literal["all", "last"], Query(description="every iteration or only the last")] = "all",
-        aggregate: Annotated[Literal["none", "type", "position"],
-                             Query(description="average the coupling over positions (`type`) or types (`position`)")] = "none",
-    ) -> Response:  # fmt: skip
+        request: Request,
+        state: StateDep,
+        engine: EngineDep,
+        preprocess: PreprocessQ = "mnist",
+        iterations: Annotated[
+            Literal["all", "last"], Query(description="every iteration or only the last")
+        ] = "all",
+        aggregate: Annotated[
+            Literal["none", "type", "position"],
+            Query(description="average the coupling over positions (`type`) or types (`position`)"),
+        ] = "none",
+    ) -> Response:
         images = await read_images(request, state.settings, preprocess)
         if len(images) != 1:
             raise APIError(422, f"routing-trace takes exactly one image, got {len(images)}")
@@ -392,19 +474,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if iterations == "last":
             coupling, which = coupling[-1:], which[-1:]
         item = prediction_items(engine, out)[0]
-        item.update({
-            "model": {"name": info.name, "version": info.version},
-            "iterations": info.routing_iterations,
-            "classes": info.labels,
-            "primary_capsules": {"count": info.num_primary, "types": info.primary_types,
-                                 "grid": info.primary_grid, "order": ["type", "row", "col"]},
-            "coupling_iterations": which,
-            "aggregate": aggregate,
-            "coupling": np.ascontiguousarray(aggregate_coupling(coupling, info.primary_types, info.primary_grid,
-                                                                aggregate)),
-            "primary_activations": activations,
-            "summary": summary,
-        })  # fmt: skip
+        item.update(
+            {
+                "model": {"name": info.name, "version": info.version},
+                "iterations": info.routing_iterations,
+                "classes": info.labels,
+                "primary_capsules": {
+                    "count": info.num_primary,
+                    "types": info.primary_types,
+                    "grid": info.primary_grid,
+                    "order": ["type", "row", "col"],
+                },
+                "coupling_iterations": which,
+                "aggregate": aggregate,
+                "coupling": np.ascontiguousarray(
+                    aggregate_coupling(coupling, info.primary_types, info.primary_grid, aggregate)
+                ),
+                "primary_activations": activations,
+                "summary": summary,
+            }
+        )
         return json_response(item)
 
     @app.get("/health/live", response_model=Health)
@@ -415,23 +504,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def ready(state: StateDep) -> Response:
         if state.ready:
             return json_response({"status": "ready"})
-        return json_response({"status": "starting", "detail": "model loading or warming up"}, 503,
-                             {"Retry-After": "1"})  # fmt: skip
+        return json_response(
+            {"status": "starting", "detail": "model loading or warming up"}, 503, {"Retry-After": "1"}
+        )
 
     @app.get("/metadata", response_model=Metadata)
     async def metadata(state: StateDep, engine: EngineDep) -> Response:
         info = engine.info
         s = state.settings
-        return json_response({
-            "name": info.name, "version": info.version, "labels": info.labels,
-            "routing_iterations": info.routing_iterations,
-            "primary_capsules": {"count": info.num_primary, "types": info.primary_types,
-                                 "grid": info.primary_grid, "order": ["type", "row", "col"]},
-            "inputs": info.inputs, "outputs": info.outputs, "providers": engine.providers,
-            "decoder": engine.decoder is not None, "model_card": info.card, "onnx_metadata": info.metadata,
-            "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms,
-                         "queue_size": s.queue_size},
-        })  # fmt: skip
+        return json_response(
+            {
+                "name": info.name,
+                "version": info.version,
+                "labels": info.labels,
+                "routing_iterations": info.routing_iterations,
+                "primary_capsules": {
+                    "count": info.num_primary,
+                    "types": info.primary_types,
+                    "grid": info.primary_grid,
+                    "order": ["type", "row", "col"],
+                },
+                "inputs": info.inputs,
+                "outputs": info.outputs,
+                "providers": engine.providers,
+                "decoder": engine.decoder is not None,
+                "model_card": info.card,
+                "onnx_metadata": info.metadata,
+                "batching": {
+                    "max_batch_size": s.max_batch_size,
+                    "max_wait_ms": s.max_wait_ms,
+                    "queue_size": s.queue_size,
+                },
+            }
+        )
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def metrics(state: StateDep) -> Response:

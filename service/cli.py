@@ -21,10 +21,17 @@ def run(args: argparse.Namespace) -> None:
     s = get_settings()
     logging.getLogger().setLevel(s.log_level.upper())
     try:  # fail before binding the port, with one line instead of a lifespan traceback
-        Engine(s.model_dir, providers=s.providers, intra_op_threads=s.intra_op_threads, require_gpu=s.require_gpu)
+        Engine(
+            s.model_dir, providers=s.providers, intra_op_threads=s.intra_op_threads, require_gpu=s.require_gpu
+        )
     except EngineError as exc:
         raise SystemExit(f"capsnet serve: {exc}") from None
     uvicorn.run(
-        "service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-        log_level=s.log_level.lower(), timeout_graceful_shutdown=30,
-    )  # fmt: skip
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=s.log_level.lower(),
+        timeout_graceful_shutdown=30,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -102,12 +103,15 @@ def _open(path: Path, providers: list[str], threads: int) -> ort.InferenceSessio
 class Engine:
     """The classifier and decoder sessions, shared by all requests. `run` is thread-safe (ORT is)."""
 
-    def __init__(self, model_dir: Path, providers: str = "auto", intra_op_threads: int = 0,
-                 require_gpu: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, model_dir: Path, providers: str = "auto", intra_op_threads: int = 0, require_gpu: bool = False
+    ) -> None:
         wanted = choose_providers(providers)
         if require_gpu and CUDA not in wanted:
             if CUDA not in ort.get_available_providers():
-                why = f"this onnxruntime has no CUDAExecutionProvider (it has {ort.get_available_providers()})"
+                why = (
+                    f"this onnxruntime has no CUDAExecutionProvider (it has {ort.get_available_providers()})"
+                )
             elif not cuda_driver_present():
                 why = "no NVIDIA driver (libcuda.so.1) is visible: no GPU, or the container lacks --gpus"
             else:
@@ -116,8 +120,11 @@ class Engine:
         self.classifier = _open(model_dir / "capsnet.onnx", wanted, intra_op_threads)
         self.providers: list[str] = self.classifier.get_providers()  # what ORT really uses
         if CUDA in wanted and CUDA not in self.providers:
-            log.warning("CUDA was requested but onnxruntime fell back to %s (no usable GPU, CUDA 13 "
-                        "or cuDNN 9 libraries)", self.providers)  # fmt: skip
+            log.warning(
+                "CUDA was requested but onnxruntime fell back to %s (no usable GPU, CUDA 13 "
+                "or cuDNN 9 libraries)",
+                self.providers,
+            )
         if require_gpu and CUDA not in self.providers:
             raise EngineError(
                 "CAPSNET_REQUIRE_GPU=1 but the CUDA provider is not usable here; onnxruntime fell back "
@@ -146,11 +153,19 @@ class Engine:
         card_path = model_dir / "model_card.json"
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
         return ModelInfo(
-            name=meta.get("name", model_dir.name), version=meta.get("version", "unknown"), labels=labels,
-            routing_iterations=r, num_primary=int(primary["count"]), primary_types=int(primary["types"]),
-            primary_grid=list(primary["grid"]), image_shape=list(sess.get_inputs()[0].shape[1:]),
-            metadata=meta, inputs=_io(sess.get_inputs()), outputs=_io(sess.get_outputs()), card=card,
-        )  # fmt: skip
+            name=meta.get("name", model_dir.name),
+            version=meta.get("version", "unknown"),
+            labels=labels,
+            routing_iterations=r,
+            num_primary=int(primary["count"]),
+            primary_types=int(primary["types"]),
+            primary_grid=list(primary["grid"]),
+            image_shape=list(sess.get_inputs()[0].shape[1:]),
+            metadata=meta,
+            inputs=_io(sess.get_inputs()),
+            outputs=_io(sess.get_outputs()),
+            card=card,
+        )
 
     @property
     def output_names(self) -> list[str]:
@@ -194,8 +209,14 @@ class Batcher:
     max_wait_ms for more), over a queue bounded in images. Inference runs in one worker thread, so
     the event loop never blocks and ORT gets the cores for one batch at a time."""
 
-    def __init__(self, engine: Engine, max_batch: int, max_wait_ms: float, queue_size: int,
-                 stats: BatchStats | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int,
+        max_wait_ms: float,
+        queue_size: int,
+        stats: BatchStats | None = None,
+    ) -> None:
         self.engine = engine
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.queue_size = queue_size
@@ -298,8 +319,6 @@ class Batcher:
             await asyncio.sleep(0.01)
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)

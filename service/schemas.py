@@ -26,7 +26,9 @@ class Prediction(BaseModel):
     class_index: int
     label: str
     probability: float = Field(description="length of the predicted class's capsule")
-    probabilities: list[float] = Field(description="capsule lengths in class order; independent, not summing to 1")
+    probabilities: list[float] = Field(
+        description="capsule lengths in class order; independent, not summing to 1"
+    )
     poses: list[list[float]] = Field(description="the 10 digit capsules v_j, 16-D each")
 
 

@@ -19,11 +19,20 @@ def make_checkpoint(path: Path, r: int = 3, seed: int = 0) -> CapsNet:
     torch.manual_seed(seed)
     cfg = CapsNetConfig(routing_iterations=r, **TINY)
     model = CapsNet(cfg)
-    save_checkpoint(path, {
-        "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), "epoch": 1,
-        "dataset": "mnist", "dataset_sha256": "d" * 64, "labels": [str(i) for i in range(10)],
-        "test_accuracy": 0.5, "history": [],
-    })  # fmt: skip
+    save_checkpoint(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": cfg.to_dict(),
+            "model": model.state_dict(),
+            "epoch": 1,
+            "dataset": "mnist",
+            "dataset_sha256": "d" * 64,
+            "labels": [str(i) for i in range(10)],
+            "test_accuracy": 0.5,
+            "history": [],
+        },
+    )
     return model.eval()
 
 

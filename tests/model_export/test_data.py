@@ -31,9 +31,13 @@ def test_read_idx_rejects_truncated_and_foreign(tmp_path):
 
 def test_bad_checksum_names_every_source(tmp_path, monkeypatch):
     spec = data.DatasetSpec(
-        name="fake", labels=("a",), sha256={f: "0" * 64 for f in ("a-idx1-ubyte", "b-idx1-ubyte")},
-        system_dirs=(str(tmp_path / "system"),), npm_package=None, mirrors=("http://127.0.0.1:9/",),
-    )  # fmt: skip
+        name="fake",
+        labels=("a",),
+        sha256={f: "0" * 64 for f in ("a-idx1-ubyte", "b-idx1-ubyte")},
+        system_dirs=(str(tmp_path / "system"),),
+        npm_package=None,
+        mirrors=("http://127.0.0.1:9/",),
+    )
     monkeypatch.setitem(data.DATASETS, "fake", spec)
     user = tmp_path / "user"
     user.mkdir()

@@ -9,6 +9,7 @@ import torch
 from model_export.export import ExportError, export, graph_control_flow
 from tests.factories import make_checkpoint, mnist_test_images
 
+
 @pytest.fixture(scope="module")
 def real_images():
     return mnist_test_images(80)
@@ -72,8 +73,12 @@ def test_report_parity_and_metadata_readable_without_torch(exported):
     assert json.loads(meta["labels"]) == [str(i) for i in range(10)]
     assert meta["routing_iterations"] == "3" and meta["name"] == "tiny"
     assert json.loads(meta["config"])["primary_types"] == 4
-    assert json.loads(meta["primary_capsules"]) == {"count": 144, "types": 4, "grid": [6, 6],
-                                                    "order": ["type", "row", "col"]}  # fmt: skip
+    assert json.loads(meta["primary_capsules"]) == {
+        "count": 144,
+        "types": 4,
+        "grid": [6, 6],
+        "order": ["type", "row", "col"],
+    }
     assert float(meta["test_accuracy"]) == 0.5 and len(meta["checkpoint_sha256"]) == 64
     assert meta["dataset"] == "mnist" and meta["exported_at"].endswith("Z")
 

@@ -11,8 +11,9 @@ NARROW = {"conv1_channels": 32, "primary_types": 8}
 @pytest.mark.slow
 def test_short_real_training_run_learns_mnist(tmp_path):
     """A narrow CapsNet, 3,000 real MNIST images, 1 epoch: measured 0.877 on the 10,000 test images."""
-    state = train(epochs=1, limit=3000, batch_size=32, output=tmp_path, config_overrides=NARROW,
-                  progress=False, seed=0)  # fmt: skip
+    state = train(
+        epochs=1, limit=3000, batch_size=32, output=tmp_path, config_overrides=NARROW, progress=False, seed=0
+    )
     assert state["test_accuracy"] >= 0.80
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["epoch"] == 1 and log[-1]["test_accuracy"] == state["test_accuracy"]
@@ -24,8 +25,14 @@ def test_short_real_training_run_learns_mnist(tmp_path):
 
 
 def test_same_seed_same_weights_and_resume(tmp_path):
-    kw = {"limit": 64, "batch_size": 32, "config_overrides": {"conv1_channels": 8, "primary_types": 2},
-          "progress": False, "seed": 3, "eval_limit": 200}  # fmt: skip
+    kw = {
+        "limit": 64,
+        "batch_size": 32,
+        "config_overrides": {"conv1_channels": 8, "primary_types": 2},
+        "progress": False,
+        "seed": 3,
+        "eval_limit": 200,
+    }
     a = train(epochs=1, output=tmp_path / "a", **kw)
     b = train(epochs=1, output=tmp_path / "b", **kw)
     for k in a["model"]:

@@ -120,7 +120,12 @@ def test_routing_trace_numbers(client, session, digits):
     assert r.status_code == 200, r.text
     t = r.json()
     assert t["iterations"] == 3 and t["classes"] == [str(i) for i in range(10)]
-    assert t["primary_capsules"] == {"count": 144, "types": 4, "grid": [6, 6], "order": ["type", "row", "col"]}
+    assert t["primary_capsules"] == {
+        "count": 144,
+        "types": 4,
+        "grid": [6, 6],
+        "order": ["type", "row", "col"],
+    }
     c = np.array(t["coupling"])
     assert c.shape == (3, 144, 10) and t["coupling_iterations"] == [1, 2, 3]
     np.testing.assert_allclose(c.sum(-1), 1.0, atol=1e-5)
@@ -139,9 +144,12 @@ def test_routing_trace_numbers(client, session, digits):
 
 def test_routing_trace_shrinking_options(client, digits):
     png = png_bytes(digits[1])
-    full = np.array(client.post("/routing-trace", content=png, headers={"content-type": "image/png"}).json()["coupling"])
-    r = client.post("/routing-trace?iterations=last&aggregate=type", content=png,
-                    headers={"content-type": "image/png"})  # fmt: skip
+    full = np.array(
+        client.post("/routing-trace", content=png, headers={"content-type": "image/png"}).json()["coupling"]
+    )
+    r = client.post(
+        "/routing-trace?iterations=last&aggregate=type", content=png, headers={"content-type": "image/png"}
+    )
     t = r.json()
     assert t["coupling_iterations"] == [3] and t["aggregate"] == "type"
     np.testing.assert_allclose(t["coupling"], full[-1:].reshape(1, 4, 36, 10).mean(2), atol=1e-6)
@@ -226,10 +234,16 @@ def test_concurrent_requests_are_batched_and_equal_single_answers(tiny_model_dir
             assert r.status_code == 200
             check_prediction(r.json()["predictions"][0], ref["probabilities"][i], ref["poses"][i])
         metrics = c.get("/metrics").text
-        count = next(float(line.split()[-1]) for line in metrics.splitlines()
-                     if line.startswith("capsnet_batch_images_count"))  # fmt: skip
-        total = next(float(line.split()[-1]) for line in metrics.splitlines()
-                     if line.startswith("capsnet_batch_images_sum"))  # fmt: skip
+        count = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("capsnet_batch_images_count")
+        )
+        total = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("capsnet_batch_images_sum")
+        )
         assert total == 8  # the 8 images, and only they, went through the batcher (warm-up bypasses it)
         assert count < 8, "8 concurrent requests inside a 50 ms window were not batched"
 

@@ -113,8 +113,9 @@ def test_polarity_follows_the_paper_not_a_fixed_grey_level(
 
 
 def test_speck_in_a_corner_does_not_change_the_crop(mnist: tuple[np.ndarray, np.ndarray]) -> None:
-    photo = np.asarray(decode_image(render_photo(mnist[0][0], np.random.default_rng(5), quality=None),
-                                    max_pixels=MAX_PIXELS)).copy()  # fmt: skip
+    photo = np.asarray(
+        decode_image(render_photo(mnist[0][0], np.random.default_rng(5), quality=None), max_pixels=MAX_PIXELS)
+    ).copy()
     clean = to_mnist(Image.fromarray(photo))
     photo[4:10, 4:10] = 20  # a dark speck, 6x6 pixels, far from the digit
     specked = to_mnist(Image.fromarray(photo))
@@ -273,14 +274,21 @@ def handmade_png(width: int, height: int, idat: bytes | None = None, *, bit_dept
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
     if idat is None:
         idat = zlib.compress(b"\x00" * min(width + 1, 1 << 16) * 64, 9)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
-            + png_chunk(b"IEND", b""))  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
 
 
 def handmade_gif(width: int, height: int, frame: tuple[int, int] = (1, 1)) -> bytes:
     """A GIF whose logical screen claims width x height, holding one frame of `frame` pixels."""
-    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
-            + b"," + struct.pack("<HHHHB", 0, 0, *frame, 0) + b"\x02\x02\x44\x01\x00;")  # fmt: skip
+    return (
+        b"GIF89a"
+        + struct.pack("<HHBBB", width, height, 0x80, 0, 0)
+        + b"\x00\x00\x00\xff\xff\xff"
+        + b","
+        + struct.pack("<HHHHB", 0, 0, *frame, 0)
+        + b"\x02\x02\x44\x01\x00;"
+    )
 
 
 def handmade_bmp(width: int, height: int) -> bytes:

@@ -38,14 +38,18 @@ def test_photos_are_classified_as_well_as_mnist() -> None:
     images, labels = load_split("mnist", "test")
     images, labels = images[:N_DIGITS], labels[:N_DIGITS]
     rng = np.random.default_rng(2017)
-    photos = np.stack([
-        preprocess_bytes(
-            render_photo(digit, rng, canvas=(300, 224), scale=rng.uniform(5.0, 8.0), noise=0.03, quality=75),
-            mode="mnist",
-            max_pixels=10_000_000,
-        )
-        for digit in images
-    ])  # fmt: skip
+    photos = np.stack(
+        [
+            preprocess_bytes(
+                render_photo(
+                    digit, rng, canvas=(300, 224), scale=rng.uniform(5.0, 8.0), noise=0.03, quality=75
+                ),
+                mode="mnist",
+                max_pixels=10_000_000,
+            )
+            for digit in images
+        ]
+    )
 
     raw_accuracy = float((classify(MODEL, images / 255.0) == labels).mean())
     photo_accuracy = float((classify(MODEL, photos) == labels).mean())

@@ -1,0 +1,65 @@
+# Two commands for a fresh machine: `make serve` and `make test`. Everything else a user needs is here too.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: serve test install install-dev system-deps data lint format typecheck train export examples clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# serving install only: no torch
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# training/export + test tools (torch pinned to the CPU build in pyproject.toml)
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $@ $(VENV)/.serve-installed
+
+install: $(VENV)/.serve-installed
+install-dev: $(VENV)/.dev-installed
+
+serve: $(VENV)/.serve-installed
+	$(BIN)/capsnet serve --host $(HOST) --port $(PORT)
+
+# Debian packages the tests need (Fashion-MNIST data, buildah + debootstrap for the container test);
+# installed only when missing and when we may (root with apt-get).
+system-deps:
+	bash scripts/system-deps.sh
+
+data: $(VENV)/.dev-installed system-deps
+	$(BIN)/capsnet data mnist fashion-mnist
+
+test: $(VENV)/.dev-installed data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(VENV)/.dev-installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(VENV)/.dev-installed
+	$(BIN)/mypy
+
+# The shipped model: paper-size CapsNet on full MNIST. ~30 min per epoch on 2 CPU cores; resumable.
+EPOCHS ?= 1
+train: $(VENV)/.dev-installed data
+	$(BIN)/capsnet train --dataset mnist --epochs $(EPOCHS) --output runs/mnist --resume
+
+export: $(VENV)/.dev-installed
+	$(BIN)/capsnet export runs/mnist/best.pt --output models/capsnet-mnist --name capsnet-mnist
+
+examples: $(VENV)/.dev-installed
+	$(BIN)/python examples/make_examples.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
