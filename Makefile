@@ -27,7 +27,7 @@ install-dev: $(VENV)/.dev-installed
 serve: $(VENV)/.serve-installed
 	$(BIN)/capsnet serve --host $(HOST) --port $(PORT)
 
-# Debian packages the tests need (Fashion-MNIST data, buildah + debootstrap for the container test);
+# Debian packages the tests need (Fashion-MNIST data, buildah + debootstrap for the container test, wrk for the benchmark);
 # installed only when missing and when we may (root with apt-get).
 system-deps:
 	bash scripts/system-deps.sh

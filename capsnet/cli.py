@@ -41,6 +41,12 @@ def _serve(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from bench.bench import main
+
+    main(args)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("train", help="train a CapsNet (needs the [train] extra)")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
@@ -103,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.add_argument("--model-dir", type=Path, default=None, help="overrides CAPSNET_MODEL_DIR")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("bench", help="PyTorch vs onnxruntime vs the service over HTTP, side by side")
+    p.add_argument("--model-dir", type=Path, default=Path("models/capsnet-mnist"))
+    p.add_argument("--output", type=Path, default=Path("bench/results/latest.json"))
+    p.add_argument("--quick", action="store_true", help="few iterations, 1 s per HTTP case (CI)")
+    p.add_argument("--iterations", type=int, default=30, help="timed runs per raw case")
+    p.add_argument("--seconds", type=float, default=10.0, help="wrk duration per HTTP case")
+    p.set_defaults(func=_bench)
     return parser
 
 

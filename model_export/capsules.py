@@ -85,7 +85,10 @@ class DigitCaps(nn.Module):
         """u (B, N, D_in) -> v (B, J, D_out), coupling (B, r, N, J)."""
         B, N, K = u.shape
         J, D = self.num_out, self.dim_out
-        # One batched matmul over the children i: (N, J*D, K) @ (N, K, B), no (B, N, J, D, K) broadcast.
-        votes = torch.bmm(self.W.view(N, J * D, K), u.permute(1, 2, 0))  # (N, J*D, B)
-        u_hat = votes.view(N, J, D, B).permute(3, 1, 0, 2).contiguous()  # (B, J, N, D)
+        # One batched matmul over the children i: (N, B, K) @ (N, K, J*D), no (B, N, J, D, K) broadcast.
+        votes = torch.bmm(u.transpose(0, 1), self.W.view(N, J * D, K).transpose(1, 2))  # (N, B, J*D)
+        # Layout for routing in two moves of whole rows (160 then 16 floats): onnxruntime's generic
+        # transpose of the single (3, 1, 0, 2) permutation took 60 % of inference time (profiled).
+        votes = votes.transpose(0, 1).contiguous()  # (B, N, J*D)
+        u_hat = votes.view(B, N, J, D).transpose(1, 2).contiguous()  # (B, J, N, D)
         return route(u_hat, self.iterations)

@@ -6,6 +6,7 @@ need=()
 command -v buildah >/dev/null || need+=(buildah)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v npm >/dev/null || need+=(npm)
+command -v wrk >/dev/null || need+=(wrk)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   echo "system-deps: please install: ${need[*]} (Debian/Ubuntu package names); continuing without them" >&2

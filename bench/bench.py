@@ -1,0 +1,284 @@
+"""One run, side by side: PyTorch eager vs onnxruntime raw, the conv-only ceiling, the service over HTTP
+(batcher on and off) and a plain FastAPI + PyTorch baseline. Prints a table, writes JSON.
+
+HTTP load comes from wrk (a C program with a Lua script for the POST body), not from Python on the same
+cores. Every figure in one JSON comes from one run on one machine, so ratios are like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": ort.__version__, "torch": torch.__version__, "gpu": None}  # fmt: skip
+
+
+def _time(fn: Any, iters: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _stats(samples: list[float], batch: int) -> dict[str, float]:
+    a = np.array(samples)
+    return {"batch": batch, "p50_ms": float(np.percentile(a, 50) * 1e3), "p99_ms": float(np.percentile(a, 99) * 1e3),
+            "images_per_s": float(batch / np.median(a))}  # fmt: skip
+
+
+def export_conv_only(path: Path) -> None:
+    """Conv1 + ReLU + PrimaryCaps convolution alone: the part no routing code can avoid."""
+    import torch
+
+    from model_export.model import CapsNet
+
+    m = CapsNet().eval()
+    conv = torch.nn.Sequential(m.conv1, torch.nn.ReLU(), m.primary.conv)
+    torch.onnx.export(conv, (torch.zeros(2, 1, 28, 28),), str(path), dynamo=False, opset_version=17,
+                      input_names=["image"], output_names=["features"],
+                      dynamic_axes={"image": {0: "b"}, "features": {0: "b"}})  # fmt: skip
+
+
+def raw_cases(
+    model_dir: Path, batches: list[int], iters: int, tmp: Path
+) -> dict[str, list[dict[str, float]]]:
+    import onnxruntime as ort
+    import torch
+
+    from model_export.model import CapsNet
+    from service.engine import _session_options
+
+    rng = np.random.default_rng(0)
+    sess = ort.InferenceSession(
+        str(model_dir / "capsnet.onnx"), _session_options(0), providers=["CPUExecutionProvider"]
+    )
+    export_conv_only(tmp / "conv_only.onnx")
+    conv = ort.InferenceSession(
+        str(tmp / "conv_only.onnx"), _session_options(0), providers=["CPUExecutionProvider"]
+    )
+    torch.manual_seed(0)
+    model = CapsNet().eval()
+    out: dict[str, list[dict[str, float]]] = {"onnxruntime": [], "conv_only_ceiling": [], "pytorch_eager": []}
+    for B in batches:
+        x = rng.random((B, 1, 28, 28), dtype=np.float32)
+        n = max(3, iters // max(1, B // 8))
+        out["onnxruntime"].append(_stats(_time(lambda: sess.run(None, {"image": x}), n), B))
+        out["conv_only_ceiling"].append(_stats(_time(lambda: conv.run(None, {"image": x}), n), B))
+        xt = torch.from_numpy(x)
+
+        def eager() -> None:
+            with torch.inference_mode():
+                model(xt)
+
+        out["pytorch_eager"].append(_stats(_time(eager, n), B))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _proc_cpu_rss(pid: int) -> tuple[float, int]:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                rss = int(line.split()[1]) * 1024
+    return cpu, rss
+
+
+def start_server(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import urllib.request
+
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as r:  # noqa: S310
+                if r.status == 200:
+                    return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+                ) from None
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "image/png"
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*all")
+f:close()
+"""
+
+
+def wrk(url: str, body: Path, connections: int, seconds: float, tmp: Path) -> dict[str, float]:
+    script = tmp / "post.lua"
+    script.write_text(LUA.replace("{body}", str(body)))
+    res = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    text = res.stdout
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s*{p}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        return float(m.group(1)) * units[m.group(2)] if m else float("nan")
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errors = re.search(r"Socket errors:.*", text)
+    return {"connections": connections, "requests_per_s": float(rps.group(1)) if rps else 0.0,
+            "p50_ms": pct("50"), "p99_ms": pct("99"), "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": errors.group(0) if errors else ""}  # fmt: skip
+
+
+def http_cases(name: str, cmd: list[str], env: dict[str, str], url_path: str, body: Path,
+               concurrencies: list[int], seconds: float, tmp: Path) -> list[dict[str, Any]]:  # fmt: skip
+    port = free_port()
+    proc = start_server([*cmd, "--port", str(port)], port, env)
+    try:
+        rows = []
+        url = f"http://127.0.0.1:{port}{url_path}"
+        wrk(url, body, 4, 1.0, tmp)  # warm the connection pool and the code paths
+        for c in concurrencies:
+            cpu0, _ = _proc_cpu_rss(proc.pid)
+            t0 = time.perf_counter()
+            row = wrk(url, body, c, seconds, tmp)
+            wall = time.perf_counter() - t0
+            cpu1, rss = _proc_cpu_rss(proc.pid)
+            row.update({"case": name, "server_cpu_cores": (cpu1 - cpu0) / wall, "server_rss_mb": rss / 2**20})
+            rows.append(row)
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("capsnet bench needs wrk (Debian package `wrk`) for the HTTP load")
+    model_dir = Path(args.model_dir)
+    quick = args.quick
+    batches = [1, 8, 32, 128]
+    concurrencies = [1, 8, 32, 64]
+    iters, seconds = (3, 2.0) if quick else (args.iterations, args.seconds)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        from PIL import Image
+
+        from model_export.data import load_split
+
+        x, _ = load_split("mnist", "test")
+        body = tmp / "digit.png"
+        Image.fromarray(x[0]).save(body)  # a 28x28 MNIST digit: preprocessing cost stays out of the ratio
+        result: dict[str, Any] = {
+            "machine": machine(),
+            "quick": quick,
+            "raw": raw_cases(model_dir, batches, iters, tmp),
+        }
+        py = sys.executable
+        serve = [py, "-m", "capsnet", "--log-level", "WARNING", "serve", "--model-dir", str(model_dir)]
+        http: list[dict[str, Any]] = []
+        http += http_cases("service, batcher on", serve, {"CAPSNET_LOG_LEVEL": "warning"},
+                           "/predict?preprocess=none", body, concurrencies, seconds, tmp)  # fmt: skip
+        http += http_cases("service, batcher off", serve,
+                           {"CAPSNET_LOG_LEVEL": "warning", "CAPSNET_MAX_BATCH_SIZE": "1", "CAPSNET_MAX_WAIT_MS": "0"},
+                           "/predict?preprocess=none", body, concurrencies, seconds, tmp)  # fmt: skip
+        base = [py, "-m", "uvicorn", "bench.baseline_app:app", "--log-level", "warning"]
+        http += http_cases("FastAPI + PyTorch baseline", base, {"PYTHONPATH": str(ROOT)}, "/predict", body,
+                           [1, 32], seconds, tmp)  # fmt: skip
+        result["http"] = http
+    result["ratios"] = ratios(result)
+    return result
+
+
+def ratios(r: dict[str, Any]) -> dict[str, Any]:
+    ort_best = max(r["raw"]["onnxruntime"], key=lambda s: s["images_per_s"])
+    ort_b1 = next(s for s in r["raw"]["onnxruntime"] if s["batch"] == 1)
+    conv_best = max(r["raw"]["conv_only_ceiling"], key=lambda s: s["images_per_s"])
+
+    def http(case: str, c: int) -> dict[str, Any]:
+        return next(h for h in r["http"] if h["case"] == case and h["connections"] == c)
+
+    on32, on1 = http("service, batcher on", 32), http("service, batcher on", 1)
+    base32 = http("FastAPI + PyTorch baseline", 32)
+    out = {
+        "service_c32_vs_ort_best": {"value": on32["requests_per_s"] / ort_best["images_per_s"], "target": ">= 0.90"},
+        "service_c1_p50_minus_ort_b1_ms": {"value": on1["p50_ms"] - ort_b1["p50_ms"], "target": "<= 3"},
+        "ort_best_vs_conv_ceiling": {"value": ort_best["images_per_s"] / conv_best["images_per_s"], "target": ">= 0.85"},
+        "service_c32_vs_baseline_c32": {"value": on32["requests_per_s"] / max(base32["requests_per_s"], 1e-9),
+                                        "target": ">= 5"},
+    }  # fmt: skip
+    limits = {"service_c32_vs_ort_best": (0.90, 1), "service_c1_p50_minus_ort_b1_ms": (3.0, -1),
+              "ort_best_vs_conv_ceiling": (0.85, 1), "service_c32_vs_baseline_c32": (5.0, 1)}  # fmt: skip
+    for k, (limit, sign) in limits.items():
+        out[k]["met"] = bool(sign * out[k]["value"] >= sign * limit)
+    return out
+
+
+def print_table(r: dict[str, Any]) -> None:
+    m = r["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, torch {m['torch']}")
+    print(f"\n{'raw inference':<22}{'B':>5}{'p50 ms':>10}{'p99 ms':>10}{'images/s':>11}")
+    for name, rows in r["raw"].items():
+        for s in rows:
+            print(
+                f"{name:<22}{s['batch']:>5}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}{s['images_per_s']:>11.1f}"
+            )
+    print(
+        f"\n{'HTTP /predict (wrk)':<28}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}{'cpu':>6}{'RSS MB':>8}"
+    )
+    for h in r["http"]:
+        print(f"{h['case']:<28}{h['connections']:>5}{h['requests_per_s']:>9.1f}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}"
+              f"{h['non_2xx']:>8}{h['server_cpu_cores']:>6.2f}{h['server_rss_mb']:>8.0f}")  # fmt: skip
+    print("\nratios (targets of issue 7):")
+    for k, v in r["ratios"].items():
+        print(f"  {k:<34}{v['value']:>8.3f}  target {v['target']:<7} {'met' if v['met'] else 'NOT met'}")
+
+
+def main(args: argparse.Namespace) -> None:
+    result = run(args)
+    print_table(result)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwritten to {out}")

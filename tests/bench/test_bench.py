@@ -1,0 +1,35 @@
+"""The benchmark runs in a quick mode in CI so it cannot rot; its figures are not asserted as speed."""
+
+import argparse
+import json
+import shutil
+
+import pytest
+
+from bench.bench import main
+from service.settings import SHIPPED_MODEL
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk (Debian package) is not installed")
+def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(argparse.Namespace(model_dir=SHIPPED_MODEL, output=out, quick=True, iterations=3, seconds=1.0))
+    r = json.loads(out.read_text())
+    assert {row["batch"] for row in r["raw"]["onnxruntime"]} == {1, 8, 32, 128}
+    assert set(r["raw"]) == {"onnxruntime", "conv_only_ceiling", "pytorch_eager"}
+    for rows in r["raw"].values():
+        assert all(row["images_per_s"] > 0 and row["p50_ms"] > 0 for row in rows)
+    cases = {(h["case"], h["connections"]) for h in r["http"]}
+    assert ("service, batcher on", 32) in cases and ("service, batcher off", 64) in cases
+    assert ("FastAPI + PyTorch baseline", 32) in cases
+    for h in r["http"]:
+        assert h["requests_per_s"] > 0 and h["non_2xx"] == 0, h
+    assert set(r["ratios"]) == {
+        "service_c32_vs_ort_best",
+        "service_c1_p50_minus_ort_b1_ms",
+        "ort_best_vs_conv_ceiling",
+        "service_c32_vs_baseline_c32",
+    }
+    assert all(isinstance(v["met"], bool) for v in r["ratios"].values())
+    assert "ratios (targets of issue 7)" in capsys.readouterr().out
