@@ -129,7 +129,7 @@ def start_server(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.P
 
     for _ in range(600):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as r:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as r:
                 if r.status == 200:
                     return proc
         except OSError:
