@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test install install-dev system-deps data lint format typecheck train export examples clean
+.PHONY: serve test install install-dev system-deps data lint format typecheck train export examples clean image image-cpu test-container bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,3 +63,14 @@ examples: $(VENV)/.dev-installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Container images (docker/Dockerfile); the container test builds with buildah instead (tests/container)
+image:
+	docker build -f docker/Dockerfile -t capsnet-service:gpu .
+
+image-cpu:
+	docker build -f docker/Dockerfile --build-arg FLAVOUR=cpu --build-arg BASE_IMAGE=debian:bookworm-slim \
+		-t capsnet-service:cpu .
+
+test-container: $(VENV)/.dev-installed system-deps
+	$(BIN)/python -m pytest -m container tests/container

@@ -5,6 +5,7 @@ need=()
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
 command -v buildah >/dev/null || need+=(buildah)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+[ -x /usr/lib/podman/netavark ] || need+=(netavark)
 command -v npm >/dev/null || need+=(npm)
 command -v wrk >/dev/null || need+=(wrk)
 [ ${#need[@]} -eq 0 ] && exit 0

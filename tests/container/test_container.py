@@ -216,10 +216,11 @@ def test_predicts_the_example_digits(server: Server) -> None:
         assert response.status_code == 200, response.text
         (prediction,) = response.json()["predictions"]
         probabilities = prediction["probabilities"]
-        assert prediction["class_index"] == int(path.stem), f"{path.name}: {prediction}"
+        assert (prediction["class_index"], prediction["label"]) == (int(path.stem), path.stem), path.name
+        # Capsule lengths: one per class, each in [0, 1), independent; the longest wins.
         assert len(probabilities) == 10
-        assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
-        assert prediction["probability"] == pytest.approx(max(probabilities))
+        assert all(0 <= p < 1 for p in probabilities)
+        assert prediction["probability"] == max(probabilities)
         assert [len(pose) for pose in prediction["poses"]] == [16] * 10
 
 

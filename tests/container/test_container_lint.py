@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool(name: str, package: str) -> str:
-    path = shutil.which(name)
+    # Installed into the test's virtualenv, whose bin/ need not be on PATH (`.venv/bin/python -m pytest`).
+    path = shutil.which(
+        name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    )
     if path is None:
         reason = f"{name} is not installed (pip install {package})"
         if os.environ.get("CI"):
