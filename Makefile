@@ -74,3 +74,7 @@ image-cpu:
 
 test-container: $(VENV)/.dev-installed system-deps
 	$(BIN)/python -m pytest -m container tests/container
+
+# Side-by-side inference benchmark (needs wrk); writes bench/results/latest.json
+bench: $(VENV)/.dev-installed system-deps
+	$(BIN)/capsnet bench --output bench/results/latest.json
