@@ -36,8 +36,14 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": ort.__version__, "torch": torch.__version__, "gpu": None}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "gpu": None,
+    }
 
 
 def _time(fn: Any, iters: int, warmup: int = 2) -> list[float]:
@@ -53,21 +59,31 @@ def _time(fn: Any, iters: int, warmup: int = 2) -> list[float]:
 
 def _stats(samples: list[float], batch: int) -> dict[str, float]:
     a = np.array(samples)
-    return {"batch": batch, "p50_ms": float(np.percentile(a, 50) * 1e3), "p99_ms": float(np.percentile(a, 99) * 1e3),
-            "images_per_s": float(batch / np.median(a))}  # fmt: skip
+    return {
+        "batch": batch,
+        "p50_ms": float(np.percentile(a, 50) * 1e3),
+        "p99_ms": float(np.percentile(a, 99) * 1e3),
+        "images_per_s": float(batch / np.median(a)),
+    }
 
 
 def export_conv_only(path: Path) -> None:
     """Conv1 + ReLU + PrimaryCaps convolution alone: the part no routing code can avoid."""
     import torch
 
+    from model_export.export import trace_to_onnx
     from model_export.model import CapsNet
 
     m = CapsNet().eval()
     conv = torch.nn.Sequential(m.conv1, torch.nn.ReLU(), m.primary.conv)
-    torch.onnx.export(conv, (torch.zeros(2, 1, 28, 28),), str(path), dynamo=False, opset_version=17,
-                      input_names=["image"], output_names=["features"],
-                      dynamic_axes={"image": {0: "b"}, "features": {0: "b"}})  # fmt: skip
+    trace_to_onnx(
+        conv,
+        (torch.zeros(2, 1, 28, 28),),
+        path,
+        ["image"],
+        ["features"],
+        {"image": {0: "batch"}, "features": {0: "batch"}},
+    )
 
 
 def raw_cases(
@@ -123,8 +139,15 @@ def _proc_cpu_rss(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
+def _tail(log: Any) -> str:
+    log.seek(0)
+    return str(log.read().decode(errors="replace")[-2000:])
+
+
 def start_server(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # noqa: SIM115  (closed with the process below)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log = log  # type: ignore[attr-defined]
     import urllib.request
 
     for _ in range(600):
@@ -134,11 +157,11 @@ def start_server(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.P
                     return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-                ) from None
+                raise RuntimeError(f"server exited: {_tail(log)}") from None
             time.sleep(0.1)
     proc.kill()
+    proc.wait(30)
+    log.close()
     raise RuntimeError("server did not become ready")
 
 
@@ -154,8 +177,23 @@ f:close()
 def wrk(url: str, body: Path, connections: int, seconds: float, tmp: Path) -> dict[str, float]:
     script = tmp / "post.lua"
     script.write_text(LUA.replace("{body}", str(body)))
-    res = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    res = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     text = res.stdout
     units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
@@ -166,13 +204,26 @@ def wrk(url: str, body: Path, connections: int, seconds: float, tmp: Path) -> di
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     errors = re.search(r"Socket errors:.*", text)
-    return {"connections": connections, "requests_per_s": float(rps.group(1)) if rps else 0.0,
-            "p50_ms": pct("50"), "p99_ms": pct("99"), "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-            "socket_errors": errors.group(0) if errors else ""}  # fmt: skip
+    return {
+        "connections": connections,
+        "requests_per_s": float(rps.group(1)) if rps else 0.0,
+        "p50_ms": pct("50"),
+        "p99_ms": pct("99"),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(0) if errors else "",
+    }
 
 
-def http_cases(name: str, cmd: list[str], env: dict[str, str], url_path: str, body: Path,
-               concurrencies: list[int], seconds: float, tmp: Path) -> list[dict[str, Any]]:  # fmt: skip
+def http_cases(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    url_path: str,
+    body: Path,
+    concurrencies: list[int],
+    seconds: float,
+    tmp: Path,
+) -> list[dict[str, Any]]:
     port = free_port()
     proc = start_server([*cmd, "--port", str(port)], port, env)
     try:
@@ -191,6 +242,7 @@ def http_cases(name: str, cmd: list[str], env: dict[str, str], url_path: str, bo
     finally:
         proc.terminate()
         proc.wait(30)
+        proc.log.close()  # type: ignore[attr-defined]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -218,14 +270,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         py = sys.executable
         serve = [py, "-m", "capsnet", "--log-level", "WARNING", "serve", "--model-dir", str(model_dir)]
         http: list[dict[str, Any]] = []
-        http += http_cases("service, batcher on", serve, {"CAPSNET_LOG_LEVEL": "warning"},
-                           "/predict?preprocess=none", body, concurrencies, seconds, tmp)  # fmt: skip
-        http += http_cases("service, batcher off", serve,
-                           {"CAPSNET_LOG_LEVEL": "warning", "CAPSNET_MAX_BATCH_SIZE": "1", "CAPSNET_MAX_WAIT_MS": "0"},
-                           "/predict?preprocess=none", body, concurrencies, seconds, tmp)  # fmt: skip
+        http += http_cases(
+            "service, batcher on",
+            serve,
+            {"CAPSNET_LOG_LEVEL": "warning"},
+            "/predict?preprocess=none",
+            body,
+            concurrencies,
+            seconds,
+            tmp,
+        )
+        http += http_cases(
+            "service, batcher off",
+            serve,
+            {"CAPSNET_LOG_LEVEL": "warning", "CAPSNET_MAX_BATCH_SIZE": "1", "CAPSNET_MAX_WAIT_MS": "0"},
+            "/predict?preprocess=none",
+            body,
+            concurrencies,
+            seconds,
+            tmp,
+        )
         base = [py, "-m", "uvicorn", "bench.baseline_app:app", "--log-level", "warning"]
-        http += http_cases("FastAPI + PyTorch baseline", base, {"PYTHONPATH": str(ROOT)}, "/predict", body,
-                           [1, 32], seconds, tmp)  # fmt: skip
+        http += http_cases(
+            "FastAPI + PyTorch baseline",
+            base,
+            {"PYTHONPATH": str(ROOT)},
+            "/predict",
+            body,
+            [1, 32],
+            seconds,
+            tmp,
+        )
         result["http"] = http
     result["ratios"] = ratios(result)
     return result
@@ -242,14 +317,26 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
     on32, on1 = http("service, batcher on", 32), http("service, batcher on", 1)
     base32 = http("FastAPI + PyTorch baseline", 32)
     out = {
-        "service_c32_vs_ort_best": {"value": on32["requests_per_s"] / ort_best["images_per_s"], "target": ">= 0.90"},
+        "service_c32_vs_ort_best": {
+            "value": on32["requests_per_s"] / ort_best["images_per_s"],
+            "target": ">= 0.90",
+        },
         "service_c1_p50_minus_ort_b1_ms": {"value": on1["p50_ms"] - ort_b1["p50_ms"], "target": "<= 3"},
-        "ort_best_vs_conv_ceiling": {"value": ort_best["images_per_s"] / conv_best["images_per_s"], "target": ">= 0.85"},
-        "service_c32_vs_baseline_c32": {"value": on32["requests_per_s"] / max(base32["requests_per_s"], 1e-9),
-                                        "target": ">= 5"},
-    }  # fmt: skip
-    limits = {"service_c32_vs_ort_best": (0.90, 1), "service_c1_p50_minus_ort_b1_ms": (3.0, -1),
-              "ort_best_vs_conv_ceiling": (0.85, 1), "service_c32_vs_baseline_c32": (5.0, 1)}  # fmt: skip
+        "ort_best_vs_conv_ceiling": {
+            "value": ort_best["images_per_s"] / conv_best["images_per_s"],
+            "target": ">= 0.85",
+        },
+        "service_c32_vs_baseline_c32": {
+            "value": on32["requests_per_s"] / max(base32["requests_per_s"], 1e-9),
+            "target": ">= 5",
+        },
+    }
+    limits = {
+        "service_c32_vs_ort_best": (0.90, 1),
+        "service_c1_p50_minus_ort_b1_ms": (3.0, -1),
+        "ort_best_vs_conv_ceiling": (0.85, 1),
+        "service_c32_vs_baseline_c32": (5.0, 1),
+    }
     for k, (limit, sign) in limits.items():
         out[k]["met"] = bool(sign * out[k]["value"] >= sign * limit)
     return out
@@ -268,8 +355,10 @@ def print_table(r: dict[str, Any]) -> None:
         f"\n{'HTTP /predict (wrk)':<28}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}{'cpu':>6}{'RSS MB':>8}"
     )
     for h in r["http"]:
-        print(f"{h['case']:<28}{h['connections']:>5}{h['requests_per_s']:>9.1f}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}"
-              f"{h['non_2xx']:>8}{h['server_cpu_cores']:>6.2f}{h['server_rss_mb']:>8.0f}")  # fmt: skip
+        print(
+            f"{h['case']:<28}{h['connections']:>5}{h['requests_per_s']:>9.1f}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}"
+            f"{h['non_2xx']:>8}{h['server_cpu_cores']:>6.2f}{h['server_rss_mb']:>8.0f}"
+        )
     print("\nratios (targets of issue 7):")
     for k, v in r["ratios"].items():
         print(f"  {k:<34}{v['value']:>8.3f}  target {v['target']:<7} {'met' if v['met'] else 'NOT met'}")

@@ -72,7 +72,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _trace(
+def trace_to_onnx(
     module: nn.Module,
     args: tuple[Tensor, ...],
     path: Path,
@@ -192,7 +192,7 @@ def export(
     with tempfile.TemporaryDirectory() as tmp:
         cls_path, dec_path = Path(tmp) / "capsnet.onnx", Path(tmp) / "decoder.onnx"
         example = torch.from_numpy(images[:2])
-        _trace(
+        trace_to_onnx(
             _ClassifierGraph(model),
             (example,),
             cls_path,
@@ -202,7 +202,7 @@ def export(
         )
         poses = torch.zeros(2, cfg.num_classes, cfg.digit_dim)
         mask = torch.zeros(2, cfg.num_classes)
-        _trace(
+        trace_to_onnx(
             _DecoderGraph(model),
             (poses, mask),
             dec_path,
