@@ -287,6 +287,12 @@ def _json_arrays(body: bytes, settings: Settings) -> list[np.ndarray]:
     return out
 
 
+async def read_request_images(request: Request, state: State, preprocess: Preprocess) -> np.ndarray:
+    assert state.batcher is not None
+    with state.batcher.arriving():
+        return await read_images(request, state.settings, preprocess)
+
+
 async def infer(state: State, images: np.ndarray, coupling: bool = False) -> dict[str, np.ndarray]:
     assert state.batcher is not None
     try:
@@ -434,7 +440,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def predict(
         request: Request, state: StateDep, engine: EngineDep, preprocess: PreprocessQ = "mnist"
     ) -> Response:
-        images = await read_images(request, state.settings, preprocess)
+        images = await read_request_images(request, state, preprocess)
         out = await infer(state, images)
         info = engine.info
         return json_response(
@@ -463,7 +469,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             Query(description="average the coupling over positions (`type`) or types (`position`)"),
         ] = "none",
     ) -> Response:
-        images = await read_images(request, state.settings, preprocess)
+        images = await read_request_images(request, state, preprocess)
         if len(images) != 1:
             raise APIError(422, f"routing-trace takes exactly one image, got {len(images)}")
         out = await infer(state, images, coupling=True)

@@ -8,7 +8,7 @@ import ctypes
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +223,7 @@ class Batcher:
         self.stats = stats or BatchStats()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._pending = 0  # images queued or being inferred
+        self._arriving = 0  # requests still being read or decoded: worth waiting for
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capsnet-infer")
         self._task: asyncio.Task[None] | None = None
@@ -233,6 +234,16 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="capsnet-batcher")
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap the reading of a request: a batch waits up to max_wait only while some are arriving,
+        so a lone request at concurrency 1 is never held back for company that is not coming."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     async def submit(self, images: np.ndarray, coupling: bool = False) -> dict[str, np.ndarray]:
         """Queue images (k, 1, 28, 28); returns their outputs once their batch has run."""
@@ -255,7 +266,7 @@ class Batcher:
         while n < self.max_batch:
             if self._queue.empty():
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or not self._arriving:
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
