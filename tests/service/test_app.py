@@ -333,3 +333,46 @@ def test_orjson_keeps_float32_values(client, digits):
     r = client.post("/predict", json={"images": [digits[2].tolist()]})
     probs = orjson.loads(r.content)["predictions"][0]["probabilities"]
     assert all(isinstance(p, float) and 0 <= p < 1 for p in probs) and len(probs) == 10
+
+
+def test_too_many_files_in_multipart_is_413(tiny_model_dir, digits):
+    png = png_bytes(digits[0], scale=1)
+    with make_client(tiny_model_dir, max_images=2) as c:
+        r = c.post("/predict", files=[("files", (f"{i}.png", png, "image/png")) for i in range(3)])
+        assert r.status_code == 413 and "multipart" in r.json()["detail"]
+        assert c.post("/predict", files=[("files", ("a.png", png, "image/png"))] * 2).status_code == 200
+
+
+def test_slow_inference_gets_504_and_the_service_stays_up(tiny_model_dir, digits, monkeypatch):
+    real = Engine.classify
+
+    def slow(self, images, outputs=None):
+        if images.any():
+            time.sleep(1.0)
+        return real(self, images, outputs)
+
+    monkeypatch.setattr(Engine, "classify", slow)
+    with make_client(tiny_model_dir, request_timeout_s=0.2) as c:
+        r = c.post("/predict", json={"images": [digits[0].tolist()]})
+        assert r.status_code == 504 and "longer than 0.2 s" in r.json()["detail"]
+        monkeypatch.setattr(Engine, "classify", real)
+        time.sleep(1.0)  # the abandoned batch finishes in its worker thread
+        assert c.post("/predict", json={"images": [digits[0].tolist()]}).status_code == 200
+
+
+def test_capsnet_serve_refuses_a_missing_model_with_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "capsnet", "serve", "--model-dir", str(tmp_path), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"capsnet serve: model file not found: {tmp_path / 'capsnet.onnx'}"
+    )
+    assert "Traceback" not in proc.stderr

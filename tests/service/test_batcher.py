@@ -1,0 +1,80 @@
+"""The dynamic batcher alone, with a recording fake engine: grouping, order, limits, shutdown."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.engine import Batcher, EngineClosedError, QueueFullError
+
+
+class FakeEngine:
+    output_names = ("probabilities", "poses", "coupling", "primary_activations")
+
+    def __init__(self):
+        self.batches = []
+
+    def classify(self, images, outputs=None):
+        self.batches.append(len(images))
+        ids = images[:, 0, 0, 0]
+        return {name: ids.copy() for name in (outputs or self.output_names)}
+
+
+def images(first_id, n):
+    x = np.zeros((n, 1, 28, 28), np.float32)
+    x[:, 0, 0, 0] = np.arange(first_id, first_id + n)
+    return x
+
+
+async def _run(sizes, max_batch, max_wait_ms=50.0, queue_size=100):
+    engine = FakeEngine()
+    b = Batcher(engine, max_batch, max_wait_ms, queue_size)
+    b.start()
+    starts = np.cumsum([0, *sizes[:-1]])
+    with b.arriving():  # the requests below are "arriving" together, so the batcher waits for them
+        tasks = [asyncio.ensure_future(b.submit(images(s, n))) for s, n in zip(starts, sizes, strict=True)]
+        await asyncio.sleep(0)
+    results = await asyncio.gather(*tasks)
+    await b.close()
+    return engine.batches, results, starts
+
+
+def test_requests_are_grouped_up_to_max_batch_and_answers_stay_in_order():
+    batches, results, starts = asyncio.run(_run([1, 2, 1, 3, 3], max_batch=4))
+    assert batches == [4, 3, 3]  # 1+2+1, then 3 (3+3 would not fit), then 3
+    for r, s, n in zip(results, starts, [1, 2, 1, 3, 3], strict=True):
+        np.testing.assert_array_equal(r["probabilities"], np.arange(s, s + n))
+        assert "coupling" not in r  # only asked for when a request wants the routing trace
+
+
+def test_a_request_larger_than_max_batch_runs_alone():
+    batches, results, _ = asyncio.run(_run([6, 1], max_batch=4))
+    assert batches == [6, 1] and len(results[0]["poses"]) == 6
+
+
+def test_a_lone_request_is_not_held_back():
+    async def main():
+        engine = FakeEngine()
+        b = Batcher(engine, 8, 2000.0, 10)  # a 2 s wait that must not be taken
+        b.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await b.submit(images(0, 1))
+        elapsed = loop.time() - t0
+        await b.close()
+        return elapsed
+
+    assert asyncio.run(main()) < 1.0
+
+
+def test_queue_limit_and_closed_batcher_refuse_work():
+    async def main():
+        b = Batcher(FakeEngine(), 4, 0.0, queue_size=3)
+        with pytest.raises(QueueFullError):
+            await b.submit(images(0, 4))
+        b.start()
+        await b.close()
+        with pytest.raises(EngineClosedError):
+            await b.submit(images(0, 1))
+
+    asyncio.run(main())
