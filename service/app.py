@@ -173,13 +173,7 @@ async def warm_up(state: State) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: State = app.state.capsnet
     s = state.settings
-    state.engine = await asyncio.to_thread(
-        Engine,
-        s.model_dir,
-        providers=s.providers,
-        intra_op_threads=s.intra_op_threads,
-        require_gpu=s.require_gpu,
-    )
+    state.engine = await asyncio.to_thread(Engine.from_settings, s)
     state.batcher = Batcher(
         state.engine, s.max_batch_size, s.max_wait_ms, s.queue_size, BatchStats(state.metrics.observe_batch)
     )

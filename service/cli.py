@@ -21,9 +21,7 @@ def run(args: argparse.Namespace) -> None:
     s = get_settings()
     logging.getLogger().setLevel(s.log_level.upper())
     try:  # fail before binding the port, with one line instead of a lifespan traceback
-        Engine(
-            s.model_dir, providers=s.providers, intra_op_threads=s.intra_op_threads, require_gpu=s.require_gpu
-        )
+        Engine.from_settings(s)
     except EngineError as exc:
         raise SystemExit(f"capsnet serve: {exc}") from None
     uvicorn.run(

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from service.settings import Settings
+
 log = logging.getLogger(__name__)
 
 CLASSIFIER_OUTPUTS = ("probabilities", "poses", "coupling", "primary_activations")
@@ -134,6 +136,12 @@ class Engine:
         self.decoder = _open(decoder_path, wanted, intra_op_threads) if decoder_path.exists() else None
         self.info = self._read_info(model_dir)
         log.info("loaded %s %s from %s on %s", self.info.name, self.info.version, model_dir, self.providers)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Engine:
+        return cls(
+            s.model_dir, providers=s.providers, intra_op_threads=s.intra_op_threads, require_gpu=s.require_gpu
+        )
 
     def _read_info(self, model_dir: Path) -> ModelInfo:
         sess = self.classifier
