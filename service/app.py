@@ -7,7 +7,9 @@ human `detail` and the right status, never a stack trace.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from PIL import Image
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -39,6 +42,8 @@ from service.schemas import (
     ImagesRequest,
     Metadata,
     PredictResponse,
+    ReconstructRequest,
+    ReconstructResponse,
     RoutingTraceResponse,
 )
 from service.settings import Settings, get_settings
@@ -287,6 +292,42 @@ async def read_request_images(request: Request, state: State, preprocess: Prepro
         return await read_images(request, state.settings, preprocess)
 
 
+def _is_json(request: Request) -> bool:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return ctype == "application/json" or ctype.endswith("+json")
+
+
+async def _poses_from_json(request: Request, state: State, classes: int, dim: int) -> np.ndarray | None:
+    """`{"poses": [classes x 16]}` -> float32 array; None when the JSON holds images instead."""
+    body = await read_body(request, state.settings.max_upload_bytes)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(422, f"invalid JSON: {exc.msg}") from None
+    if not (isinstance(doc, dict) and "poses" in doc):
+        return None
+    raw = doc["poses"]
+
+    def finite(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= 10
+
+    rows_ok = isinstance(raw, list) and len(raw) == classes
+    ok = rows_ok and all(isinstance(row, list) and len(row) == dim and all(map(finite, row)) for row in raw)
+    if not ok:
+        raise APIError(422, f"`poses` must be {classes} rows of {dim} finite numbers in [-10, 10]")
+    return np.asarray(raw, dtype=np.float32)
+
+
+def png_bytes(image01: np.ndarray, scale: int = 1) -> bytes:
+    """A [0, 1] grayscale array as PNG (white digit on black, like MNIST), nearest-neighbour upscaled."""
+    pixels = np.clip(np.rint(image01 * 255.0), 0, 255).astype(np.uint8)
+    if scale > 1:
+        pixels = np.kron(pixels, np.ones((scale, scale), np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 async def infer(state: State, images: np.ndarray, coupling: bool = False) -> dict[str, np.ndarray]:
     assert state.batcher is not None
     try:
@@ -382,6 +423,17 @@ IMAGE_BODY_DOC: dict[str, Any] = {
         },
     }
 }
+
+RECONSTRUCT_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **IMAGE_BODY_DOC["requestBody"]["content"],
+            "application/json": {"schema": {"oneOf": [ImagesRequest.model_json_schema(),
+                                                      ReconstructRequest.model_json_schema()]}},
+        },
+    }
+}  # fmt: skip
 
 PreprocessQ = Annotated[
     Literal["mnist", "none"],
@@ -495,6 +547,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             }
         )
         return json_response(item)
+
+    @app.post("/reconstruct", response_model=ReconstructResponse, openapi_extra=RECONSTRUCT_BODY_DOC,
+              responses={200: {"content": {"image/png": {}}}},
+              summary="The decoder's reconstruction from the pose of one class")  # fmt: skip
+    async def reconstruct(
+        request: Request,
+        state: StateDep,
+        engine: EngineDep,
+        preprocess: PreprocessQ = "mnist",
+        class_index: Annotated[
+            int | None, Query(ge=0, description="class to reconstruct; default: the predicted one")
+        ] = None,
+        format: Annotated[
+            Literal["json", "png"] | None, Query(description="default: png if Accept asks for it")
+        ] = None,
+        scale: Annotated[int, Query(ge=1, le=16, description="PNG pixels per image pixel")] = 1,
+    ) -> Response:
+        if engine.decoder is None:
+            raise APIError(503, "this model has no decoder.onnx")
+        J = len(engine.info.labels)
+        D = next(int(o["shape"][-1]) for o in engine.info.outputs if o["name"] == "poses")
+        poses = await _poses_from_json(request, state, J, D) if _is_json(request) else None
+        if poses is None:
+            images = await read_request_images(request, state, preprocess)
+            if len(images) != 1:
+                raise APIError(422, f"reconstruct takes exactly one image, got {len(images)}")
+            poses = (await infer(state, images))["poses"][0]
+        lengths = np.linalg.norm(poses, axis=-1)
+        k = int(lengths.argmax()) if class_index is None else class_index
+        if k >= J:
+            raise APIError(422, f"class_index must be below {J}")
+        mask = np.zeros((1, J), np.float32)
+        mask[0, k] = 1.0
+        recon = (await run_in_threadpool(engine.reconstruct, poses[None].astype(np.float32), mask))[0, 0]
+        wants_png = format == "png" or (format is None and "image/png" in request.headers.get("accept", ""))
+        if wants_png:
+            return Response(png_bytes(recon, scale), media_type="image/png")
+        return json_response({"class_index": k, "label": engine.info.labels[k], "length": lengths[k],
+                              "poses": poses, "reconstruction": recon})  # fmt: skip
 
     @app.get("/health/live", response_model=Health)
     async def live() -> Response:

@@ -69,6 +69,18 @@ class RoutingTraceResponse(Prediction):
     summary: list[IterationSummary]
 
 
+class ReconstructRequest(BaseModel):
+    poses: list[list[float]] = Field(description="10 pose vectors of 16 numbers (e.g. from /predict, edited)")
+
+
+class ReconstructResponse(BaseModel):
+    class_index: int = Field(description="the class whose pose was decoded")
+    label: str
+    length: float = Field(description="length of that class's capsule")
+    poses: list[list[float]]
+    reconstruction: list[list[float]] = Field(description="28x28 in [0, 1], white on black like MNIST")
+
+
 class Health(BaseModel):
     status: str
     detail: str | None = None

@@ -376,3 +376,45 @@ def test_capsnet_serve_refuses_a_missing_model_with_one_clear_line(tmp_path):
         == f"capsnet serve: model file not found: {tmp_path / 'capsnet.onnx'}"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_reconstruct_equals_the_decoder_on_the_returned_poses(client, tiny_model_dir, digits):
+    dec = ort.InferenceSession(str(tiny_model_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    png = png_bytes(digits[3])
+    r = client.post("/reconstruct", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    poses = np.array(body["poses"], np.float32)
+    k = int(np.linalg.norm(poses, axis=1).argmax())
+    assert body["class_index"] == k and body["length"] == pytest.approx(np.linalg.norm(poses[k]), rel=1e-5)
+    mask = np.eye(10, dtype=np.float32)[[k]]
+    (want,) = dec.run(None, {"poses": poses[None], "mask": mask})
+    np.testing.assert_allclose(body["reconstruction"], want[0, 0], atol=1e-6)
+    # the same poses sent back directly, for another class, as PNG
+    r = client.post("/reconstruct?class_index=2&format=png&scale=2", json={"poses": body["poses"]})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert img.shape == (56, 56)
+    (want2,) = dec.run(None, {"poses": poses[None], "mask": np.eye(10, dtype=np.float32)[[2]]})
+    np.testing.assert_array_equal(img[::2, ::2], np.clip(np.rint(want2[0, 0] * 255), 0, 255).astype(np.uint8))
+    # an edited pose draws something else
+    edited = poses.copy()
+    edited[k, 0] += 0.25
+    r3 = client.post("/reconstruct", json={"poses": edited.tolist()})
+    assert np.abs(np.array(r3.json()["reconstruction"]) - want[0, 0]).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("body", "query"),
+    [
+        ({"poses": [[0.0] * 16] * 9}, ""),
+        ({"poses": [[0.0] * 15] * 10}, ""),
+        ({"poses": [[1e9] * 16] * 10}, ""),
+        ({"poses": [["a"] * 16] * 10}, ""),
+        ({"poses": [[0.0] * 16] * 10}, "?class_index=10"),
+        ({"poses": [[0.0] * 16] * 10}, "?class_index=-1"),
+    ],
+)
+def test_reconstruct_rejects_bad_poses(client, body, query):
+    r = client.post(f"/reconstruct{query}", json=body)
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str)
