@@ -7,6 +7,7 @@ human `detail` and the right status, never a stack trace.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import io
 import logging
 import math
@@ -19,6 +20,7 @@ import numpy as np
 import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from PIL import Image
 from prometheus_client import (
@@ -140,6 +142,26 @@ class MetricsMiddleware:
             path = scope["path"] if scope["path"] in self.paths() else "other"
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+class APIKeyMiddleware:
+    """Bearer-token check before any route runs; constant-time comparison; open paths configurable."""
+
+    def __init__(self, app: ASGIApp, key: str, open_paths: tuple[str, ...]) -> None:
+        self.app, self.key, self.open_paths = app, key.encode(), open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(self.open_paths):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            await self.app(scope, receive, send)
+            return
+        detail = "missing or wrong API key: send `Authorization: Bearer <key>`"
+        response = json_response({"detail": detail}, 401, {"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 class State:
@@ -457,6 +479,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = State(settings)
     app.state.capsnet = state
     paths = {getattr(r, "path", "") for r in app.router.routes}
+    if settings.api_key is not None:
+        open_paths: tuple[str, ...] = ("/docs", "/openapi.json", "/redoc")
+        open_paths += ("/health/",) if settings.open_health else ()
+        open_paths += ("/metrics",) if settings.open_metrics else ()
+        app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value(), open_paths=open_paths)
+    if settings.cors_origins.strip():
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Accept"])  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, paths=lambda: paths)
 
     @app.exception_handler(APIError)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "capsnet-mnist"
@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     max_images: int = Field(64, ge=1, description="most images in one request (413)")
     request_timeout_s: float = Field(30.0, gt=0, description="inference wait before 504")
     log_level: str = Field("info", description="logging level")
+    api_key: SecretStr | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
+    open_health: bool = Field(True, description="with an API key: /health/* stay open (probes)")
+    open_metrics: bool = Field(True, description="with an API key: /metrics stays open (scrapers)")
+    cors_origins: str = Field("", description="comma list of allowed browser origins; empty = CORS off")
 
 
 @lru_cache

@@ -418,3 +418,28 @@ def test_reconstruct_equals_the_decoder_on_the_returned_poses(client, tiny_model
 def test_reconstruct_rejects_bad_poses(client, body, query):
     r = client.post(f"/reconstruct{query}", json=body)
     assert r.status_code == 422 and isinstance(r.json()["detail"], str)
+
+
+def test_api_key_guards_the_model_endpoints_only(tiny_model_dir, digits):
+    body = {"images": [digits[0].tolist()]}
+    with make_client(tiny_model_dir, api_key="s3cret", open_metrics=False) as c:
+        r = c.post("/predict", json=body)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert "s3cret" not in r.text and "API key" in r.json()["detail"]
+        assert c.post("/predict", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.post("/predict", json=body, headers={"Authorization": "Basic s3cret"}).status_code == 401
+        assert c.post("/predict", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/health/ready").status_code == 200  # probes stay open
+        assert c.get("/metrics").status_code == 401  # closed on request
+        assert c.get("/metadata").status_code == 401
+
+
+def test_cors_is_off_by_default_and_configurable(client, tiny_model_dir):
+    pre = {"Origin": "https://example.org", "Access-Control-Request-Method": "POST"}
+    r = client.options("/predict", headers=pre)
+    assert "access-control-allow-origin" not in r.headers
+    with make_client(tiny_model_dir, cors_origins="https://example.org") as c:
+        r = c.options("/predict", headers=pre)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://example.org"
+        r = c.options("/predict", headers={**pre, "Origin": "https://evil.example"})
+        assert r.headers.get("access-control-allow-origin") != "https://evil.example"
