@@ -43,6 +43,7 @@ from service.schemas import (
     Health,
     ImagesRequest,
     Metadata,
+    PerturbResponse,
     PredictResponse,
     ReconstructRequest,
     ReconstructResponse,
@@ -350,6 +351,39 @@ def png_bytes(image01: np.ndarray, scale: int = 1) -> bytes:
     return buf.getvalue()
 
 
+async def request_poses(request: Request, state: State, engine: Engine, preprocess: Preprocess,
+                        class_index: int | None) -> tuple[np.ndarray, int]:  # fmt: skip
+    """The poses (J, D) to decode, from `{"poses": ...}` JSON or from one image, and the class k."""
+    if engine.decoder is None:
+        raise APIError(503, "this model has no decoder.onnx")
+    J = len(engine.info.labels)
+    D = next(int(o["shape"][-1]) for o in engine.info.outputs if o["name"] == "poses")
+    poses = await _poses_from_json(request, state, J, D) if _is_json(request) else None
+    if poses is None:
+        images = await read_request_images(request, state, preprocess)
+        if len(images) != 1:
+            raise APIError(422, f"this endpoint takes exactly one image, got {len(images)}")
+        poses = (await infer(state, images))["poses"][0]
+    k = int(np.linalg.norm(poses, axis=-1).argmax()) if class_index is None else class_index
+    if k >= J:
+        raise APIError(422, f"class_index must be below {J}")
+    return np.ascontiguousarray(poses, dtype=np.float32), k
+
+
+def wants_png(request: Request, format: str | None) -> bool:
+    return format == "png" or (format is None and "image/png" in request.headers.get("accept", ""))
+
+
+def tile(grid: np.ndarray, gap: int = 1) -> np.ndarray:
+    """(rows, cols, H, W) -> one image with `gap` pixels of mid-grey between the tiles."""
+    rows, cols, H, W = grid.shape
+    out = np.full((rows * (H + gap) - gap, cols * (W + gap) - gap), 0.5, np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            out[r * (H + gap) : r * (H + gap) + H, c * (W + gap) : c * (W + gap) + W] = grid[r, c]
+    return out
+
+
 async def infer(state: State, images: np.ndarray, coupling: bool = False) -> dict[str, np.ndarray]:
     assert state.batcher is not None
     try:
@@ -456,6 +490,12 @@ RECONSTRUCT_BODY_DOC: dict[str, Any] = {
         },
     }
 }  # fmt: skip
+
+ClassQ = Annotated[
+    int | None, Query(ge=0, description="class whose pose is decoded; default: the predicted one")
+]
+FormatQ = Annotated[Literal["json", "png"] | None, Query(description="default: png if Accept asks for it")]
+ScaleQ = Annotated[int, Query(ge=1, le=16, description="PNG pixels per image pixel")]
 
 PreprocessQ = Annotated[
     Literal["mnist", "none"],
@@ -587,36 +627,71 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state: StateDep,
         engine: EngineDep,
         preprocess: PreprocessQ = "mnist",
-        class_index: Annotated[
-            int | None, Query(ge=0, description="class to reconstruct; default: the predicted one")
-        ] = None,
-        format: Annotated[
-            Literal["json", "png"] | None, Query(description="default: png if Accept asks for it")
-        ] = None,
-        scale: Annotated[int, Query(ge=1, le=16, description="PNG pixels per image pixel")] = 1,
+        class_index: ClassQ = None,
+        format: FormatQ = None,
+        scale: ScaleQ = 1,
     ) -> Response:
-        if engine.decoder is None:
-            raise APIError(503, "this model has no decoder.onnx")
+        poses, k = await request_poses(request, state, engine, preprocess, class_index)
         J = len(engine.info.labels)
-        D = next(int(o["shape"][-1]) for o in engine.info.outputs if o["name"] == "poses")
-        poses = await _poses_from_json(request, state, J, D) if _is_json(request) else None
-        if poses is None:
-            images = await read_request_images(request, state, preprocess)
-            if len(images) != 1:
-                raise APIError(422, f"reconstruct takes exactly one image, got {len(images)}")
-            poses = (await infer(state, images))["poses"][0]
-        lengths = np.linalg.norm(poses, axis=-1)
-        k = int(lengths.argmax()) if class_index is None else class_index
-        if k >= J:
-            raise APIError(422, f"class_index must be below {J}")
-        mask = np.zeros((1, J), np.float32)
-        mask[0, k] = 1.0
-        recon = (await run_in_threadpool(engine.reconstruct, poses[None].astype(np.float32), mask))[0, 0]
-        wants_png = format == "png" or (format is None and "image/png" in request.headers.get("accept", ""))
-        if wants_png:
+        mask = np.eye(J, dtype=np.float32)[[k]]
+        recon = (await run_in_threadpool(engine.reconstruct, poses[None], mask))[0, 0]
+        if wants_png(request, format):
             return Response(png_bytes(recon, scale), media_type="image/png")
-        return json_response({"class_index": k, "label": engine.info.labels[k], "length": lengths[k],
-                              "poses": poses, "reconstruction": recon})  # fmt: skip
+        return json_response(
+            {
+                "class_index": k,
+                "label": engine.info.labels[k],
+                "length": np.linalg.norm(poses[k]),
+                "poses": poses,
+                "reconstruction": recon,
+            }
+        )
+
+    @app.post(
+        "/perturb",
+        response_model=PerturbResponse,
+        openapi_extra=RECONSTRUCT_BODY_DOC,
+        responses={200: {"content": {"image/png": {}}}},
+        summary="Pose-dimension sweeps (paper Fig. 4): reconstructions with one dimension tweaked",
+    )
+    async def perturb(
+        request: Request,
+        state: StateDep,
+        engine: EngineDep,
+        preprocess: PreprocessQ = "mnist",
+        class_index: ClassQ = None,
+        dims: Annotated[str | None, Query(description="comma list of pose dimensions; default: all")] = None,
+        low: Annotated[float, Query(ge=-5, le=5)] = -0.25,
+        high: Annotated[float, Query(ge=-5, le=5)] = 0.25,
+        step: Annotated[float, Query(gt=0, le=10)] = 0.05,
+        format: FormatQ = None,
+        scale: ScaleQ = 1,
+    ) -> Response:
+        poses, k = await request_poses(request, state, engine, preprocess, class_index)
+        J, D = poses.shape
+        try:
+            chosen = list(range(D)) if dims is None else [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise APIError(422, f"dims must be a comma list of integers in [0, {D})") from None
+        if not chosen or any(not 0 <= d < D for d in chosen) or len(set(chosen)) != len(chosen):
+            raise APIError(422, f"dims must be distinct integers in [0, {D})")
+        if high < low:
+            raise APIError(422, "high must be >= low")
+        n = int(np.floor((high - low) / step + 1e-6)) + 1
+        if n > 41:
+            raise APIError(422, f"{n} sweep values; at most 41 (raise step or narrow the range)")
+        values = (low + step * np.arange(n)).astype(np.float32)
+        batch = np.repeat(poses[None], len(chosen) * n, axis=0)  # (dims*values, J, D)
+        for a, d in enumerate(chosen):
+            batch[a * n : (a + 1) * n, k, d] += values
+        mask = np.zeros((len(batch), J), np.float32)
+        mask[:, k] = 1.0
+        recon = await run_in_threadpool(engine.reconstruct, batch, mask)
+        grid = recon[:, 0].reshape(len(chosen), n, *recon.shape[2:])  # (dims, values, H, W)
+        if wants_png(request, format):
+            return Response(png_bytes(tile(grid), scale), media_type="image/png")
+        return json_response({"class_index": k, "label": engine.info.labels[k], "dims": chosen,
+                              "values": values, "reconstructions": grid})  # fmt: skip
 
     @app.get("/health/live", response_model=Health)
     async def live() -> Response:

@@ -81,6 +81,14 @@ class ReconstructResponse(BaseModel):
     reconstruction: list[list[float]] = Field(description="28x28 in [0, 1], white on black like MNIST")
 
 
+class PerturbResponse(BaseModel):
+    class_index: int
+    label: str
+    dims: list[int] = Field(description="the pose dimensions swept, one row each")
+    values: list[float] = Field(description="the offsets added to that dimension, one column each")
+    reconstructions: list[list[list[list[float]]]] = Field(description="(dims, values, 28, 28)")
+
+
 class Health(BaseModel):
     status: str
     detail: str | None = None

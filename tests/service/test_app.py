@@ -443,3 +443,33 @@ def test_cors_is_off_by_default_and_configurable(client, tiny_model_dir):
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://example.org"
         r = c.options("/predict", headers={**pre, "Origin": "https://evil.example"})
         assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_perturb_sweeps_pose_dimensions_like_the_paper(client, tiny_model_dir, digits):
+    dec = ort.InferenceSession(str(tiny_model_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    png = png_bytes(digits[4])
+    rec = client.post("/reconstruct", content=png, headers={"content-type": "image/png"}).json()
+    r = client.post("/perturb?dims=0,5,15", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    p = r.json()
+    np.testing.assert_allclose(p["values"], np.arange(-0.25, 0.2501, 0.05), atol=1e-6)  # 11 steps
+    grid = np.array(p["reconstructions"])
+    assert (
+        p["dims"] == [0, 5, 15] and grid.shape == (3, 11, 28, 28) and p["class_index"] == rec["class_index"]
+    )
+    for row in range(3):  # the middle column is the unperturbed reconstruction
+        np.testing.assert_allclose(grid[row, 5], rec["reconstruction"], atol=1e-5)
+    poses = np.array(rec["poses"], np.float32)
+    k = rec["class_index"]
+    tweaked = poses.copy()
+    tweaked[k, 5] += 0.25
+    (want,) = dec.run(None, {"poses": tweaked[None], "mask": np.eye(10, dtype=np.float32)[[k]]})
+    np.testing.assert_allclose(grid[1, 10], want[0, 0], atol=1e-5)
+    assert np.abs(grid[1, 10] - grid[1, 0]).max() > 1e-4  # the sweep changes the drawing
+
+    r = client.post("/perturb?format=png&scale=2", json={"poses": rec["poses"]})
+    img = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert r.headers["content-type"] == "image/png"
+    assert img.shape == (2 * (16 * 29 - 1), 2 * (11 * 29 - 1))  # 16 dims x 11 values, 1 px gaps
+    for bad in ("dims=16", "dims=a", "dims=1,1", "low=0.3&high=0.1", "step=0.001"):
+        assert client.post(f"/perturb?{bad}", json={"poses": rec["poses"]}).status_code == 422, bad
