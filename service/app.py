@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import Batcher, BatchStats, Engine, EngineClosedError, QueueFullError
 from service.preprocess import PreprocessError, preprocess_bytes, validate_array
+from service.render import routing_heatmap
 from service.schemas import (
     ErrorResponse,
     Health,
@@ -581,6 +582,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         iterations: Annotated[
             Literal["all", "last"], Query(description="every iteration or only the last")
         ] = "all",
+        format: Annotated[Literal["json", "png"], Query(description="png: coupling heatmaps")] = "json",
+        class_index: ClassQ = None,
+        weighted: Annotated[bool, Query(description="png: weight c_ij by the activation |u_i|")] = False,
         aggregate: Annotated[
             Literal["none", "type", "position"],
             Query(description="average the coupling over positions (`type`) or types (`position`)"),
@@ -593,6 +597,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         info = engine.info
         coupling, activations = out["coupling"][0], out["primary_activations"][0]  # (r, N, J), (N,)
         summary = routing_summary(coupling, activations)
+        if format == "png":
+            k = int(out["probabilities"][0].argmax()) if class_index is None else class_index
+            if k >= len(info.labels):
+                raise APIError(422, f"class_index must be below {len(info.labels)}")
+            values = coupling[:, :, k] * (activations if weighted else 1.0)  # (r, N)
+            what = "c_ij x |u_i|" if weighted else "c_ij"
+            titles = [f"iter {s['iteration']}: mass {s['class_mass'][k]:.4f}, H {s['mean_entropy']:.4f}"
+                      for s in summary]  # fmt: skip
+            rows, cols = info.primary_grid
+            legend = f"{what} to class {info.labels[k]}; {info.primary_types} capsule types x {rows}x{cols}"
+            png, _ = await run_in_threadpool(routing_heatmap, values, info.primary_grid[0], titles, legend)
+            return Response(png, media_type="image/png")
         which = list(range(1, info.routing_iterations + 1))
         if iterations == "last":
             coupling, which = coupling[-1:], which[-1:]

@@ -473,3 +473,30 @@ def test_perturb_sweeps_pose_dimensions_like_the_paper(client, tiny_model_dir, d
     assert img.shape == (2 * (16 * 29 - 1), 2 * (11 * 29 - 1))  # 16 dims x 11 values, 1 px gaps
     for bad in ("dims=16", "dims=a", "dims=1,1", "low=0.3&high=0.1", "step=0.001"):
         assert client.post(f"/perturb?{bad}", json={"poses": rec["poses"]}).status_code == 422, bad
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_routing_heatmap_pixels_follow_the_coupling(client, digits, weighted):
+    from service.render import HeatmapLayout, colormap
+
+    png = png_bytes(digits[5])
+    t = client.post("/routing-trace", content=png, headers={"content-type": "image/png"}).json()
+    k = t["class_index"]
+    coupling = np.array(t["coupling"], np.float32)
+    values = coupling[:, :, k] * (
+        np.array(t["primary_activations"], np.float32) if weighted else np.float32(1.0)
+    )
+    q = f"format=png&weighted={str(weighted).lower()}"
+    r = client.post(f"/routing-trace?{q}", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    lay = HeatmapLayout(3, 4, 6)
+    assert img.shape[:2] == (lay.size[1], lay.size[0])
+    lo, hi = values.min(), values.max()
+    for it, i in [(2, int(values[2].argmax())), (2, int(values[2].argmin())), (0, 77), (1, 5)]:
+        tt, row, col = i // 36, (i // 6) % 6, i % 6
+        x, y = lay.cell_origin(it, tt, row, col)
+        want = colormap(np.array((values[it, i] - lo) / (hi - lo) if hi > lo else 0.0))
+        np.testing.assert_array_equal(img[y + 2, x + 2], want)  # inside the cell, off its edges
+    assert client.post("/routing-trace?format=png&class_index=10", content=png,
+                       headers={"content-type": "image/png"}).status_code == 422  # fmt: skip
