@@ -365,10 +365,17 @@ async def request_poses(request: Request, state: State, engine: Engine, preproce
         if len(images) != 1:
             raise APIError(422, f"this endpoint takes exactly one image, got {len(images)}")
         poses = (await infer(state, images))["poses"][0]
-    k = int(np.linalg.norm(poses, axis=-1).argmax()) if class_index is None else class_index
-    if k >= J:
-        raise APIError(422, f"class_index must be below {J}")
+    k = choose_class(np.linalg.norm(poses, axis=-1), class_index)
     return np.ascontiguousarray(poses, dtype=np.float32), k
+
+
+def choose_class(lengths: np.ndarray, class_index: int | None) -> int:
+    """The caller's class if it exists, else the longest capsule (the prediction)."""
+    if class_index is None:
+        return int(lengths.argmax())
+    if class_index >= len(lengths):
+        raise APIError(422, f"class_index must be below {len(lengths)}")
+    return class_index
 
 
 def wants_png(request: Request, format: str | None) -> bool:
@@ -598,9 +605,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         coupling, activations = out["coupling"][0], out["primary_activations"][0]  # (r, N, J), (N,)
         summary = routing_summary(coupling, activations)
         if format == "png":
-            k = int(out["probabilities"][0].argmax()) if class_index is None else class_index
-            if k >= len(info.labels):
-                raise APIError(422, f"class_index must be below {len(info.labels)}")
+            k = choose_class(out["probabilities"][0], class_index)
             values = coupling[:, :, k] * (activations if weighted else 1.0)  # (r, N)
             what = "c_ij x |u_i|" if weighted else "c_ij"
             titles = [f"iter {s['iteration']}: mass {s['class_mass'][k]:.4f}, H {s['mean_entropy']:.4f}"
