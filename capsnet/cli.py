@@ -59,6 +59,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--output", type=Path, default=Path("runs/capsnet"))
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from the weights and epoch count of an exported model directory (fresh optimizer)",
+    )
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--max-shift", type=int, default=2, help="random shift augmentation, pixels")

@@ -85,7 +85,11 @@ class DigitCaps(nn.Module):
         """u (B, N, D_in) -> v (B, J, D_out), coupling (B, r, N, J)."""
         B, N, K = u.shape
         J, D = self.num_out, self.dim_out
-        # One batched matmul over the children i: (N, B, K) @ (N, K, J*D), no (B, N, J, D, K) broadcast.
+        if not torch.jit.is_tracing():
+            # Eager (training): einsum picks a batched GEMM whose forward + backward took 0.11 s per
+            # batch of 128 against 0.38 s for the layout below (profiled on 2 CPU cores).
+            return route(torch.einsum("bnk,njdk->bjnd", u, self.W).contiguous(), self.iterations)
+        # Traced for ONNX: one batched matmul over the children i, (N, B, K) @ (N, K, J*D).
         votes = torch.bmm(u.transpose(0, 1), self.W.view(N, J * D, K).transpose(1, 2))  # (N, B, J*D)
         # Layout for routing in two moves of whole rows (160 then 16 floats): onnxruntime's generic
         # transpose of the single (3, 1, 0, 2) permutation took 60 % of inference time (profiled).

@@ -88,6 +88,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def weights_from_export(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The weights and metadata of a model exported by `capsnet export` (capsnet.onnx + decoder.onnx).
+
+    The tracer keeps parameter names, so the ONNX initializers map one to one onto the state dict.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    weights: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for file, prefix in (("capsnet.onnx", "model."), ("decoder.onnx", "")):
+        proto = onnx.load(str(Path(model_dir) / file))
+        if file == "capsnet.onnx":
+            metadata = {p.key: p.value for p in proto.metadata_props}
+        for init in proto.graph.initializer:
+            if init.name.startswith(prefix) and init.name.removeprefix(prefix).count("."):
+                weights[init.name.removeprefix(prefix)] = torch.from_numpy(numpy_helper.to_array(init).copy())
+    return weights, metadata
+
+
+def state_initialized_from(path: Path) -> dict[str, Any] | None:
+    return load_checkpoint(path).get("initialized_from") if path.exists() else None
+
+
 def build_model(state: dict[str, Any]) -> CapsNet:
     """Rebuild the model from a checkpoint's stored config and load its weights strictly."""
     cfg = CapsNetConfig.from_dict(state["config"])
@@ -117,6 +141,7 @@ def train(
     threads: int | None = None,
     config_overrides: dict[str, Any] | None = None,
     data_dir: Path | None = None,
+    init_from: Path | None = None,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -153,6 +178,30 @@ def train(
         log.info("resuming from %s after epoch %d", last_path, start_epoch)
     elif not resume and log_path.exists():
         log_path.unlink()
+    initialized_from: dict[str, Any] | None = None
+    if init_from is not None and start_epoch == 0:
+        # Warm start from an exported model: its weights, its epoch count (so the learning rate and
+        # the data order continue where it stopped); Adam's moments start again from zero.
+        weights, meta = weights_from_export(init_from)
+        if json.loads(meta.get("config", "null")) != cfg.to_dict() or meta.get("dataset") != dataset:
+            raise SystemExit(f"{init_from} was exported from another config or dataset")
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as exc:
+            raise SystemExit(f"{init_from}: weights do not fit the model: {exc}") from exc
+        start_epoch = int(meta["epochs"])
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_decay**start_epoch
+        sched.last_epoch = start_epoch
+        initialized_from = {
+            "model_dir": str(init_from),
+            "version": meta.get("version"),
+            "epochs": start_epoch,
+            "test_accuracy": float(meta["test_accuracy"]),
+        }
+        log.info("initialized from %s (%d epochs)", init_from, start_epoch)
+    elif resume and state_initialized_from(last_path) is not None:
+        initialized_from = state_initialized_from(last_path)
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info("CapsNet %s, %d parameters, %d training images on %s", cfg, n_params, len(x_train), dev)
@@ -208,6 +257,7 @@ def train(
             "scheduler": sched.state_dict(),
             "epoch": epoch + 1,
             "history": history,
+            "initialized_from": initialized_from,
             "dataset": dataset,
             "dataset_sha256": dataset_checksum(dataset),
             "labels": list(get_spec(dataset).labels),
@@ -253,6 +303,7 @@ def run(args: argparse.Namespace) -> None:
         threads=args.threads,
         config_overrides=parse_overrides(args.set),
         data_dir=args.data_dir,
+        init_from=args.init_from,
     )
     print(
         f"epoch {state['epoch']}: test accuracy {state['test_accuracy']:.4f}; "

@@ -49,3 +49,33 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_init_from_an_exported_model_continues_its_epochs(tiny_model_dir, tmp_path):
+    from model_export.train import weights_from_export
+    from tests.factories import TINY, make_checkpoint
+
+    weights, meta = weights_from_export(tiny_model_dir)
+    exported = make_checkpoint(tmp_path / "same.pt")  # same seed as the exported tiny model
+    assert weights.keys() == exported.state_dict().keys()
+    for k, w in exported.state_dict().items():
+        assert torch.equal(weights[k], w), k
+    assert meta["epochs"] == "1"
+
+    state = train(
+        epochs=2,
+        limit=64,
+        batch_size=32,
+        eval_limit=200,
+        output=tmp_path / "run",
+        progress=False,
+        config_overrides=TINY,
+        init_from=tiny_model_dir,
+    )
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [2]
+    assert state["history"][0]["lr"] == pytest.approx(1e-3 * 0.96**2)
+    assert (
+        state["initialized_from"]["epochs"] == 1 and state["initialized_from"]["version"] == meta["version"]
+    )
+    with pytest.raises(SystemExit, match="another config"):
+        train(epochs=2, limit=32, output=tmp_path / "wide", progress=False, init_from=tiny_model_dir)
