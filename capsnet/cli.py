@@ -35,6 +35,12 @@ def _export(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _triton(args: argparse.Namespace) -> None:
+    from model_export.triton import run
+
+    run(args)
+
+
 def _serve(args: argparse.Namespace) -> None:
     from service.cli import run
 
@@ -107,7 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--train-command", default=None, help="for the card, if the checkpoint lacks it")
     p.add_argument("--hardware", default=None, help="for the card, if the checkpoint lacks it")
+    p.add_argument(
+        "--triton",
+        type=Path,
+        default=None,
+        metavar="REPO",
+        help="also write a Triton model repository (REPO/capsnet, default settings; see `capsnet triton`)",
+    )
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "triton", help="a Triton model repository from an exported model directory (no torch needed)"
+    )
+    p.add_argument("model_dir", type=Path, help="a directory with capsnet.onnx (+ decoder.onnx)")
+    p.add_argument("--output", type=Path, required=True, help="the model repository to write")
+    p.add_argument("--name", default="capsnet", help="Triton model name (the decoder gets NAME_decoder)")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching queue delay")
+    p.add_argument("--instance-kind", choices=["gpu", "cpu"], default="gpu")
+    p.add_argument("--instances", type=int, default=1, help="model instances (per GPU for gpu)")
+    p.add_argument("--version", type=int, default=1, help="version directory to write")
+    p.set_defaults(func=_triton)
 
     p = sub.add_parser("serve", help="serve the model over HTTP (settings: CAPSNET_* variables)")
     p.add_argument("--host", default="127.0.0.1")

@@ -269,4 +269,8 @@ def run(args: argparse.Namespace) -> None:
         hardware = args.hardware or state.get("hardware") or "unknown"
         card = write_card(args.output, state, report["metadata"], command=command, hardware=hardware)
         summary["onnx_test_accuracy"] = card["evaluation"]["test_accuracy"]
+    if getattr(args, "triton", None) is not None:
+        from model_export.triton import write_repository
+
+        summary["triton"] = write_repository(args.output, args.triton)
     print(json.dumps(summary))
