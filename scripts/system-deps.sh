@@ -8,6 +8,8 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 [ -x /usr/lib/podman/netavark ] || need+=(netavark)
 command -v npm >/dev/null || need+=(npm)
 command -v wrk >/dev/null || need+=(wrk)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # the web page's browser test (Playwright drives it)
+[ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)  # readable text in its screenshot
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   echo "system-deps: please install: ${need[*]} (Debian/Ubuntu package names); continuing without them" >&2

@@ -51,6 +51,7 @@ from service.schemas import (
     RoutingTraceResponse,
 )
 from service.settings import Settings, get_settings
+from service.web import OPEN_EXACT, OPEN_PREFIXES, add_web_page
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +148,17 @@ class MetricsMiddleware:
 
 
 class APIKeyMiddleware:
-    """Bearer-token check before any route runs; constant-time comparison; open paths configurable."""
+    """Bearer-token check before any route runs; constant-time comparison; open paths configurable
+    (`open_paths` by prefix, `open_exact` by the whole path)."""
 
-    def __init__(self, app: ASGIApp, key: str, open_paths: tuple[str, ...]) -> None:
-        self.app, self.key, self.open_paths = app, key.encode(), open_paths
+    def __init__(
+        self, app: ASGIApp, key: str, open_paths: tuple[str, ...], open_exact: tuple[str, ...] = ()
+    ) -> None:
+        self.app, self.key, self.open_paths, self.open_exact = app, key.encode(), open_paths, open_exact
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.open_paths):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.open_exact or path.startswith(self.open_paths):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"")
@@ -531,7 +536,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         open_paths: tuple[str, ...] = ("/docs", "/openapi.json", "/redoc")
         open_paths += ("/health/",) if settings.open_health else ()
         open_paths += ("/metrics",) if settings.open_metrics else ()
-        app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value(), open_paths=open_paths)
+        open_paths += OPEN_PREFIXES  # the web page holds no data; it sends the key on every API call
+        app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value(), open_paths=open_paths,
+                           open_exact=OPEN_EXACT)  # fmt: skip
     if settings.cors_origins.strip():
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
@@ -762,5 +769,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.metrics.queue_depth.set(state.batcher.pending)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_web_page(app)
     paths.update(getattr(r, "path", "") for r in app.router.routes)
     return app

@@ -1,0 +1,323 @@
+// The CapsNet page. Every number and picture on it is an answer of this service's API: /predict (the
+// capsule lengths and poses), /reconstruct?format=png (the decoder's picture of a pose, edited or not) and
+// /routing-trace?format=png (the coupling heatmaps). The page itself only draws the ink and the bars.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const pad = $("pad");
+  const padCtx = pad.getContext("2d");
+  const recon = $("recon");
+  const reconCtx = recon.getContext("2d");
+  const heatmap = $("heatmap");
+  const OFFSET = 0.25; // slider range: the paper's pose perturbations, Fig. 4
+
+  const state = {
+    key: sessionStorage.getItem("capsnet-api-key") || "",
+    labels: [],
+    file: null, // a chosen or dropped file, sent as it is until the user draws again
+    sent: null, // {blob, type} of the last analysed input, for the heatmap's re-draws
+    poses: null, // (classes, 16) from /predict
+    k: null, // the predicted class
+    seq: 0,
+  };
+
+  // ------------------------------------------------------------------------------------------------
+  // API calls: the bearer key when one is set; JSON errors shown with their `detail`
+
+  class ApiError extends Error {}
+
+  async function api(path, body, type) {
+    const headers = {};
+    if (state.key) headers.Authorization = `Bearer ${state.key}`;
+    if (type) headers["Content-Type"] = type;
+    const response = await fetch(path, { method: body === undefined ? "GET" : "POST", body, headers });
+    if (response.ok) return response;
+    let detail = response.statusText;
+    try {
+      detail = (await response.json()).detail || detail;
+    } catch (_) {
+      /* not JSON: keep the status text */
+    }
+    if (response.status === 401) showKeyForm();
+    throw new ApiError(`${path.split("?")[0]}: ${response.status} ${detail}`);
+  }
+
+  function say(text, isError = false) {
+    $("status").textContent = text;
+    $("status").classList.toggle("error", isError);
+  }
+
+  function showKeyForm() {
+    $("key-form").hidden = false;
+    document.body.dataset.needsKey = "1";
+    $("key").focus();
+  }
+
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    state.key = $("key").value.trim();
+    sessionStorage.setItem("capsnet-api-key", state.key);
+    loadMetadata().then((ok) => {
+      if (ok && state.sent) analyse(state.sent);
+    });
+  });
+
+  async function loadMetadata() {
+    try {
+      const meta = await (await api("/metadata")).json();
+      state.labels = meta.labels;
+      $("model").textContent =
+        `model ${meta.name} ${meta.version} · r = ${meta.routing_iterations} routing iterations · ` +
+        `${meta.providers.join(", ")}`;
+      buildBars(meta.labels);
+      document.body.dataset.needsKey = "0";
+      say("Draw a digit on the black pad, or drop an image file on it.");
+      return true;
+    } catch (err) {
+      say(err instanceof ApiError && err.message.includes(" 401 ")
+        ? "This service needs an API key: enter it above." : err.message, true);
+      if (err.message.includes(" 503 ")) setTimeout(loadMetadata, 1000); // still loading the model
+      return false;
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------------
+  // The drawing pad: pointer events cover the mouse, touch and pens
+
+  function clearPad() {
+    padCtx.fillStyle = "#000";
+    padCtx.fillRect(0, 0, pad.width, pad.height);
+  }
+
+  function padPoint(event) {
+    const box = pad.getBoundingClientRect();
+    return [((event.clientX - box.left) * pad.width) / box.width,
+            ((event.clientY - box.top) * pad.height) / box.height];
+  }
+
+  function ink(from, to) {
+    padCtx.strokeStyle = "#fff";
+    padCtx.lineWidth = 20;
+    padCtx.lineCap = "round";
+    padCtx.lineJoin = "round";
+    padCtx.beginPath();
+    padCtx.moveTo(...from);
+    padCtx.lineTo(...to);
+    padCtx.stroke();
+  }
+
+  let last = null;
+  pad.addEventListener("pointerdown", (event) => {
+    event.preventDefault();
+    pad.setPointerCapture(event.pointerId);
+    state.file = null; // from now on the pad is the input
+    last = padPoint(event);
+    ink(last, last);
+  });
+  pad.addEventListener("pointermove", (event) => {
+    if (!last) return;
+    const p = padPoint(event);
+    ink(last, p);
+    last = p;
+  });
+  const endStroke = () => {
+    if (!last) return;
+    last = null;
+    pad.toBlob((blob) => analyse({ blob, type: "image/png" }), "image/png");
+  };
+  pad.addEventListener("pointerup", endStroke);
+  pad.addEventListener("pointercancel", endStroke);
+
+  $("clear").addEventListener("click", () => {
+    clearPad();
+    state.file = null;
+    say("Draw a digit on the black pad, or drop an image file on it.");
+  });
+
+  // files: chosen, or dropped anywhere on the page
+  async function useFile(file) {
+    state.file = file;
+    try {
+      const bitmap = await createImageBitmap(file);
+      const s = Math.min(pad.width / bitmap.width, pad.height / bitmap.height);
+      const w = bitmap.width * s;
+      const h = bitmap.height * s;
+      clearPad();
+      padCtx.drawImage(bitmap, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
+    } catch (_) {
+      clearPad(); // a format the browser cannot show (e.g. TIFF): the service may still read it
+    }
+    analyse({ blob: file, type: file.type || "application/octet-stream" });
+  }
+  $("file").addEventListener("change", (event) => {
+    if (event.target.files[0]) useFile(event.target.files[0]);
+    event.target.value = "";
+  });
+  document.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    pad.classList.add("drop");
+  });
+  document.addEventListener("dragleave", () => pad.classList.remove("drop"));
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    pad.classList.remove("drop");
+    if (event.dataTransfer.files[0]) useFile(event.dataTransfer.files[0]);
+  });
+
+  // ------------------------------------------------------------------------------------------------
+  // One analysis: /predict, then the reconstruction and the heatmaps of the same input
+
+  async function analyse(input) {
+    const seq = ++state.seq;
+    state.sent = input;
+    document.body.dataset.busy = "1";
+    say("asking the model…");
+    try {
+      const answer = await (await api("/predict", input.blob, input.type)).json();
+      if (seq !== state.seq) return; // a newer drawing is on its way
+      const p = answer.predictions[0];
+      state.poses = p.poses;
+      state.k = p.class_index;
+      showPrediction(p);
+      buildSliders(p.poses[p.class_index].length);
+      await Promise.all([redrawReconstruction(), drawHeatmap(input, seq)]);
+      if (seq !== state.seq) return;
+      say(`class ${p.label}: capsule length ${p.probability.toFixed(3)}. Move the sliders to edit its pose.`);
+      document.body.dataset.analysed = String(seq);
+    } catch (err) {
+      if (seq === state.seq) say(err.message, true);
+    } finally {
+      if (seq === state.seq) document.body.dataset.busy = "0";
+    }
+  }
+
+  function buildBars(labels) {
+    const bars = $("bars");
+    bars.replaceChildren();
+    labels.forEach((label, j) => {
+      const col = document.createElement("div");
+      col.className = "col";
+      col.dataset.class = String(j);
+      col.innerHTML = `<div class="track"><div class="bar"><span></span></div></div>` +
+        `<div class="label"></div>`;
+      col.querySelector(".label").textContent = label;
+      bars.append(col);
+    });
+  }
+
+  function showPrediction(p) {
+    if ($("bars").children.length !== p.probabilities.length) {
+      buildBars(state.labels.length === p.probabilities.length
+        ? state.labels : p.probabilities.map((_, j) => String(j)));
+    }
+    [...$("bars").children].forEach((col, j) => {
+      const v = p.probabilities[j];
+      const bar = col.querySelector(".bar");
+      bar.style.height = `${(100 * v).toFixed(3)}%`;
+      bar.dataset.value = String(v);
+      bar.querySelector("span").textContent = v.toFixed(3);
+      col.classList.toggle("best", j === p.class_index);
+      col.title = `class ${col.querySelector(".label").textContent}: |v| = ${v.toFixed(4)}`;
+    });
+    $("predicted").textContent = p.label;
+    $("predicted").dataset.classIndex = String(p.class_index);
+    $("predicted-length").textContent = `(capsule length ${p.probability.toFixed(3)})`;
+    $("recon-class").textContent = p.label;
+  }
+
+  // ------------------------------------------------------------------------------------------------
+  // The pose sliders and the live reconstruction
+
+  function buildSliders(dims) {
+    const box = $("sliders");
+    if (box.children.length !== dims) {
+      box.replaceChildren();
+      for (let d = 0; d < dims; d++) {
+        const row = document.createElement("label");
+        row.className = "slider";
+        row.innerHTML = `<span>d${d}</span><input type="range" min="${-OFFSET}" max="${OFFSET}" step="0.01"` +
+          ` value="0" data-dim="${d}"><output>+0.00</output>`;
+        row.querySelector("input").addEventListener("input", onSlide);
+        box.append(row);
+      }
+    }
+    for (const input of box.querySelectorAll("input")) {
+      input.value = "0";
+      input.nextElementSibling.textContent = "+0.00";
+    }
+    $("reset").disabled = false;
+  }
+
+  function onSlide(event) {
+    const v = Number(event.target.value);
+    event.target.nextElementSibling.textContent = `${v >= 0 ? "+" : ""}${v.toFixed(2)}`;
+    redrawReconstruction().catch((err) => say(err.message, true));
+  }
+
+  $("reset").addEventListener("click", () => {
+    buildSliders(state.poses[state.k].length);
+    redrawReconstruction().catch((err) => say(err.message, true));
+  });
+
+  function editedPoses() {
+    const poses = state.poses.map((row) => row.slice());
+    for (const input of $("sliders").querySelectorAll("input")) {
+      poses[state.k][Number(input.dataset.dim)] += Number(input.value);
+    }
+    return poses;
+  }
+
+  // One request at a time; slider moves during it are folded into one more request with the latest pose.
+  let running = null;
+  let dirty = false;
+  function redrawReconstruction() {
+    dirty = true;
+    recon.dataset.pending = "1";
+    if (!running) {
+      running = (async () => {
+        try {
+          while (dirty) {
+            dirty = false;
+            const body = JSON.stringify({ poses: editedPoses() });
+            const png = await (await api(`/reconstruct?format=png&class_index=${state.k}`, body,
+              "application/json")).blob();
+            const bitmap = await createImageBitmap(png);
+            reconCtx.drawImage(bitmap, 0, 0, recon.width, recon.height);
+            recon.dataset.version = String(Number(recon.dataset.version) + 1);
+          }
+        } finally {
+          running = null;
+          recon.dataset.pending = "0";
+        }
+      })();
+    }
+    return running;
+  }
+
+  // ------------------------------------------------------------------------------------------------
+  // Routing heatmaps
+
+  let heatmapUrl = null;
+  async function drawHeatmap(input, seq) {
+    const weighted = $("weighted").checked ? "&weighted=true" : "";
+    const png = await (await api(`/routing-trace?format=png${weighted}`, input.blob, input.type)).blob();
+    if (seq !== state.seq) return;
+    if (heatmapUrl) URL.revokeObjectURL(heatmapUrl);
+    heatmapUrl = URL.createObjectURL(png);
+    await new Promise((resolve, reject) => {
+      heatmap.onload = resolve;
+      heatmap.onerror = () => reject(new Error("the heatmap PNG could not be shown"));
+      heatmap.src = heatmapUrl;
+    });
+    heatmap.dataset.version = String(Number(heatmap.dataset.version) + 1);
+  }
+
+  $("weighted").addEventListener("change", () => {
+    if (state.sent) drawHeatmap(state.sent, state.seq).catch((err) => say(err.message, true));
+  });
+
+  clearPad();
+  if (state.key) $("key").value = state.key;
+  loadMetadata();
+})();
