@@ -53,6 +53,12 @@ def _bench(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _load(args: argparse.Namespace) -> None:
+    from bench.load import main
+
+    main(args)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("train", help="train a CapsNet (needs the [train] extra)")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
@@ -149,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=30, help="timed runs per raw case")
     p.add_argument("--seconds", type=float, default=10.0, help="wrk duration per HTTP case")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("load", help="sustained load, 4x overload and SIGTERM against `capsnet serve`")
+    p.add_argument("--seconds", type=float, default=300.0, help="sustained load duration (wrk)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--output", type=Path, default=None, help="also write the JSON report here")
+    p.set_defaults(func=_load)
     return parser
 
 

@@ -171,6 +171,32 @@ class APIKeyMiddleware:
         await response(scope, receive, send)
 
 
+class AdmissionMiddleware:
+    """At most `limit` POST requests inside the app at once; the next one gets 503 + Retry-After before
+    its body is read. The batcher's queue bounds the images waiting for the model; this bounds what
+    waits in front of it (bodies being read and decoded) when the CPU itself is the bottleneck."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            detail = (
+                f"the server is busy: {self.in_flight} requests in progress (limit {self.limit}); "
+                "retry shortly"
+            )
+            await json_response({"detail": detail}, 503, {"Retry-After": "1"})(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 class State:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -532,6 +558,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = State(settings)
     app.state.capsnet = state
     paths = {getattr(r, "path", "") for r in app.router.routes}
+    app.add_middleware(AdmissionMiddleware, limit=settings.max_in_flight)  # innermost: after the key check
     if settings.api_key is not None:
         open_paths: tuple[str, ...] = ("/docs", "/openapi.json", "/redoc")
         open_paths += ("/health/",) if settings.open_health else ()

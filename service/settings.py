@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="most images in one inference batch")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
     queue_size: int = Field(1024, ge=1, description="most images waiting; beyond it 503 + Retry-After")
+    max_in_flight: int = Field(
+        128, ge=1, description="most POST requests being read, decoded or inferred at once (503 beyond)"
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body (413)")
     max_image_pixels: int = Field(25_000_000, ge=1, description="largest decoded image (413)")
     max_images: int = Field(64, ge=1, description="most images in one request (413)")

@@ -272,6 +272,35 @@ def test_full_queue_gives_503_with_retry_after(tiny_model_dir, digits, monkeypat
         assert c.post("/predict", json=body).status_code == 200  # recovers by itself
 
 
+def test_requests_beyond_max_in_flight_get_503_before_their_body_is_read(tiny_model_dir, digits, monkeypatch):
+    release = threading.Event()
+    real = Engine.classify
+
+    def slow(self, images, outputs=None):
+        if images.any():
+            release.wait(10)
+        return real(self, images, outputs)
+
+    monkeypatch.setattr(Engine, "classify", slow)
+    with make_client(tiny_model_dir, max_in_flight=3, queue_size=100) as c:
+        body = {"images": [digits[0].tolist()]}
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(c.post, "/predict", json=body) for _ in range(8)]
+            time.sleep(1.0)
+            assert c.get("/health/live").status_code == 200  # GETs are never refused
+            release.set()
+            answers = [f.result() for f in futures]
+        statuses = sorted(a.status_code for a in answers)
+        assert statuses == [200] * 3 + [503] * 5
+        busy = next(a for a in answers if a.status_code == 503)
+        assert (
+            busy.headers["retry-after"] == "1" and "3 requests in progress (limit 3)" in busy.json()["detail"]
+        )
+        metrics = c.get("/metrics").text
+        assert 'capsnet_requests_total{endpoint="/predict",method="POST",status="503"} 5.0' in metrics
+        assert c.post("/predict", json=body).status_code == 200  # recovers by itself
+
+
 def test_readiness_is_false_until_warm_up_ran(tiny_model_dir, monkeypatch):
     gate = threading.Event()
     real = Engine.warm_up
