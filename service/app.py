@@ -51,6 +51,7 @@ from service.schemas import (
     RoutingTraceResponse,
 )
 from service.settings import Settings, get_settings
+from service.v2 import router as v2_router
 from service.web import OPEN_EXACT, OPEN_PREFIXES, add_web_page
 
 log = logging.getLogger(__name__)
@@ -561,7 +562,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AdmissionMiddleware, limit=settings.max_in_flight)  # innermost: after the key check
     if settings.api_key is not None:
         open_paths: tuple[str, ...] = ("/docs", "/openapi.json", "/redoc")
-        open_paths += ("/health/",) if settings.open_health else ()
+        open_paths += ("/health/", "/v2/health/") if settings.open_health else ()
         open_paths += ("/metrics",) if settings.open_metrics else ()
         open_paths += OPEN_PREFIXES  # the web page holds no data; it sends the key on every API call
         app.add_middleware(APIKeyMiddleware, key=settings.api_key.get_secret_value(), open_paths=open_paths,
@@ -796,6 +797,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.metrics.queue_depth.set(state.batcher.pending)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(v2_router)  # Open Inference Protocol; its lifespan runs inside ours
     add_web_page(app)
     paths.update(getattr(r, "path", "") for r in app.router.routes)
     return app

@@ -15,6 +15,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAPSNET_", protected_namespaces=())
 
     model_dir: Path = Field(SHIPPED_MODEL, description="directory holding capsnet.onnx (+ decoder.onnx)")
+    model_dirs: str = Field(
+        "", description="comma list of more model directories, served by name on the /v2 paths"
+    )
     providers: str = Field(
         "auto", description="'auto' (CUDA when usable, else CPU) or a comma list of ORT providers"
     )
