@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test install install-dev system-deps data lint format typecheck train export examples clean image image-cpu test-container bench
+.PHONY: serve test install install-dev system-deps data lint format typecheck train export examples clean image image-cpu test-container bench screenshot
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ install-dev: $(VENV)/.dev-installed
 serve: $(VENV)/.serve-installed
 	$(BIN)/capsnet serve --host $(HOST) --port $(PORT)
 
-# Debian packages the tests need (Fashion-MNIST data, buildah + debootstrap for the container test, wrk for the benchmark);
+# Debian packages the tests need (Fashion-MNIST data, buildah + debootstrap for the container test, wrk for the benchmark, chromium for the web page's browser test);
 # installed only when missing and when we may (root with apt-get).
 system-deps:
 	bash scripts/system-deps.sh
@@ -78,3 +78,7 @@ test-container: $(VENV)/.dev-installed system-deps
 # Side-by-side inference benchmark (needs wrk); writes bench/results/latest.json
 bench: $(VENV)/.dev-installed system-deps
 	$(BIN)/capsnet bench --output bench/results/latest.json
+
+# The README's picture of the web page, taken by its browser test (headless Chromium from system-deps)
+screenshot: $(VENV)/.dev-installed system-deps
+	CAPSNET_SCREENSHOT=docs/web-page.png $(BIN)/python -m pytest tests/service/test_web_page.py

@@ -220,6 +220,7 @@ def test_page_draw_predict_reconstruct_route_and_edit_the_pose(browser: Browser,
         shot = tmp_path / "web-page.png"
         page.screenshot(path=str(shot), full_page=True)
         if target := os.environ.get("CAPSNET_SCREENSHOT"):
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
             Image.open(shot).save(target, optimize=True)  # ~150 KB
         assert problems == []
 
