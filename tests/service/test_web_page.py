@@ -1,6 +1,7 @@
 """The web page at `/` in a real browser: headless Chromium (the Debian package, no browser download)
-driven by Playwright, against the real service (uvicorn in a thread, the shipped model). It draws a digit
-with the mouse and checks what the page shows against what the API answers for the same drawing.
+driven by Playwright, against the real service (uvicorn in a thread, the shipped model). It draws digits
+with the mouse and with touch events, chooses a file, and checks what the page shows against what the API
+answers for the same input.
 
 `CAPSNET_SCREENSHOT=docs/web-page.png` (`make screenshot`) also writes the README's screenshot.
 """
@@ -107,6 +108,21 @@ def draw(page: Page, strokes: list[list[tuple[float, float]]]) -> None:
         for x, y in xy[1:]:
             page.mouse.move(x, y, steps=8)
         page.mouse.up()
+
+
+def touch(page: Page, stroke: list[tuple[float, float]]) -> None:
+    """One finger stroke on the pad, as a touch screen sends it (CDP touch events, not the mouse)."""
+    box = page.locator("#pad").bounding_box()
+    assert box is not None
+    cdp = page.context.new_cdp_session(page)
+    xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in stroke]
+    (x0, y0), (x1, y1) = xy[0], xy[-1]
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x0, "y": y0}]})
+    for t in np.linspace(0, 1, 12)[1:]:
+        point = {"x": x0 + t * (x1 - x0), "y": y0 + t * (y1 - y0)}
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    cdp.detach()
 
 
 SEVEN = [[(0.25, 0.22), (0.75, 0.22), (0.45, 0.82)]]
@@ -225,7 +241,7 @@ def test_page_draw_predict_reconstruct_route_and_edit_the_pose(browser: Browser,
         assert problems == []
 
 
-def test_page_with_an_api_key_asks_for_it_and_sends_it(browser: Browser) -> None:
+def test_page_with_an_api_key_asks_for_it_and_sends_it_touch_and_file(browser: Browser) -> None:
     with serve(api_key=KEY) as url:
         assert httpx.get(url + "/").status_code == 200
         assert httpx.post(url + "/predict", content=b"x").status_code == 401
@@ -238,7 +254,7 @@ def test_page_with_an_api_key_asks_for_it_and_sends_it(browser: Browser) -> None
         page.click("#key-form button")
         page.wait_for_function("() => document.body.dataset.needsKey === '0'")
         assert "capsnet-mnist" in page.locator("#model").inner_text()
-        draw(page, ONE)
+        touch(page, ONE[0])
         wait_analysed(page, 1)
         assert page.locator("#predicted").inner_text() == "1"
         assert int(page.locator("#heatmap").get_attribute("data-version") or 0) == 1
