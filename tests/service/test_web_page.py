@@ -150,6 +150,28 @@ def recon_pixels(page: Page) -> np.ndarray:
     return rgba[..., 0].astype(int)
 
 
+def heatmap_pixels(page: Page) -> np.ndarray:
+    """The heatmap image the page shows, decoded by the browser: (H, W, 3) uint8."""
+    data_url = page.evaluate(
+        """() => {
+            const img = document.getElementById('heatmap');
+            const c = document.createElement('canvas');
+            [c.width, c.height] = [img.naturalWidth, img.naturalHeight];
+            c.getContext('2d').drawImage(img, 0, 0);
+            return c.toDataURL('image/png');
+        }"""
+    )
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+
+
+def routing_png(api: httpx.Client, image_png: bytes, weighted: bool = False) -> np.ndarray:
+    """/routing-trace?format=png of one image, decoded: (H, W, 3) uint8."""
+    params = {"format": "png", "weighted": str(weighted).lower()}
+    r = api.post("/routing-trace", params=params, content=image_png, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+
+
 def decoded(api: httpx.Client, poses: np.ndarray, k: int) -> np.ndarray:
     """The service's reconstruction of `poses` for class k, as the PNG's 0..255 values."""
     r = api.post("/reconstruct", params={"class_index": k}, json={"poses": poses.tolist()})
@@ -193,24 +215,21 @@ def test_page_draw_predict_reconstruct_route_and_edit_the_pose(browser: Browser,
         assert 20 <= (before > 64).sum() <= 500, "a digit: neither blank nor filled"
 
         # the heatmaps shown are /routing-trace?format=png of the same drawing, and they are on screen
-        shown = base64.b64decode(page.evaluate(
-            """() => {
-                const img = document.getElementById('heatmap');
-                const c = document.createElement('canvas');
-                [c.width, c.height] = [img.naturalWidth, img.naturalHeight];
-                c.getContext('2d').drawImage(img, 0, 0);
-                return c.toDataURL('image/png').split(',')[1];
-            }"""
-        ))  # fmt: skip
-        r = api.post("/routing-trace?format=png", content=drawing, headers={"content-type": "image/png"})
-        assert r.status_code == 200, r.text
-        expected = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
-        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(shown)).convert("RGB")), expected)
+        np.testing.assert_array_equal(heatmap_pixels(page), routing_png(api, drawing))
         on_screen = np.asarray(Image.open(io.BytesIO(page.locator("#heatmap").screenshot())).convert("RGB"))
         assert on_screen.shape[1] >= 900, "shown nearly full width"
         coloured = (on_screen.max(axis=2) - on_screen.min(axis=2)) > 40
         assert coloured.mean() > 0.3, "the capsule tiles are there, in colour"
         assert len(np.unique(on_screen.reshape(-1, 3), axis=0)) > 50
+        # the checkbox switches to the activation-weighted coupling, and back
+        page.check("#weighted")
+        page.wait_for_function("() => document.getElementById('heatmap').dataset.version === '2'")
+        weighted = routing_png(api, drawing, weighted=True)
+        assert not np.array_equal(weighted, routing_png(api, drawing))
+        np.testing.assert_array_equal(heatmap_pixels(page), weighted)
+        page.uncheck("#weighted")
+        page.wait_for_function("() => document.getElementById('heatmap').dataset.version === '3'")
+        np.testing.assert_array_equal(heatmap_pixels(page), routing_png(api, drawing))
 
         # moving a slider redraws the reconstruction from the edited pose
         slider = page.locator('#sliders input[data-dim="0"]')
