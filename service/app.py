@@ -510,6 +510,7 @@ IMAGE_BODY_DOC: dict[str, Any] = {
                             "description": "several images, answered in order",
                         },
                     },
+                    "anyOf": [{"required": ["file"]}, {"required": ["files"]}],
                 }
             },
             "image/png": {"schema": {"type": "string", "format": "binary"}},

@@ -530,12 +530,16 @@ async def server_metadata(request: Request) -> Response:
     )
 
 
-@router.get("/health/live", summary="The server answers")
+EMPTY_200: dict[int | str, dict[str, Any]] = {200: {"description": "yes (empty body, as Triton answers)"}}
+
+
+@router.get("/health/live", summary="The server answers", response_class=Response, responses=EMPTY_200)
 async def server_live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/health/ready", summary="200 once every model is loaded and warmed up, 503 before")
+@router.get("/health/ready", summary="200 once every model is loaded and warmed up, 503 before",
+            response_class=Response, responses=EMPTY_200)  # fmt: skip
 async def server_ready(repo: RepositoryDep) -> Response:
     waiting = [name for name, m in repo.models.items() if not m.ready]
     if waiting:
@@ -560,12 +564,14 @@ def _ready(model: ServedModel) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/models/{name}/ready", summary="200 once the model is warmed up, 503 before")
+@router.get("/models/{name}/ready", summary="200 once the model is warmed up, 503 before",
+            response_class=Response, responses=EMPTY_200)  # fmt: skip
 async def model_ready(repo: RepositoryDep, name: str) -> Response:
     return _ready(repo.get(name))
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (one version)")
+@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (one version)",
+            response_class=Response, responses=EMPTY_200)  # fmt: skip
 async def model_version_ready(repo: RepositoryDep, name: str, version: str) -> Response:
     return _ready(repo.get(name, version))
 

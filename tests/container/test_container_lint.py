@@ -49,3 +49,32 @@ def test_compose_file_matches_compose_spec() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_requirements_are_pinned_and_satisfy_pyproject() -> None:
+    import tomllib
+    from packaging.requirements import Requirement
+
+    sys.path.insert(0, str(ROOT / "docker"))
+    try:
+        from requirements import pins, requirements  # docker/requirements.py
+    finally:
+        sys.path.pop(0)
+    locked = {}
+    for line in pins():
+        name, sep, version = line.partition("==")
+        assert sep and version and not any(c in version for c in "<>=;, "), line
+        locked[name.lower().replace("_", "-")] = version
+    env = {"sys_platform": "linux", "platform_machine": "x86_64"}  # what the image runs on
+    deps = [
+        Requirement(d)
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
+    wanted = [d for d in deps if d.marker is None or d.marker.evaluate(env)]
+    assert len(wanted) == len(deps) - 1  # onnxruntime-gpu, not onnxruntime, on linux x86-64
+    for dep in wanted:
+        assert dep.name in locked, f"{dep.name} is not pinned in docker/requirements.lock"
+        assert dep.specifier.contains(locked[dep.name]), f"{dep.name}=={locked[dep.name]} breaks {dep}"
+    assert "uvloop" in locked and "torch" not in locked  # uvicorn[standard]'s extras, no training code
+    cpu = requirements("cpu")
+    assert f"onnxruntime=={locked['onnxruntime-gpu']}" in cpu and not any("onnxruntime-gpu" in r for r in cpu)

@@ -389,22 +389,51 @@ def test_slow_inference_gets_504_and_the_service_stays_up(tiny_model_dir, digits
         assert c.post("/predict", json={"images": [digits[0].tolist()]}).status_code == 200
 
 
-def test_capsnet_serve_refuses_a_missing_model_with_one_clear_line(tmp_path):
+def _broken_model(kind: str, src, dst):
+    import shutil
+
+    if kind == "missing":
+        return {}
+    shutil.copy(src / "decoder.onnx", dst / "decoder.onnx")
+    if kind == "truncated":
+        (dst / "capsnet.onnx").write_bytes((src / "capsnet.onnx").read_bytes()[:5000])
+    elif kind == "foreign":  # a valid ONNX file, but not a CapsNet classifier
+        shutil.copy(src / "decoder.onnx", dst / "capsnet.onnx")
+    elif kind == "not onnx":
+        (dst / "capsnet.onnx").write_text("<html>404 Not Found</html>")
+    else:  # a good model, but a GPU is required on a machine without one
+        shutil.copy(src / "capsnet.onnx", dst / "capsnet.onnx")
+        return {"CAPSNET_REQUIRE_GPU": "1"}
+    return {}
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "model file not found: {dir}/capsnet.onnx"),
+        ("truncated", "cannot load capsnet.onnx: "),
+        ("not onnx", "cannot load capsnet.onnx: "),
+        ("foreign", "capsnet.onnx is not a CapsNet export: inputs ['poses', 'mask']"),
+        ("require gpu", "CAPSNET_REQUIRE_GPU=1 but CUDA is not usable: "),
+    ],
+)
+def test_capsnet_serve_refuses_a_bad_model_with_one_clear_line(tiny_model_dir, tmp_path, kind, message):
+    import os
     import subprocess
     import sys
 
+    env = {**os.environ, **_broken_model(kind, tiny_model_dir, tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "capsnet", "serve", "--model-dir", str(tmp_path), "--port", "1"],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
-    assert proc.returncode != 0
-    assert (
-        proc.stderr.strip().splitlines()[-1]
-        == f"capsnet serve: model file not found: {tmp_path / 'capsnet.onnx'}"
-    )
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("capsnet serve: " + message.format(dir=tmp_path)), proc.stderr
+    assert "Traceback" not in proc.stderr and len(last) < 400
 
 
 def test_reconstruct_equals_the_decoder_on_the_returned_poses(client, tiny_model_dir, digits):

@@ -1,12 +1,8 @@
 """Open Inference Protocol (v2) endpoints, called with the real tritonclient over real HTTP (uvicorn),
 serving two real models by name: the shipped one (the default, behind /predict) and the tiny one."""
 
-import contextlib
 import gzip
 import shutil
-import socket
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -14,42 +10,20 @@ import onnxruntime as ort
 import orjson
 import pytest
 import tritonclient.http as httpclient
-import uvicorn
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
 from service.engine import EngineError
 from service.settings import SHIPPED_MODEL, Settings
+from tests import live
 from tests.factories import mnist_test_images
 
 OUTPUTS = ["probabilities", "poses", "coupling", "primary_activations"]
 
 
-@contextlib.contextmanager
 def serve(settings: Settings):
-    """uvicorn with the app in a background thread on a free port; yields host:port once v2 is ready."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(settings), lifespan="on", log_level="warning", ws="none")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert thread.is_alive(), "the server stopped during startup"
-            assert time.monotonic() < deadline, "the server did not become ready in 60 s"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://{url}/v2/health/ready").status_code == 200:
-                    break
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    return live.serve(settings, ready_path="/v2/health/ready")
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,6 @@ import base64
 import io
 import os
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +19,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
@@ -30,6 +26,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_pla
 from service.app import create_app
 from service.settings import SHIPPED_MODEL, Settings
 from service.web import STATIC_DIR
+from tests import live
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "page-test-key"
@@ -38,29 +35,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 @contextmanager
 def serve(**settings: object) -> Iterator[str]:
-    """The service on a free loopback port, in a thread, until the block ends; yields its base URL."""
-    app = create_app(Settings(model_dir=SHIPPED_MODEL, max_batch_size=8, **settings))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the service did not become ready in 60 s"
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    """The service on the shipped model until the block ends; yields its base URL."""
+    with live.serve(Settings(model_dir=SHIPPED_MODEL, max_batch_size=8, **settings)) as host_port:
+        yield f"http://{host_port}"
 
 
 @pytest.fixture(scope="module")
