@@ -1,6 +1,7 @@
 """The service against a real exported model: every endpoint and input form, on the numbers."""
 
 import io
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -203,13 +204,21 @@ def _tiff_truncated(png):
         ({"data": {"file": "text, not a file"}, "files": {"x": ("a", b"1", "text/plain")}}, 422, ""),
     ],
 )
-def test_bad_input_gets_its_status_and_the_next_request_works(client, digits, kwargs, status, needle):
+def test_bad_input_gets_its_status_and_the_next_request_works(
+    client, session, digits, kwargs, status, needle
+):
     r = client.post("/predict", **kwargs)
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
     assert isinstance(detail, str) and needle in detail and "Traceback" not in detail
+    assert not re.search(r"/(work|usr|home|tmp|opt|root)/|\.py\b|site-packages", r.text), r.text  # no paths
     ok = client.post("/predict", json={"images": [digits[0].tolist()]})
     assert ok.status_code == 200
+    np.testing.assert_allclose(
+        ok.json()["predictions"][0]["probabilities"],
+        direct(session, [digits[0]])["probabilities"][0],
+        rtol=1e-6,
+    )  # the same answer as before the bad request
 
 
 def test_body_and_query_limits(tiny_model_dir, digits):
