@@ -29,6 +29,12 @@ def _train(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _average(args: argparse.Namespace) -> None:
+    from model_export.train import run_average
+
+    run_average(args)
+
+
 def _export(args: argparse.Namespace) -> None:
     from model_export.export import run
 
@@ -90,6 +96,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="override a CapsNetConfig field, e.g. --set conv1_channels=64",
     )
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("average", help="average the weights of several checkpoints of one run")
+    p.add_argument("checkpoints", type=Path, nargs="+", help="checkpoints written by `capsnet train`")
+    p.add_argument("--output", type=Path, required=True)
+    p.set_defaults(func=_average)
 
 
 def build_parser() -> argparse.ArgumentParser:

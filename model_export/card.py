@@ -43,6 +43,7 @@ def build_card(
     cm = confusion(y, preds, len(labels))
     history = state.get("history", [])
     spec = get_spec(state["dataset"])
+    prior = (state.get("initialized_from") or {}).get("training") or {}
     return {
         "name": export_meta["name"],
         "version": export_meta["version"],
@@ -60,10 +61,21 @@ def build_card(
             "command": command,
             "hardware": hardware,
             "epochs": state["epoch"],
-            "wall_seconds": round(sum(h["train_seconds"] + h["eval_seconds"] for h in history), 1),
-            "images_per_second": [round(h["images_per_second"], 1) for h in history],
-            "test_accuracy_per_epoch_pytorch": [h["test_accuracy"] for h in history],
+            "wall_seconds": round(
+                prior.get("wall_seconds", 0.0) + sum(h["train_seconds"] + h["eval_seconds"] for h in history),
+                1,
+            ),
+            "images_per_second": prior.get("images_per_second", [])
+            + [round(h["images_per_second"], 1) for h in history],
+            "test_accuracy_per_epoch_pytorch": prior.get("test_accuracy_per_epoch_pytorch", [])
+            + [h["test_accuracy"] for h in history],
             "args": state.get("args", {}),
+            "initialized_from": {
+                k: v for k, v in (state.get("initialized_from") or {}).items() if k != "training"
+            }
+            | ({"command": prior["command"], "hardware": prior["hardware"]} if prior else {})
+            or None,
+            "averaged_epochs": state.get("averaged_epochs"),
         },
         "evaluation": {
             "runtime": "onnxruntime CPUExecutionProvider",
@@ -90,6 +102,24 @@ def _parameter_count(state: dict[str, Any]) -> dict[str, int]:
     return {"total": total, "without_decoder": total - decoder}
 
 
+def _provenance(tr: dict[str, Any]) -> list[str]:
+    """Card lines for a warm start (`capsnet train --init-from`) and for averaged weights."""
+    lines = []
+    init = tr.get("initialized_from")
+    if init:
+        lines.append(
+            f"- Epochs 1-{init['epochs']} are those of model {init['version']} "
+            f"({init['test_accuracy'] * 100:.2f} % after them), trained with `{init.get('command', '?')}`; "
+            "this run started from its exported weights and epoch count, with a fresh Adam state."
+        )
+    if tr.get("averaged_epochs"):
+        lines.append(
+            f"- The weights are the average of the checkpoints after epochs {tr['averaged_epochs']} "
+            "(no batch norm, so nothing is recalibrated); the accuracy above is the averaged model's."
+        )
+    return lines
+
+
 def render_markdown(card: dict[str, Any]) -> str:
     ev, tr, ds = card["evaluation"], card["training"], card["dataset"]
     labels = list(ev["per_class_accuracy"])
@@ -108,6 +138,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"on {tr['hardware']}; "
         f"{', '.join(str(r) for r in tr['images_per_second'])} images/s per epoch.",
         f"- Command: `{tr['command']}`",
+        *_provenance(tr),
         f"- Data: {ds['name']} in IDX format, {ds['train_images']:,} training images, dataset SHA-256 "
         f"`{ds['sha256']}` (hash of the four file hashes, listed in model_card.json).",
         f"- Checkpoint SHA-256 `{card['export']['checkpoint_sha256']}`, "

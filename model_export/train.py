@@ -108,6 +108,12 @@ def weights_from_export(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[
     return weights, metadata
 
 
+def prior_training(model_dir: Path) -> dict[str, Any] | None:
+    """The training record in an exported model's card, so the new card can tell the whole story."""
+    card = model_dir / "model_card.json"
+    return dict(json.loads(card.read_text())["training"]) if card.exists() else None
+
+
 def state_initialized_from(path: Path) -> dict[str, Any] | None:
     return load_checkpoint(path).get("initialized_from") if path.exists() else None
 
@@ -198,6 +204,7 @@ def train(
             "version": meta.get("version"),
             "epochs": start_epoch,
             "test_accuracy": float(meta["test_accuracy"]),
+            "training": prior_training(Path(init_from)),
         }
         log.info("initialized from %s (%d epochs)", init_from, start_epoch)
     elif resume and state_initialized_from(last_path) is not None:
@@ -283,6 +290,37 @@ def train(
     if not state:  # nothing left to train: hand back what is on disk
         state = load_checkpoint(last_path)
     return state
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+    """One checkpoint whose weights are the mean of several of one run (e.g. its last epochs).
+
+    CapsNet has no batch norm, so averaged weights need no statistics recomputed. The result keeps the
+    last checkpoint's bookkeeping, drops the optimizer state and records what was averaged; its
+    accuracy is measured again, never copied from the inputs.
+    """
+    states = [load_checkpoint(p) for p in paths]
+    first = states[0]
+    for path, st in zip(paths[1:], states[1:], strict=True):
+        if st["config"] != first["config"] or st["dataset"] != first["dataset"]:
+            raise ValueError(f"{path} is from another config or dataset than {paths[0]}")
+    model = {k: sum(st["model"][k].float() for st in states) / len(states) for k in first["model"]}
+    last = max(states, key=lambda st: st["epoch"])
+    averaged = {k: v for k, v in last.items() if k not in ("optimizer", "scheduler")}
+    averaged["model"] = model
+    averaged["averaged_epochs"] = [st["epoch"] for st in states]
+    averaged["test_accuracy"] = None  # not measured yet (run_average and the export measure it)
+    return averaged
+
+
+def run_average(args: argparse.Namespace) -> None:
+    state = average_checkpoints(args.checkpoints)
+    x_test, y_test = load_split(state["dataset"], "test")
+    model = build_model(state)
+    state["test_accuracy"] = evaluate(model, x_test, y_test)
+    log.info("averaged model: test accuracy %.4f (PyTorch)", state["test_accuracy"])
+    save_checkpoint(args.output, state)
+    print(f"averaged epochs {state['averaged_epochs']} into {args.output}")
 
 
 def run(args: argparse.Namespace) -> None:

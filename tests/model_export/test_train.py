@@ -79,3 +79,18 @@ def test_init_from_an_exported_model_continues_its_epochs(tiny_model_dir, tmp_pa
     )
     with pytest.raises(SystemExit, match="another config"):
         train(epochs=2, limit=32, output=tmp_path / "wide", progress=False, init_from=tiny_model_dir)
+
+
+def test_average_checkpoints_means_the_weights_and_drops_the_optimizer(tmp_path):
+    from model_export.train import average_checkpoints, save_checkpoint
+
+    kw = {"limit": 64, "batch_size": 32, "eval_limit": 100, "progress": False}
+    kw["config_overrides"] = {"conv1_channels": 8, "primary_types": 2}
+    one = train(epochs=1, output=tmp_path / "run", **kw)
+    save_checkpoint(tmp_path / "e1.pt", one)
+    two = train(epochs=2, output=tmp_path / "run", resume=True, **kw)
+    avg = average_checkpoints([tmp_path / "e1.pt", tmp_path / "run" / "last.pt"])
+    for k, w in avg["model"].items():
+        torch.testing.assert_close(w, (one["model"][k] + two["model"][k]) / 2)
+    assert avg["averaged_epochs"] == [1, 2] and avg["epoch"] == 2 and avg["test_accuracy"] is None
+    assert "optimizer" not in avg and build_model(avg) is not None
