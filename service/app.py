@@ -121,6 +121,12 @@ class Metrics:
             self.queue_time.observe(q)
 
 
+def error_body(path: str, detail: str) -> dict[str, str]:
+    """Errors answered before any route runs: {"error"} on the Open Inference Protocol's paths, as it
+    says, {"detail"} everywhere else."""
+    return {"error": detail} if path == "/v2" or path.startswith("/v2/") else {"detail": detail}
+
+
 class MetricsMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware overhead) counting requests per route and status."""
 
@@ -143,7 +149,10 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            path = scope["path"] if scope["path"] in self.paths() else "other"
+            # the matched route's template (/v2/models/{name}/infer): a label per route, never per URL;
+            # answered before routing (401, 503 busy): the path when it is a route's, else "other"
+            route = getattr(scope.get("route"), "path", None)
+            path = route or (scope["path"] if scope["path"] in self.paths() else "other")
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
 
@@ -168,7 +177,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         detail = "missing or wrong API key: send `Authorization: Bearer <key>`"
-        response = json_response({"detail": detail}, 401, {"WWW-Authenticate": "Bearer"})
+        response = json_response(error_body(path, detail), 401, {"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
 
@@ -189,7 +198,8 @@ class AdmissionMiddleware:
                 f"the server is busy: {self.in_flight} requests in progress (limit {self.limit}); "
                 "retry shortly"
             )
-            await json_response({"detail": detail}, 503, {"Retry-After": "1"})(scope, receive, send)
+            body = error_body(scope["path"], detail)
+            await json_response(body, 503, {"Retry-After": "1"})(scope, receive, send)
             return
         self.in_flight += 1
         try:

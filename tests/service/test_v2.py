@@ -315,7 +315,19 @@ def test_api_key_guards_v2_but_not_its_health(tiny_model_dir):
     app = create_app(Settings(model_dir=tiny_model_dir, api_key="s3cret"))
     with TestClient(app) as client:
         assert client.get("/v2/health/live").status_code == 200
-        assert client.get("/v2/models/tiny").status_code == 401
+        denied = client.get("/v2/models/tiny")
+        assert denied.status_code == 401 and "API key" in denied.json()["error"]  # the protocol's shape
         assert client.get("/v2").status_code == 401
         r = client.get("/v2/models/tiny", headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 200 and r.json()["name"] == "tiny"
+        infer = {
+            "inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]
+        }
+        ok = client.post("/v2/models/tiny/infer", json=infer, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        metrics = client.get("/metrics").text  # labelled by route template, not by model name
+        assert (
+            'capsnet_requests_total{endpoint="/v2/models/{name}/infer",method="POST",status="200"} 1.0'
+            in metrics
+        )
+        assert 'capsnet_requests_total{endpoint="other",method="GET",status="401"} 2.0' in metrics
