@@ -93,11 +93,23 @@ def _session_options(intra_op_threads: int) -> ort.SessionOptions:
     return so
 
 
-def _open(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+def _with_options(
+    providers: list[str], cuda_options: dict[str, str]
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The CUDA provider with its options (cuDNN's convolution algorithm search above all: Conv1 and
+    PrimaryCaps are most of the work), the others as they are."""
+    return [(p, cuda_options) if p == CUDA else p for p in providers]
+
+
+def _open(
+    path: Path, providers: list[str], threads: int, cuda_options: dict[str, str] | None = None
+) -> ort.InferenceSession:
     if not path.is_file():
         raise EngineError(f"model file not found: {path}")
     try:
-        return ort.InferenceSession(str(path), _session_options(threads), providers=providers)
+        return ort.InferenceSession(
+            str(path), _session_options(threads), providers=_with_options(providers, cuda_options or {})
+        )
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
         raise EngineError(f"cannot load {path.name}: {str(exc).splitlines()[0][:300]}") from exc
 
@@ -106,9 +118,15 @@ class Engine:
     """The classifier and decoder sessions, shared by all requests. `run` is thread-safe (ORT is)."""
 
     def __init__(
-        self, model_dir: Path, providers: str = "auto", intra_op_threads: int = 0, require_gpu: bool = False
+        self,
+        model_dir: Path,
+        providers: str = "auto",
+        intra_op_threads: int = 0,
+        require_gpu: bool = False,
+        cudnn_conv_algo_search: str = "EXHAUSTIVE",
     ) -> None:
         wanted = choose_providers(providers)
+        cuda_options = {"cudnn_conv_algo_search": cudnn_conv_algo_search, "do_copy_in_default_stream": "1"}
         if require_gpu and CUDA not in wanted:
             if CUDA not in ort.get_available_providers():
                 why = (
@@ -119,7 +137,7 @@ class Engine:
             else:
                 why = f"the providers setting {providers!r} leaves CUDA out"
             raise EngineError(f"CAPSNET_REQUIRE_GPU=1 but CUDA is not usable: {why}")
-        self.classifier = _open(model_dir / "capsnet.onnx", wanted, intra_op_threads)
+        self.classifier = _open(model_dir / "capsnet.onnx", wanted, intra_op_threads, cuda_options)
         self.providers: list[str] = self.classifier.get_providers()  # what ORT really uses
         if CUDA in wanted and CUDA not in self.providers:
             log.warning(
@@ -133,14 +151,21 @@ class Engine:
                 f"to {self.providers} (check the GPU, the NVIDIA driver, CUDA 13 and cuDNN 9)"
             )
         decoder_path = model_dir / "decoder.onnx"
-        self.decoder = _open(decoder_path, wanted, intra_op_threads) if decoder_path.exists() else None
+        self.decoder = (
+            _open(decoder_path, wanted, intra_op_threads, cuda_options) if decoder_path.exists() else None
+        )
         self.info = self._read_info(model_dir)
         log.info("loaded %s %s from %s on %s", self.info.name, self.info.version, model_dir, self.providers)
 
     @classmethod
-    def from_settings(cls, s: Settings) -> Engine:
+    def from_settings(cls, s: Settings, model_dir: Path | None = None) -> Engine:
+        """The engine for `model_dir` (default: the settings' model) with the settings' options."""
         return cls(
-            s.model_dir, providers=s.providers, intra_op_threads=s.intra_op_threads, require_gpu=s.require_gpu
+            model_dir or s.model_dir,
+            providers=s.providers,
+            intra_op_threads=s.intra_op_threads,
+            require_gpu=s.require_gpu,
+            cudnn_conv_algo_search=s.cudnn_conv_algo_search,
         )
 
     def _read_info(self, model_dir: Path) -> ModelInfo:

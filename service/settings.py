@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,9 @@ class Settings(BaseSettings):
     )
     providers: str = Field(
         "auto", description="'auto' (CUDA when usable, else CPU) or a comma list of ORT providers"
+    )
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "EXHAUSTIVE", description="CUDA provider: how cuDNN picks convolution algorithms (once, at warm-up)"
     )
     require_gpu: bool = Field(False, description="fail startup unless the CUDA provider is really used")
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads, 0 = one per core")

@@ -196,9 +196,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     warm: list[asyncio.Task[None]] = []
     try:
         for directory in extra_model_dirs(s):
-            engine = await asyncio.to_thread(
-                Engine, directory, s.providers, s.intra_op_threads, s.require_gpu
-            )
+            engine = await asyncio.to_thread(Engine.from_settings, s, directory)
             stats = BatchStats(state.metrics.observe_batch)
             model = ServedModel(engine, Batcher(engine, s.max_batch_size, s.max_wait_ms, s.queue_size, stats))
             repo.add(model)

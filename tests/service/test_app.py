@@ -348,6 +348,29 @@ def test_cuda_requested_without_gpu_is_reported_honestly(tiny_model_dir):
         assert providers[-1] == "CPUExecutionProvider"
 
 
+def test_cuda_provider_gets_its_options(tiny_model_dir, monkeypatch):
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(path, options=None, providers=None):
+        seen.append(providers)
+        return real(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    settings = Settings(
+        model_dir=tiny_model_dir, providers="CUDAExecutionProvider,CPUExecutionProvider",
+        cudnn_conv_algo_search="HEURISTIC",
+    )  # fmt: skip
+    Engine.from_settings(settings)
+    cuda = (
+        "CUDAExecutionProvider",
+        {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"},
+    )
+    assert seen == [[cuda, "CPUExecutionProvider"]] * 2  # classifier and decoder
+    with pytest.raises(ValueError, match="cudnn_conv_algo_search"):
+        Settings(cudnn_conv_algo_search="FASTEST")
+
+
 def test_require_gpu_fails_startup_without_cuda(tiny_model_dir):
     try:
         import ctypes
