@@ -1,0 +1,54 @@
+import numpy as np
+
+from model_export.card import build_card, evaluate_onnx, render_markdown
+from model_export.config import CapsNetConfig
+from model_export.data import load_split
+from model_export.model import CapsNet
+from tests.factories import TINY
+
+
+def test_card_of_a_warm_started_averaged_model_tells_the_whole_story(tiny_model_dir):
+    cfg = CapsNetConfig(**TINY)
+    prior = {
+        "command": "capsnet train --epochs 3",
+        "hardware": "first machine",
+        "wall_seconds": 100.0,
+        "images_per_second": [30.0, 31.0, 32.0],
+        "test_accuracy_per_epoch_pytorch": [0.97, 0.98, 0.99],
+    }
+    state = {
+        "config": cfg.to_dict(),
+        "model": CapsNet(cfg).state_dict(),
+        "dataset": "mnist",
+        "dataset_sha256": "d" * 64,
+        "labels": [str(i) for i in range(10)],
+        "epoch": 5,
+        "train_images": 60_000,
+        "history": [
+            {"train_seconds": 10.0, "eval_seconds": 2.0, "images_per_second": 40.0, "test_accuracy": 0.991},
+            {"train_seconds": 11.0, "eval_seconds": 2.0, "images_per_second": 41.0, "test_accuracy": 0.992},
+        ],
+        "initialized_from": {"version": "mnist-e3-x", "epochs": 3, "test_accuracy": 0.99, "training": prior},
+        "averaged_epochs": [4, 5],
+    }
+    meta = {
+        "name": "tiny",
+        "version": "v",
+        "checkpoint_sha256": "c" * 64,
+        "exported_at": "now",
+        "opset": "17",
+    }
+    card = build_card(tiny_model_dir, state, meta, command="capsnet train --init-from m", hardware="here")
+    tr = card["training"]
+    assert tr["wall_seconds"] == 125.0 and tr["images_per_second"] == [30.0, 31.0, 32.0, 40.0, 41.0]
+    assert tr["test_accuracy_per_epoch_pytorch"] == [0.97, 0.98, 0.99, 0.991, 0.992]
+    assert tr["initialized_from"]["command"] == "capsnet train --epochs 3" and tr["averaged_epochs"] == [4, 5]
+    x, y = load_split("mnist", "test")
+    preds = evaluate_onnx(tiny_model_dir / "capsnet.onnx", x)
+    assert card["evaluation"]["errors"] == int((preds != y).sum())
+    assert np.array(card["evaluation"]["confusion_matrix"]).sum() == 10_000
+    md = render_markdown(card)
+    assert "Epochs 1-3 are those of model mnist-e3-x (99.00 % after them)" in md
+    assert (
+        "average of the checkpoints after epochs [4, 5]" in md and "125" not in md.split("min wall")[0][-8:]
+    )
