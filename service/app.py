@@ -354,6 +354,11 @@ def _json_arrays(body: bytes, settings: Settings) -> list[np.ndarray]:
 
 async def read_request_images(request: Request, state: State, preprocess: Preprocess) -> np.ndarray:
     assert state.batcher is not None
+    if state.batcher.pending >= state.settings.queue_size:  # refuse before paying for reading + decoding
+        state.metrics.rejected.inc()
+        waiting, limit = state.batcher.pending, state.settings.queue_size
+        detail = f"the server is busy: {waiting} images are waiting (limit {limit}); retry shortly"
+        raise APIError(503, detail, {"Retry-After": "1"})
     with state.batcher.arriving():
         return await read_images(request, state.settings, preprocess)
 
