@@ -179,7 +179,7 @@ def sustained_load(seconds: float, concurrency: int = 64, body: Path = DEFAULT_B
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            wrk(_url(port), body, concurrency, max(2.0, seconds / 10), Path(tmp))  # warm-up
+            wrk(_url(port), body, concurrency, max(5.0, seconds / 10), Path(tmp))  # warm-up
             warm_rss = _proc_cpu_rss(proc.pid)[1]
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
