@@ -78,6 +78,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--output", type=Path, default=Path("runs/capsnet"))
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument(
+        "--resume-lr",
+        type=float,
+        default=None,
+        help="with --resume: go on at this learning rate (decayed per epoch as before), a low-rate phase",
+    )
+    p.add_argument(
         "--init-from",
         type=Path,
         default=None,

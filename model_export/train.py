@@ -148,6 +148,7 @@ def train(
     config_overrides: dict[str, Any] | None = None,
     data_dir: Path | None = None,
     init_from: Path | None = None,
+    resume_lr: float | None = None,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -180,6 +181,9 @@ def train(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], state["history"]
+        if resume_lr is not None:  # a new phase of the schedule (e.g. a final low-rate one); logged per epoch
+            for group in opt.param_groups:
+                group["lr"] = resume_lr
         best_acc = max((h["test_accuracy"] for h in history), default=-1.0)
         log.info("resuming from %s after epoch %d", last_path, start_epoch)
     elif not resume and log_path.exists():
@@ -342,6 +346,7 @@ def run(args: argparse.Namespace) -> None:
         config_overrides=parse_overrides(args.set),
         data_dir=args.data_dir,
         init_from=args.init_from,
+        resume_lr=args.resume_lr,
     )
     print(
         f"epoch {state['epoch']}: test accuracy {state['test_accuracy']:.4f}; "

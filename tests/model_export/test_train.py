@@ -94,3 +94,12 @@ def test_average_checkpoints_means_the_weights_and_drops_the_optimizer(tmp_path)
         torch.testing.assert_close(w, (one["model"][k] + two["model"][k]) / 2)
     assert avg["averaged_epochs"] == [1, 2] and avg["epoch"] == 2 and avg["test_accuracy"] is None
     assert "optimizer" not in avg and build_model(avg) is not None
+
+
+def test_resume_lr_starts_a_new_phase_of_the_schedule(tmp_path):
+    kw = {"limit": 32, "batch_size": 32, "eval_limit": 50, "progress": False, "output": tmp_path}
+    kw["config_overrides"] = {"conv1_channels": 8, "primary_types": 2}
+    first = train(epochs=1, **kw)
+    assert first["history"][0]["lr"] == pytest.approx(1e-3 * 0.96)
+    second = train(epochs=3, resume=True, resume_lr=1e-5, **kw)
+    assert [h["lr"] for h in second["history"]] == pytest.approx([1e-3 * 0.96, 1e-5 * 0.96, 1e-5 * 0.96**2])
