@@ -1,0 +1,73 @@
+"""Where onnxruntime spends inference time, per operator type: the profile behind the benchmark's
+ratio of the full graph to the conv-only ceiling.
+
+    python -m bench.profile [--model-dir models/capsnet-mnist] [--batch 32] [--runs 10]
+
+Runs the exported graph with onnxruntime's profiler and prints each operator type's share of the
+kernel time, with the nodes grouped as the convolutions (Conv1 + PrimaryCaps, what the ceiling graph
+holds) and everything after them (squash, votes, routing, lengths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONV_OPS = {"Conv", "FusedConv", "NchwcConv", "Relu", "ReorderInput", "ReorderOutput"}
+
+
+def profile(model_dir: Path, batch: int, runs: int, threads: int = 0) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "capsnet")
+        sess = ort.InferenceSession(str(model_dir / "capsnet.onnx"), so, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
+        names = ["probabilities", "poses"]  # what /predict asks for
+        for _ in range(runs + 1):  # the first run (allocations) is left out below
+            sess.run(names, {"image": x})
+        trace = json.loads(Path(sess.end_profiling()).read_text())
+    runs_seen = [ev for ev in trace if ev.get("name") == "model_run"]
+    first_end = runs_seen[0]["ts"] + runs_seen[0]["dur"] if runs_seen else 0
+    trace = [ev for ev in trace if ev.get("ts", 0) >= first_end]
+    by_op: dict[str, float] = defaultdict(float)
+    for ev in trace:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            by_op[ev["args"]["op_name"]] += ev["dur"]
+    total = sum(by_op.values())
+    conv = sum(v for k, v in by_op.items() if k in CONV_OPS)
+    return {
+        "batch": batch,
+        "runs": runs,
+        "kernel_ms_per_run": round(total / 1e3 / runs, 2),
+        "conv_share": round(conv / total, 3),
+        "after_conv_share": round(1 - conv / total, 3),
+        "by_op": {k: round(v / total, 4) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model-dir", type=Path, default=Path("models/capsnet-mnist"))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--runs", type=int, default=10)
+    args = p.parse_args(argv)
+    r = profile(args.model_dir, args.batch, args.runs)
+    print(f"B = {r['batch']}, {r['runs']} runs, {r['kernel_ms_per_run']} ms of kernels per run")
+    print(f"convolutions {r['conv_share']:.1%}, everything after them {r['after_conv_share']:.1%}")
+    for op, share in r["by_op"].items():
+        print(f"  {op:<24}{share:7.1%}")
+
+
+if __name__ == "__main__":
+    main()
