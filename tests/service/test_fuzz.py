@@ -39,7 +39,11 @@ def image_files(draw) -> bytes:
     if fmt == "JPEG" and mode not in ("L", "RGB"):
         img = img.convert("RGB")
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    try:
+        img.save(buf, format=fmt)
+    except (OSError, ValueError):  # a mode this format cannot store (e.g. 16-bit as BMP)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
     return buf.getvalue()
 
 
