@@ -156,6 +156,8 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its convolution algorithms
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     last_path, best_path, log_path = output / "last.pt", output / "best.pt", output / "log.jsonl"

@@ -1,0 +1,84 @@
+"""The fp16 variant: same API, convolutions and matrix products in half precision, the rest in fp32."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from model_export.fp16 import FP16_FILE, to_fp16, write_fp16
+from tests.factories import mnist_test_images
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _inputs_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of every tensor a node reads (inferred)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.input})
+    types.update({i.name: i.data_type for i in inferred.graph.initializer})
+    return types
+
+
+def test_heavy_ops_read_fp16_and_everything_else_fp32(tiny_model_dir):
+    model = onnx.load(str(tiny_model_dir / "capsnet.onnx"))
+    half = to_fp16(model)
+    types = _inputs_types(half)
+    for node in half.graph.node:
+        if node.op_type in ("Conv", "MatMul"):
+            assert all(types[name] == TensorProto.FLOAT16 for name in node.input if name), node.name
+        elif node.op_type in ("Softmax", "Sqrt", "Div", "ReduceSum"):
+            assert types[node.input[0]] == TensorProto.FLOAT, node.name  # (ReduceSum's axes are int64)
+    # The API is unchanged: same names, fp32 in and out.
+    before = list(model.graph.input) + list(model.graph.output)
+    for a, b in zip(before, list(half.graph.input) + list(half.graph.output), strict=True):
+        assert a.name == b.name and b.type.tensor_type.elem_type == TensorProto.FLOAT
+    # û is read by every routing iteration's two products but cast once.
+    casts = collections.Counter(n.input[0] for n in half.graph.node if n.op_type == "Cast")
+    assert max(casts.values()) == 1
+    # The convolution weights are stored in half precision.
+    inits = {i.name: i for i in half.graph.initializer}
+    assert inits["model.primary.conv.weight"].data_type == TensorProto.FLOAT16
+
+
+def test_fp16_outputs_stay_close_to_fp32_and_classify_alike(tiny_model_dir):
+    model = onnx.load(str(tiny_model_dir / "capsnet.onnx"))
+    x = mnist_test_images(32)
+    ref = _session(model).run(None, {"image": x})
+    got = _session(to_fp16(model)).run(None, {"image": x})
+    names = [o.name for o in model.graph.output]
+    for name, a, b in zip(names, ref, got, strict=True):
+        assert b.dtype == np.float32 and b.shape == a.shape
+        np.testing.assert_allclose(b, a, atol=2e-3, err_msg=name)
+    # The coupling rows remain distributions over the parents.
+    np.testing.assert_allclose(got[names.index("coupling")].sum(-1), 1.0, atol=1e-5)
+
+
+def test_write_fp16_puts_the_variant_beside_the_model_with_its_precision(tiny_model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    path = write_fp16(d)
+    assert path == d / FP16_FILE
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["precision"] == "fp16"
+    original = {p.key: p.value for p in onnx.load(str(d / "capsnet.onnx")).metadata_props}
+    meta.pop("precision")
+    original.pop("precision", None)
+    assert meta == original
+    assert path.stat().st_size < (d / "capsnet.onnx").stat().st_size  # the conv weights in half
+
+
+@pytest.mark.parametrize("op", ["Relu"])
+def test_ops_outside_the_list_are_untouched(tiny_model_dir, op):
+    model = onnx.load(str(tiny_model_dir / "capsnet.onnx"))
+    half = to_fp16(model, ops=("Conv",))
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert [n for n in half.graph.node if n.op_type == "MatMul"] == matmuls
+    assert sum(n.op_type == op for n in half.graph.node) == sum(n.op_type == op for n in model.graph.node)
