@@ -497,3 +497,71 @@ def test_good_array_keeps_every_pixel_in_place() -> None:
     np.testing.assert_allclose(out, values, rtol=1e-7)
     np.testing.assert_array_equal(validate_array(values), out)
     np.testing.assert_array_equal(validate_array(tuple(tuple(r) for r in values.tolist())), out)
+
+
+@pytest.mark.parametrize("shape", [(48, 47), (5, 9), (3, 3), (227, 224)])
+@pytest.mark.parametrize(
+    ("size", "pil", "op"),
+    [(15, "MinFilter", np.minimum), (15, "MaxFilter", np.maximum), (5, "MaxFilter", np.maximum)],
+)
+def test_rank_filter_equals_pil_bit_for_bit(shape: tuple[int, int], size: int, pil: str, op: object) -> None:
+    from PIL import ImageFilter
+
+    from service.preprocess import _rank_filter
+
+    rng = np.random.default_rng(sum(shape) + size)
+    for a in (rng.random(shape, dtype=np.float32), (rng.random(shape) > 0.7).astype(np.uint8) * 255):
+        expected = np.asarray(Image.fromarray(a).filter(getattr(ImageFilter, pil)(size)))
+        np.testing.assert_array_equal(_rank_filter(a, size, op), expected)  # type: ignore[arg-type]
+
+
+def _components_by_flood_fill(mask: np.ndarray) -> list[set[tuple[int, int]]]:
+    """Plain-loops reference: 8-connected components as sets of pixels."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask), strict=True):
+        if seen[y0, x0]:
+            continue
+        comp, stack = set(), [(int(y0), int(x0))]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            comp.add((y, x))
+            for ny in range(max(0, y - 1), min(h, y + 2)):
+                for nx in range(max(0, x - 1), min(w, x + 2)):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        out.append(comp)
+    return out
+
+
+def _serpentine(side: int) -> np.ndarray:
+    m = np.zeros((side, side), dtype=bool)
+    m[::2] = True
+    for r in range(1, side, 2):
+        m[r, side - 1 if (r // 2) % 2 == 0 else 0] = True  # the turns of one long path
+    return m
+
+
+@pytest.mark.parametrize("case", ["random-sparse", "random-dense", "serpentine", "empty", "full", "diagonal"])
+def test_components_partition_the_mask_like_a_flood_fill(case: str) -> None:
+    from service.preprocess import _components
+
+    rng = np.random.default_rng(7)
+    mask = {
+        "random-sparse": rng.random((40, 57)) > 0.7,
+        "random-dense": rng.random((96, 96)) > 0.45,
+        "serpentine": _serpentine(96),
+        "empty": np.zeros((10, 12), dtype=bool),
+        "full": np.ones((9, 7), dtype=bool),
+        "diagonal": np.eye(30, dtype=bool) | np.eye(30, k=5, dtype=bool)[::-1],
+    }[case]
+    labels = _components(mask)
+    assert ((labels > 0) == mask).all()
+    got = [set(zip(*np.nonzero(labels == k), strict=True)) for k in np.unique(labels[labels > 0])]
+    expected = _components_by_flood_fill(mask)
+    assert sorted(map(sorted, got)) == sorted(map(sorted, expected))
+    if case == "serpentine":
+        assert len(got) == 1  # one path 2,400 pixels long is one component
