@@ -69,6 +69,7 @@ def build_card(
             + [round(h["images_per_second"], 1) for h in history],
             "test_accuracy_per_epoch_pytorch": prior.get("test_accuracy_per_epoch_pytorch", [])
             + [h["test_accuracy"] for h in history],
+            "phases": _phases(prior, history, hardware, state["epoch"]),
             "args": state.get("args", {}),
             "initialized_from": {
                 k: v for k, v in (state.get("initialized_from") or {}).items() if k != "training"
@@ -100,6 +101,44 @@ def _parameter_count(state: dict[str, Any]) -> dict[str, int]:
     total = sum(int(np.prod(t.shape)) for t in state["model"].values())
     decoder = sum(int(np.prod(t.shape)) for k, t in state["model"].items() if k.startswith("decoder."))
     return {"total": total, "without_decoder": total - decoder}
+
+
+def _phases(
+    prior: dict[str, Any], history: list[dict[str, Any]], hardware: str, epochs: int
+) -> list[dict[str, Any]]:
+    """One entry per stretch of epochs run on one machine, so a run continued elsewhere (a CPU start,
+    a GPU finish) reports each machine's time and speed, not one sum under the last machine's name."""
+    phases: list[dict[str, Any]] = list(prior.get("phases") or [])
+    if prior and not phases:  # a card written before phases existed: its whole record is one
+        phases = [
+            {
+                "epochs": [1, prior.get("epochs") or len(prior["images_per_second"])],
+                "hardware": prior["hardware"],
+                "wall_seconds": prior["wall_seconds"],
+                "images_per_second": prior["images_per_second"],
+            }
+        ]
+    if history:
+        phases.append(
+            {
+                "epochs": [epochs - len(history) + 1, epochs],
+                "hardware": hardware,
+                "wall_seconds": round(sum(h["train_seconds"] + h["eval_seconds"] for h in history), 1),
+                "images_per_second": [round(h["images_per_second"], 1) for h in history],
+            }
+        )
+    return phases
+
+
+def _phase_line(ph: dict[str, Any]) -> str:
+    rates = ph["images_per_second"]
+    first, last = ph["epochs"]
+    span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+    speed = f"{rates[0]:,.1f}" if len(rates) == 1 else f"{min(rates):,.1f}-{max(rates):,.1f}"
+    return (
+        f"  - {span}: {ph['wall_seconds'] / 60:.1f} min on {ph['hardware']}, "
+        f"{speed} images/s (median {float(np.median(rates)):,.1f})"
+    )
 
 
 def _provenance(tr: dict[str, Any]) -> list[str]:
@@ -134,9 +173,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         f"- Test accuracy: **{ev['test_accuracy'] * 100:.2f} %** on the {ds['test_images']:,} "
         f"{ds['name']} test images ({ev['errors']} errors).",
-        f"- Training: {tr['epochs']} epoch(s), {tr['wall_seconds'] / 60:.1f} min wall time "
-        f"on {tr['hardware']}; "
-        f"{', '.join(str(r) for r in tr['images_per_second'])} images/s per epoch.",
+        f"- Training: {tr['epochs']} epoch(s), {tr['wall_seconds'] / 60:.1f} min wall time in all "
+        "(per-epoch figures in model_card.json):",
+        *[_phase_line(ph) for ph in tr["phases"]],
         f"- Command: `{tr['command']}`",
         *_provenance(tr),
         f"- Data: {ds['name']} in IDX format, {ds['train_images']:,} training images, dataset SHA-256 "

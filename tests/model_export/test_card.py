@@ -42,6 +42,15 @@ def test_card_of_a_warm_started_averaged_model_tells_the_whole_story(tiny_model_
     tr = card["training"]
     assert tr["wall_seconds"] == 125.0 and tr["images_per_second"] == [30.0, 31.0, 32.0, 40.0, 41.0]
     assert tr["test_accuracy_per_epoch_pytorch"] == [0.97, 0.98, 0.99, 0.991, 0.992]
+    assert tr["phases"] == [
+        {
+            "epochs": [1, 3],
+            "hardware": "first machine",
+            "wall_seconds": 100.0,
+            "images_per_second": [30.0, 31.0, 32.0],
+        },
+        {"epochs": [4, 5], "hardware": "here", "wall_seconds": 25.0, "images_per_second": [40.0, 41.0]},
+    ]
     assert tr["initialized_from"]["command"] == "capsnet train --epochs 3" and tr["averaged_epochs"] == [4, 5]
     x, y = load_split("mnist", "test")
     preds = evaluate_onnx(tiny_model_dir / "capsnet.onnx", x)
@@ -49,6 +58,24 @@ def test_card_of_a_warm_started_averaged_model_tells_the_whole_story(tiny_model_
     assert np.array(card["evaluation"]["confusion_matrix"]).sum() == 10_000
     md = render_markdown(card)
     assert "Epochs 1-3 are those of model mnist-e3-x (99.00 % after them)" in md
+    assert "  - epochs 1-3: 1.7 min on first machine, 30.0-32.0 images/s (median 31.0)" in md
+    assert "  - epochs 4-5: 0.4 min on here, 40.0-41.0 images/s (median 40.5)" in md
     assert (
         "average of the checkpoints after epochs [4, 5]" in md and "125" not in md.split("min wall")[0][-8:]
     )
+
+
+def test_phases_chain_across_several_warm_starts():
+    from model_export.card import _phases
+
+    first = {"epochs": [1, 2], "hardware": "cpu", "wall_seconds": 60.0, "images_per_second": [30.0, 31.0]}
+    second = {"epochs": [3, 3], "hardware": "cpu", "wall_seconds": 30.0, "images_per_second": [32.0]}
+    prior = {"phases": [first, second], "epochs": 3, "hardware": "cpu", "wall_seconds": 90.0}
+    history = [{"train_seconds": 4.0, "eval_seconds": 0.1, "images_per_second": 15000.0}]
+    phases = _phases(prior, history, "gpu", epochs=4)
+    assert phases == [
+        first,
+        second,
+        {"epochs": [4, 4], "hardware": "gpu", "wall_seconds": 4.1, "images_per_second": [15000.0]},
+    ]
+    assert _phases({}, history, "gpu", epochs=1)[0]["epochs"] == [1, 1]  # a run from scratch: one phase
