@@ -16,9 +16,9 @@ from service.settings import SHIPPED_MODEL, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in {".png", ".jpg"})
-# Issue 5 asks for >= 99.5 %; this floor is what the shipped model must never fall below, and the
+# Issue 5 asks for >= 99.5 % through onnxruntime: the shipped model must never fall below it, and the
 # card's own figure is checked exactly below.
-ACCURACY_FLOOR = 0.994
+ACCURACY_FLOOR = 0.995
 
 
 def test_shipped_artifacts_are_complete_and_small():
