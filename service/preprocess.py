@@ -78,11 +78,12 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, exact_size: int | None = None) -> Image.Image:
     """Decode an upload into a fully loaded Pillow image (first frame, EXIF orientation applied).
 
     The pixel count is checked against `max_pixels` from the header, before any pixel is decoded, so a
-    small file that claims a huge canvas (a decompression bomb) costs nothing.
+    small file that claims a huge canvas (a decompression bomb) costs nothing; so is `exact_size`
+    (a square side the image must have), so a wrong-sized image is refused without decoding it.
     """
     if not data:
         raise PreprocessError(400, "The upload is empty.")
@@ -108,6 +109,12 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         if width * height > max_pixels:
             raise PreprocessError(
                 413, f"The image has {width}x{height} pixels, more than the limit of {max_pixels}."
+            )
+        if exact_size is not None and (width, height) != (exact_size, exact_size):
+            raise PreprocessError(
+                422,
+                f"preprocess=none needs a {exact_size}x{exact_size} image, got {width}x{height}; "
+                "use preprocess=mnist for photos and scans.",
             )
         try:
             img.seek(0)  # multi-frame GIF/TIFF/WebP: the first frame
@@ -343,16 +350,9 @@ def preprocess_bytes(data: bytes, *, mode: Literal["mnist", "none"], max_pixels:
     """
     if mode not in ("mnist", "none"):
         raise PreprocessError(422, f"Unknown preprocess mode {_describe(mode)}: use 'mnist' or 'none'.")
-    img = decode_image(data, max_pixels=max_pixels)
     if mode == "mnist":
-        return to_mnist(img)
-    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-        width, height = img.size
-        raise PreprocessError(
-            422,
-            f"preprocess=none needs a {IMAGE_SIZE}x{IMAGE_SIZE} image, got {width}x{height}; "
-            "use preprocess=mnist for photos and scans.",
-        )
+        return to_mnist(decode_image(data, max_pixels=max_pixels))
+    img = decode_image(data, max_pixels=max_pixels, exact_size=IMAGE_SIZE)  # (EXIF keeps a square square)
     grey = _grey(img, background=0.0)
     return np.ascontiguousarray(grey, dtype=np.float32)
 

@@ -565,3 +565,20 @@ def test_components_partition_the_mask_like_a_flood_fill(case: str) -> None:
     assert sorted(map(sorted, got)) == sorted(map(sorted, expected))
     if case == "serpentine":
         assert len(got) == 1  # one path 2,400 pixels long is one component
+
+
+def test_preprocess_none_refuses_a_wrong_size_from_the_header_without_decoding(monkeypatch) -> None:
+    from PIL import ImageFile
+
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buf, format="PNG")  # ~9 MB of pixels in a few KB
+    assert len(buf.getvalue()) < 64 * 1024
+
+    def no_decoding(self: object) -> None:
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(PreprocessError) as info:
+        preprocess_bytes(buf.getvalue(), mode="none", max_pixels=MAX_PIXELS * 4)
+    assert info.value.status_code == 422
+    assert "needs a 28x28 image, got 3000x3000" in info.value.detail
