@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the model over HTTP (settings: CAPSNET_* variables)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (CAPSNET_WORKERS, 1)")
     p.add_argument("--model-dir", type=Path, default=None, help="overrides CAPSNET_MODEL_DIR")
     p.set_defaults(func=_serve)
 

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> None:
         factory=True,
         host=args.host,
         port=args.port,
-        workers=args.workers,
+        workers=args.workers or s.workers,  # each worker: its own session, batcher and GIL
         log_level=s.log_level.lower(),
         timeout_graceful_shutdown=30,
     )

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(25_000_000, ge=1, description="largest decoded image (413)")
     max_images: int = Field(64, ge=1, description="most images in one request (413)")
     request_timeout_s: float = Field(30.0, gt=0, description="inference wait before 504")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (`capsnet serve --workers` wins)")
     log_level: str = Field("info", description="logging level")
     api_key: SecretStr | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
     open_health: bool = Field(True, description="with an API key: /health/* stay open (probes)")

@@ -590,3 +590,28 @@ def test_routing_heatmap_pixels_follow_the_coupling(client, digits, weighted):
         np.testing.assert_array_equal(img[y + 2, x + 2], want)  # inside the cell, off its edges
     assert client.post("/routing-trace?format=png&class_index=10", content=png,
                        headers={"content-type": "image/png"}).status_code == 422  # fmt: skip
+
+
+@pytest.mark.parametrize(("env", "flag", "expected"), [(None, None, 1), ("3", None, 3), ("3", 2, 2)])
+def test_capsnet_serve_takes_its_workers_from_capsnet_workers_unless_the_flag_says(
+    tiny_model_dir, monkeypatch, env, flag, expected
+):
+    import argparse
+
+    import uvicorn
+
+    from service.cli import run
+    from service.settings import get_settings
+
+    if env is None:
+        monkeypatch.delenv("CAPSNET_WORKERS", raising=False)
+    else:
+        monkeypatch.setenv("CAPSNET_WORKERS", env)
+    monkeypatch.setenv("CAPSNET_MODEL_DIR", str(tiny_model_dir))
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.update(kw))
+    try:
+        run(argparse.Namespace(host="127.0.0.1", port=1, workers=flag, model_dir=None))
+    finally:
+        get_settings.cache_clear()
+    assert seen["workers"] == expected and seen["factory"] is True
