@@ -29,6 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVED = ("probabilities", "poses")  # what /predict reads back
 
 
+def http_cases(workers: int) -> list[tuple[str, int, int]]:
+    """(label, CAPSNET_MAX_BATCH_SIZE, uvicorn workers) of each server configuration."""
+    return [("batcher_on", 64, 1), ("batcher_off", 1, 1), (f"batcher_on_{workers}_workers", 64, workers)]
+
+
 def _timed(fn: Callable[[], Any], iters: int, sync: Callable[[], None], warmup: int = 3) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -252,7 +257,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def http(args: argparse.Namespace) -> list[dict[str, Any]]:
     """`capsnet serve` on this device under closed-loop load (the asyncio client of bench.load: a GPU
-    machine has cores to spare for it), batcher on (max batch 64) and off (max batch 1)."""
+    machine has cores to spare for it): batcher on (max batch 64) and off (max batch 1), one worker
+    process, and batcher on with several workers (preprocessing is Python and holds the GIL)."""
     import asyncio
     import sys
 
@@ -262,12 +268,18 @@ def http(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for body_path in args.http_bodies:
         body = Path(body_path).read_bytes()
-        for label, batch in (("batcher_on", "64"), ("batcher_off", "1")):
+        for label, batch, workers in args.http_cases:
             port = free_port()
-            env = {"CAPSNET_MAX_BATCH_SIZE": batch, "CAPSNET_MODEL_DIR": str(args.model_dir)}
+            env = {"CAPSNET_MAX_BATCH_SIZE": str(batch), "CAPSNET_MODEL_DIR": str(args.model_dir)}
             if args.device == "cuda":
                 env["CAPSNET_REQUIRE_GPU"] = "1"
-            proc = start_server([sys.executable, "-m", "capsnet", "serve", "--port", str(port)], port, env)
+            cmd = [sys.executable, "-m", "capsnet", "serve", "--port", str(port), "--workers", str(workers)]
+            try:
+                proc = start_server(cmd, port, env)
+            except RuntimeError as exc:  # e.g. CAPSNET_REQUIRE_GPU=1 and no usable CUDA provider
+                rows.append({"case": label, "error": str(exc)[-500:]})
+                print(rows[-1], flush=True)
+                continue
             try:
                 for c in args.concurrency:
                     client = Client("127.0.0.1", port, "/predict", body)
@@ -278,6 +290,7 @@ def http(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ok = s["status"].get("200", {})
                     row = {
                         "case": label,
+                        "workers": workers,
                         "body": Path(body_path).name,
                         "concurrency": c,
                         "requests_per_s": ok.get("count", 0) / args.http_seconds,
@@ -319,14 +332,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--http-bodies", nargs="+", default=[str(ROOT / "examples" / "7.png")])
     p.add_argument("--http-seconds", type=float, default=5.0)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 64])
+    p.add_argument("--http-workers", type=int, default=4, help="workers of the multi-process case")
     args = p.parse_args(argv)
+    args.http_cases = http_cases(args.http_workers)
     result = run(args)
+    _write(args.output, result)  # the raw figures survive a failure in the HTTP part
     if args.http:
         result["http"] = http(args)
+        _write(args.output, result)
     print_table(result)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2))
+
+
+def _write(path: Path | None, result: dict[str, Any]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
