@@ -32,6 +32,11 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
         "service_c32_vs_baseline_c32",
     }
     assert all(isinstance(v["met"], bool) for v in r["ratios"].values())
+    assert 0 < r["profile"]["conv_share"] < 1 and r["profile"]["batch"] == 32
+    # Each ratio says what it is made of, with figures of this run in it.
+    for name, ratio in r["ratios"].items():
+        assert any(ch.isdigit() for ch in ratio["why"]), name
+    assert f"{r['profile']['conv_share']:.1%}" in r["ratios"]["ort_best_vs_conv_ceiling"]["why"]
     assert "ratios (targets of issue 7)" in capsys.readouterr().out
 
 
