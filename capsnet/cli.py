@@ -41,6 +41,18 @@ def _export(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _fp16(args: argparse.Namespace) -> None:
+    from model_export.fp16 import write_fp16
+
+    if not (args.model_dir / "capsnet.onnx").is_file():
+        raise SystemExit(
+            f"capsnet fp16: {args.model_dir / 'capsnet.onnx'} not found (run `capsnet export` first)"
+        )
+    path = write_fp16(args.model_dir)
+    full = (args.model_dir / "capsnet.onnx").stat().st_size
+    print(f"wrote {path}: {path.stat().st_size / 1e6:.1f} MB (capsnet.onnx: {full / 1e6:.1f} MB)")
+
+
 def _triton(args: argparse.Namespace) -> None:
     from model_export.triton import run
 
@@ -143,7 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REPO",
         help="also write a Triton model repository (REPO/capsnet, default settings; see `capsnet triton`)",
     )
+    p.add_argument("--fp16", action="store_true", help="also write capsnet-fp16.onnx (see `capsnet fp16`)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "fp16", help="write capsnet-fp16.onnx beside an exported model (for GPUs; CAPSNET_PRECISION=fp16)"
+    )
+    p.add_argument("model_dir", type=Path, help="a directory written by `capsnet export`")
+    p.set_defaults(func=_fp16)
 
     p = sub.add_parser(
         "triton", help="a Triton model repository from an exported model directory (no torch needed)"

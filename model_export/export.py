@@ -260,6 +260,10 @@ def run(args: argparse.Namespace) -> None:
         hardware = args.hardware or state.get("hardware") or "unknown"
         card = write_card(args.output, state, report["metadata"], command=command, hardware=hardware)
         summary["onnx_test_accuracy"] = card["evaluation"]["test_accuracy"]
+    if getattr(args, "fp16", False):
+        from model_export.fp16 import write_fp16
+
+        summary["fp16"] = str(write_fp16(args.output))
     if getattr(args, "triton", None) is not None:
         from model_export.triton import write_repository
 

@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 HALF_OPS = ("Conv", "MatMul")
-FP16_FILE = "capsnet-fp16.onnx"
+FP16_FILE = "capsnet-fp16.onnx"  # the name the service loads under CAPSNET_PRECISION=fp16
 
 
 def to_fp16(model: onnx.ModelProto, ops: tuple[str, ...] = HALF_OPS) -> onnx.ModelProto:

@@ -22,6 +22,9 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 CLASSIFIER_OUTPUTS = ("probabilities", "poses", "coupling", "primary_activations")
+# The classifier file per precision; capsnet-fp16.onnx is what model_export/fp16.py writes (Conv and
+# MatMul in half precision, same inputs and outputs).
+CLASSIFIER_FILES = {"fp32": "capsnet.onnx", "fp16": "capsnet-fp16.onnx"}
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -124,6 +127,7 @@ class Engine:
         intra_op_threads: int = 0,
         require_gpu: bool = False,
         cudnn_conv_algo_search: str = "EXHAUSTIVE",
+        precision: str = "fp32",
     ) -> None:
         wanted = choose_providers(providers)
         cuda_options = {"cudnn_conv_algo_search": cudnn_conv_algo_search, "do_copy_in_default_stream": "1"}
@@ -137,7 +141,14 @@ class Engine:
             else:
                 why = f"the providers setting {providers!r} leaves CUDA out"
             raise EngineError(f"CAPSNET_REQUIRE_GPU=1 but CUDA is not usable: {why}")
-        self.classifier = _open(model_dir / "capsnet.onnx", wanted, intra_op_threads, cuda_options)
+        classifier_path = model_dir / CLASSIFIER_FILES[precision]
+        if precision != "fp32" and not classifier_path.exists():
+            raise EngineError(
+                f"CAPSNET_PRECISION={precision} needs {classifier_path}: write it with "
+                f"`capsnet fp16 {model_dir}` (needs the [train] extra)"
+            )
+        self.classifier = _open(classifier_path, wanted, intra_op_threads, cuda_options)
+        self.precision = precision
         self.providers: list[str] = self.classifier.get_providers()  # what ORT really uses
         if CUDA in wanted and CUDA not in self.providers:
             log.warning(
@@ -166,6 +177,7 @@ class Engine:
             intra_op_threads=s.intra_op_threads,
             require_gpu=s.require_gpu,
             cudnn_conv_algo_search=s.cudnn_conv_algo_search,
+            precision=s.precision,
         )
 
     def _read_info(self, model_dir: Path) -> ModelInfo:

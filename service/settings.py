@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
         "EXHAUSTIVE", description="CUDA provider: how cuDNN picks convolution algorithms (once, at warm-up)"
     )
+    precision: Literal["fp32", "fp16"] = Field(
+        "fp32",
+        description="classifier: capsnet.onnx (fp32) or capsnet-fp16.onnx (from `capsnet fp16`; for GPUs)",
+    )
     require_gpu: bool = Field(False, description="fail startup unless the CUDA provider is really used")
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads, 0 = one per core")
     max_batch_size: int = Field(64, ge=1, description="most images in one inference batch")

@@ -82,3 +82,19 @@ def test_ops_outside_the_list_are_untouched(tiny_model_dir, op):
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
     assert [n for n in half.graph.node if n.op_type == "MatMul"] == matmuls
     assert sum(n.op_type == op for n in half.graph.node) == sum(n.op_type == op for n in model.graph.node)
+
+
+def test_capsnet_fp16_command_writes_the_variant_or_says_what_is_missing(tiny_model_dir, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    ok = subprocess.run([sys.executable, "-m", "capsnet", "fp16", str(d)], capture_output=True, text=True)
+    assert ok.returncode == 0 and f"wrote {d / FP16_FILE}" in ok.stdout
+    assert onnx.load(str(d / FP16_FILE)).graph.input[0].name == "image"
+    bad = subprocess.run(
+        [sys.executable, "-m", "capsnet", "fp16", str(tmp_path / "none")], capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and "capsnet.onnx not found" in bad.stderr and "Traceback" not in bad.stderr

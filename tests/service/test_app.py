@@ -615,3 +615,29 @@ def test_capsnet_serve_takes_its_workers_from_capsnet_workers_unless_the_flag_sa
     finally:
         get_settings.cache_clear()
     assert seen["workers"] == expected and seen["factory"] is True
+
+
+def test_precision_fp16_serves_the_half_precision_file_with_the_same_api(tiny_model_dir, tmp_path):
+    import shutil
+
+    from model_export.fp16 import write_fp16
+    from service.engine import Engine, EngineError
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    with pytest.raises(
+        EngineError, match=r"CAPSNET_PRECISION=fp16 needs .*capsnet-fp16.onnx: write it with `capsnet fp16"
+    ):
+        Engine(d, providers="CPUExecutionProvider", precision="fp16")
+    write_fp16(d)
+    full, half = (
+        Engine(d, providers="CPUExecutionProvider"),
+        Engine(d, providers="CPUExecutionProvider", precision="fp16"),
+    )
+    assert half.info.metadata["precision"] == "fp16" and half.info.outputs == full.info.outputs
+    x = mnist_test_images(8)
+    a, b = full.classify(x), half.classify(x)
+    assert set(a) == set(b)
+    for name in a:
+        assert b[name].dtype == np.float32
+        np.testing.assert_allclose(b[name], a[name], atol=2e-3, err_msg=name)
