@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_export.capsules import DigitCaps, PrimaryCaps
+from model_export.capsules import DigitCaps, PrimaryCaps, conv2d
 from model_export.config import CapsNetConfig
 
 
@@ -58,7 +58,7 @@ class CapsNet(nn.Module):
 
     def run(self, x: Tensor) -> CapsNetOutput:
         """Everything the service shows, the primary capsules' activations included."""
-        h = F.relu(self.conv1(x))  # (B, 256, 20, 20)
+        h = F.relu(conv2d(self.conv1, x))  # (B, 256, 20, 20)
         u = self.primary(h)  # (B, N, 8)
         v, coupling = self.digits(u)  # (B, J, D), (B, r, N, J)
         lengths = torch.linalg.vector_norm(v, dim=-1)  # (B, J): probability that class j is present

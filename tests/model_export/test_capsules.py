@@ -98,3 +98,42 @@ def test_primary_caps_order_is_type_row_col():
     i = t * G * G + row * G + col
     expected = squash(raw[:, t * cfg.primary_dim : (t + 1) * cfg.primary_dim, row, col])
     torch.testing.assert_close(u[:, i], expected)
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride"), [(20, 9, 2), (21, 9, 2), (11, 3, 3), (9, 4, 2)])
+def test_conv2d_gradients_equal_autograds(size, kernel, stride):
+    from model_export.capsules import conv2d
+
+    torch.manual_seed(size + kernel)
+    conv = torch.nn.Conv2d(3, 5, kernel, stride=stride).double()
+    x = torch.randn(4, 3, size, size, dtype=torch.float64, requires_grad=True)
+    y = conv2d(conv, x)
+    assert y.grad_fn is not None and "ConvGradsAsConvs" in type(y.grad_fn).__name__  # the custom backward ran
+    expected = conv(x)
+    torch.testing.assert_close(y, expected)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
+    ref = torch.autograd.grad(expected, (x, conv.weight, conv.bias), g)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_conv2d_is_the_plain_module_when_tracing_or_without_gradients():
+    from model_export.capsules import conv2d
+
+    conv = torch.nn.Conv2d(2, 2, 3, stride=2)
+    x = torch.randn(1, 2, 9, 9)
+    with torch.no_grad():
+        assert conv2d(conv, x).grad_fn is None
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return conv2d(self.conv, t)
+
+    traced = torch.jit.trace(Wrapper(), x)
+    graph = str(traced.inlined_graph)
+    assert "aten::_convolution" in graph and "PythonOp" not in graph
