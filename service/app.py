@@ -360,13 +360,17 @@ def _json_arrays(body: bytes, settings: Settings) -> list[np.ndarray]:
     return out
 
 
+def busy(state: State, why: str) -> APIError:
+    """The 503 for a full queue, counted: refused before reading the body, or when submitting."""
+    state.metrics.rejected.inc()
+    return APIError(503, f"the server is busy: {why}; retry shortly", {"Retry-After": "1"})
+
+
 async def read_request_images(request: Request, state: State, preprocess: Preprocess) -> np.ndarray:
     assert state.batcher is not None
     if state.batcher.pending >= state.settings.queue_size:  # refuse before paying for reading + decoding
-        state.metrics.rejected.inc()
         waiting, limit = state.batcher.pending, state.settings.queue_size
-        detail = f"the server is busy: {waiting} images are waiting (limit {limit}); retry shortly"
-        raise APIError(503, detail, {"Retry-After": "1"})
+        raise busy(state, f"{waiting} images are waiting (limit {limit})")
     with state.batcher.arriving():
         return await read_images(request, state.settings, preprocess)
 
@@ -454,8 +458,7 @@ async def infer(state: State, images: np.ndarray, coupling: bool = False) -> dic
             state.batcher.submit(images, coupling), state.settings.request_timeout_s
         )
     except QueueFullError as exc:
-        state.metrics.rejected.inc()
-        raise APIError(503, f"the server is busy: {exc}; retry shortly", {"Retry-After": "1"}) from None
+        raise busy(state, str(exc)) from None
     except EngineClosedError as exc:
         raise APIError(503, str(exc), {"Retry-After": "5"}) from None
     except TimeoutError:
