@@ -6,7 +6,7 @@ plus accuracy of each precision on the MNIST test images, and optionally the ser
     python -m bench.gpu --device cpu --iters 3 --batches 1 4     # what CI runs: the same code on a CPU
 
 Every case copies the input from host memory and the outputs /predict needs (probabilities, poses) back
-to it, as the service must; only the 4 MB-per-256-images coupling tensor stays on the device where the
+to it, as the service must; only the coupling tensor (35 MB per 256 images) stays on the device where the
 case allows it. A case the provider cannot run is recorded with its error, not dropped.
 """
 
