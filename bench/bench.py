@@ -46,13 +46,18 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _time(fn: Any, iters: int, warmup: int = 2) -> list[float]:
+def _time(fn: Any, iters: int, warmup: int = 2, sync: Any = None) -> list[float]:
+    """Wall time of each of `iters` calls after `warmup` ones; `sync` (e.g. torch.cuda.synchronize)
+    waits for work a call leaves running on a device."""
+    wait = sync or (lambda: None)
     for _ in range(warmup):
         fn()
+    wait()
     out = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
+        wait()
         out.append(time.perf_counter() - t0)
     return out
 

@@ -16,14 +16,13 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.bench import _stats
+from bench.bench import _stats, _time
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED = ("probabilities", "poses")  # what /predict reads back
@@ -32,19 +31,6 @@ SERVED = ("probabilities", "poses")  # what /predict reads back
 def http_cases(workers: int) -> list[tuple[str, int, int]]:
     """(label, CAPSNET_MAX_BATCH_SIZE, uvicorn workers) of each server configuration."""
     return [("batcher_on", 64, 1), ("batcher_off", 1, 1), (f"batcher_on_{workers}_workers", 64, workers)]
-
-
-def _timed(fn: Callable[[], Any], iters: int, sync: Callable[[], None], warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def static_batch(model: Any, batch: int) -> Any:
@@ -78,10 +64,9 @@ class OrtCases:
         self.used = self.session.get_providers()
 
     def _session(self, model: bytes, providers: list[Any]) -> Any:
-        so = self.ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.log_severity_level = 3
-        return self.ort.InferenceSession(model, so, providers=providers)
+        from service.engine import _session_options  # the service's own options
+
+        return self.ort.InferenceSession(model, _session_options(self.threads), providers=providers)
 
     def plain(self, x: np.ndarray) -> Callable[[], Any]:
         return lambda: self.session.run(list(SERVED), {"image": x})
@@ -136,7 +121,7 @@ def _case(
 ) -> dict[str, Any]:
     try:
         fn = fn_factory()
-        return _stats(_timed(fn, iters, sync), batch)
+        return _stats(_time(fn, iters, warmup=3, sync=sync), batch)
     except Exception as exc:  # a provider that cannot run a case is a result too
         return {"batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
@@ -153,13 +138,6 @@ def torch_model(model_dir: Path, device: str) -> Any:
     model = CapsNet(CapsNetConfig.from_dict(_json.loads(meta["config"])))
     model.load_state_dict(weights, strict=True)
     return model.eval().to(device)
-
-
-def accuracy(
-    run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray, batch: int = 500
-) -> float:
-    pred = np.concatenate([run(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)])
-    return float((pred == labels).mean())
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -233,21 +211,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cases.setdefault(name, []).append(_case(factory, n, B, sync))
             print(name, cases[name][-1], flush=True)
     if args.accuracy:
+        from model_export.card import evaluate_onnx
         from model_export.data import load_split
 
         images, labels = load_split("mnist", "test")
-        imgs = images.astype(np.float32)[:, None] / 255.0
         result["accuracy"] = {
             "images": len(labels),
-            "ort_fp32": accuracy(
-                lambda b: fp32.session.run(["probabilities"], {"image": b})[0], imgs, labels
-            ),
-            "ort_fp16": accuracy(
-                lambda b: fp16.session.run(["probabilities"], {"image": b})[0], imgs, labels
-            ),
+            "ort_fp32": float((evaluate_onnx(fp32.session, images) == labels).mean()),
+            "ort_fp16": float((evaluate_onnx(fp16.session, images) == labels).mean()),
         }
-        a = fp32.session.run(list(SERVED), {"image": imgs[:500]})
-        b = fp16.session.run(list(SERVED), {"image": imgs[:500]})
+        x = images[:500].astype(np.float32)[:, None] / 255.0
+        a = fp32.session.run(list(SERVED), {"image": x})
+        b = fp16.session.run(list(SERVED), {"image": x})
         result["accuracy"]["fp16_max_abs_diff"] = {
             n: float(np.abs(p - q).max()) for n, p, q in zip(SERVED, a, b, strict=True)
         }
@@ -263,7 +238,7 @@ def http(args: argparse.Namespace) -> list[dict[str, Any]]:
     import sys
 
     from bench.bench import free_port, start_server
-    from bench.load import Client, summarize
+    from bench.load import Client, _stop, summarize
 
     rows = []
     for body_path in args.http_bodies:
@@ -301,9 +276,7 @@ def http(args: argparse.Namespace) -> list[dict[str, Any]]:
                     rows.append(row)
                     print(row, flush=True)
             finally:
-                proc.terminate()
-                proc.wait(60)
-                proc.log.close()  # type: ignore[attr-defined]
+                _stop(proc)
     return rows
 
 

@@ -13,11 +13,16 @@ from model_export.config import CapsNetConfig
 from model_export.data import get_spec, load_split
 
 
-def evaluate_onnx(model_path: Path, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
-    """Predicted classes for uint8 images (N, 28, 28) through onnxruntime's CPU provider."""
+def evaluate_onnx(model: Path | Any, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """Predicted classes for uint8 images (N, 28, 28): `model` is an ONNX file, run by onnxruntime's CPU
+    provider, or an open InferenceSession (any provider)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    sess = (
+        model
+        if isinstance(model, ort.InferenceSession)
+        else ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    )
     preds = []
     for i in range(0, len(images), batch_size):
         x = (images[i : i + batch_size].astype(np.float32) / 255.0)[:, None]
@@ -44,6 +49,7 @@ def build_card(
     history = state.get("history", [])
     spec = get_spec(state["dataset"])
     prior = (state.get("initialized_from") or {}).get("training") or {}
+    phases = _phases(prior, history, hardware, state["epoch"])
     return {
         "name": export_meta["name"],
         "version": export_meta["version"],
@@ -61,15 +67,11 @@ def build_card(
             "command": command,
             "hardware": hardware,
             "epochs": state["epoch"],
-            "wall_seconds": round(
-                prior.get("wall_seconds", 0.0) + sum(h["train_seconds"] + h["eval_seconds"] for h in history),
-                1,
-            ),
-            "images_per_second": prior.get("images_per_second", [])
-            + [round(h["images_per_second"], 1) for h in history],
+            "wall_seconds": round(sum(ph["wall_seconds"] for ph in phases), 1),
+            "images_per_second": [rate for ph in phases for rate in ph["images_per_second"]],
             "test_accuracy_per_epoch_pytorch": prior.get("test_accuracy_per_epoch_pytorch", [])
             + [h["test_accuracy"] for h in history],
-            "phases": _phases(prior, history, hardware, state["epoch"]),
+            "phases": phases,
             "args": state.get("args", {}),
             "initialized_from": {
                 k: v for k, v in (state.get("initialized_from") or {}).items() if k != "training"

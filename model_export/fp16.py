@@ -60,12 +60,12 @@ def to_fp16(model: onnx.ModelProto, ops: tuple[str, ...] = HALF_OPS) -> onnx.Mod
             nodes.append(node)
             continue
         node.input[:] = [half(name) if name else name for name in node.input]
-        for k, name in enumerate(list(node.output)):
-            node.output[k] = f"{name}_fp16"
-            half_of[name] = node.output[k]
+        outputs = list(node.output)
+        node.output[:] = [f"{name}_fp16" for name in outputs]
         nodes.append(node)
-        for name in half_of_outputs(node):
-            nodes.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT))
+        for name in outputs:  # fp32 copies under the old names, for the nodes that read them
+            half_of[name] = f"{name}_fp16"
+            nodes.append(helper.make_node("Cast", [half_of[name]], [name], to=TensorProto.FLOAT))
     # Drop fp32 casts nobody reads (a half result read only by half nodes).
     read = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
     nodes = [n for n in nodes if not (n.op_type == "Cast" and n.output[0] not in read)]
@@ -74,11 +74,6 @@ def to_fp16(model: onnx.ModelProto, ops: tuple[str, ...] = HALF_OPS) -> onnx.Mod
     graph.ClearField("value_info")
     onnx.checker.check_model(out)
     return out
-
-
-def half_of_outputs(node: onnx.NodeProto) -> list[str]:
-    """The fp32 names a half-precision node's outputs had before the rewrite."""
-    return [name.removesuffix("_fp16") for name in node.output]
 
 
 def write_fp16(model_dir: Path) -> Path:

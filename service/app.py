@@ -49,6 +49,7 @@ from service.schemas import (
     ReconstructRequest,
     ReconstructResponse,
     RoutingTraceResponse,
+    error_responses,
 )
 from service.settings import Settings, get_settings
 from service.v2 import router as v2_router
@@ -509,17 +510,17 @@ def aggregate_coupling(coupling: np.ndarray, types: int, grid: list[int], how: s
 
 # ---------------------------------------------------------------------------------------------------------
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+ERRORS = error_responses(
+    ErrorResponse,
+    {
         400: "corrupt, truncated or empty image, malformed body",
         413: "body, image (pixels) or image count over the limit",
         415: "unsupported Content-Type or image format",
         422: "wrong JSON shape or values (NaN, out of [0, 1]), bad query",
         503: "model not ready, or queue full (see Retry-After)",
         504: "inference timed out",
-    }.items()
-}
+    },
+)
 
 IMAGE_BODY_DOC: dict[str, Any] = {
     "requestBody": {

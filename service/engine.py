@@ -148,7 +148,6 @@ class Engine:
                 f"`capsnet fp16 {model_dir}` (needs the [train] extra)"
             )
         self.classifier = _open(classifier_path, wanted, intra_op_threads, cuda_options)
-        self.precision = precision
         self.providers: list[str] = self.classifier.get_providers()  # what ORT really uses
         if CUDA in wanted and CUDA not in self.providers:
             log.warning(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -107,3 +107,8 @@ class Metadata(BaseModel):
     model_card: dict[str, object]
     onnx_metadata: dict[str, str]
     batching: dict[str, float]
+
+
+def error_responses(model: type[BaseModel], texts: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """FastAPI's `responses=` for error statuses: each one's body model and what it means."""
+    return {code: {"model": model, "description": text} for code, text in texts.items()}

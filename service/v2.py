@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine import Batcher, BatchStats, Engine, EngineClosedError, EngineError, QueueFullError
+from service.schemas import error_responses
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -487,16 +488,16 @@ class V2ErrorResponse(BaseModel):
     error: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": V2ErrorResponse, "description": text}
-    for code, text in {
+ERRORS = error_responses(
+    V2ErrorResponse,
+    {
         400: "malformed request: JSON, datatype, shape, data length or values (NaN, out of [0, 1])",
         404: "unknown model or version",
         413: "body or batch over the limit",
         503: "model not ready, or queue full (see Retry-After)",
         504: "inference timed out",
-    }.items()
-}
+    },
+)
 INFER_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,

@@ -257,16 +257,25 @@ def test_concurrent_requests_are_batched_and_equal_single_answers(tiny_model_dir
         assert count < 8, "8 concurrent requests inside a 50 ms window were not batched"
 
 
-def test_full_queue_gives_503_with_retry_after(tiny_model_dir, digits, monkeypatch):
-    release = threading.Event()
+def slow_classify(monkeypatch, wait, when=lambda images: bool(images.any())):
+    """Make Engine.classify call `wait()` first for the batches `when` picks (the blank warm-up batches
+    pass through); return the real method."""
     real = Engine.classify
 
     def slow(self, images, outputs=None):
-        if len(images) == 1 and images.any():
-            release.wait(10)
+        if when(images):
+            wait()
         return real(self, images, outputs)
 
     monkeypatch.setattr(Engine, "classify", slow)
+    return real
+
+
+def test_full_queue_gives_503_with_retry_after(tiny_model_dir, digits, monkeypatch):
+    release = threading.Event()
+    slow_classify(
+        monkeypatch, lambda: release.wait(10), when=lambda images: len(images) == 1 and images.any()
+    )
     with make_client(tiny_model_dir, queue_size=2, max_batch_size=1, max_wait_ms=0) as c:
         body = {"images": [digits[0].tolist()]}
         with ThreadPoolExecutor(6) as pool:
@@ -283,14 +292,7 @@ def test_full_queue_gives_503_with_retry_after(tiny_model_dir, digits, monkeypat
 
 def test_requests_beyond_max_in_flight_get_503_before_their_body_is_read(tiny_model_dir, digits, monkeypatch):
     release = threading.Event()
-    real = Engine.classify
-
-    def slow(self, images, outputs=None):
-        if images.any():
-            release.wait(10)
-        return real(self, images, outputs)
-
-    monkeypatch.setattr(Engine, "classify", slow)
+    slow_classify(monkeypatch, lambda: release.wait(10))
     with make_client(tiny_model_dir, max_in_flight=3, queue_size=100) as c:
         body = {"images": [digits[0].tolist()]}
         with ThreadPoolExecutor(8) as pool:
@@ -405,14 +407,7 @@ def test_too_many_files_in_multipart_is_413(tiny_model_dir, digits):
 
 
 def test_slow_inference_gets_504_and_the_service_stays_up(tiny_model_dir, digits, monkeypatch):
-    real = Engine.classify
-
-    def slow(self, images, outputs=None):
-        if images.any():
-            time.sleep(1.0)
-        return real(self, images, outputs)
-
-    monkeypatch.setattr(Engine, "classify", slow)
+    real = slow_classify(monkeypatch, lambda: time.sleep(1.0))
     with make_client(tiny_model_dir, request_timeout_s=0.2) as c:
         r = c.post("/predict", json={"images": [digits[0].tolist()]})
         assert r.status_code == 504 and "longer than 0.2 s" in r.json()["detail"]
