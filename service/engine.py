@@ -1,15 +1,11 @@
-"""onnxruntime sessions, provider choice, warm-up and the dynamic batcher. numpy in, numpy out."""
+"""onnxruntime sessions, provider choice, model metadata and warm-up. numpy in, numpy out."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ctypes
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +27,6 @@ CPU = "CPUExecutionProvider"
 
 class EngineError(RuntimeError):
     """The model cannot be served (missing or foreign file, GPU demanded but unusable)."""
-
-
-class QueueFullError(RuntimeError):
-    """The batcher's queue holds as many images as it may; the caller should retry later."""
-
-
-class EngineClosedError(RuntimeError):
-    """The service is shutting down and takes no new work."""
 
 
 @dataclass(frozen=True)
@@ -231,149 +219,3 @@ class Engine:
         for B in sorted({1, max_batch}):
             self.classify(np.zeros((B, *self.info.image_shape), np.float32))
         return time.perf_counter() - t0
-
-
-@dataclass
-class _Item:
-    images: np.ndarray
-    coupling: bool
-    future: asyncio.Future[dict[str, np.ndarray]]
-    enqueued: float
-
-
-@dataclass
-class BatchStats:
-    """Hooks for metrics: called with (batch images, queue seconds of each item, inference seconds)."""
-
-    observe: Callable[[int, list[float], float], None] | None = None
-
-
-class Batcher:
-    """Gathers concurrent requests into one inference (up to max_batch images, waiting at most
-    max_wait_ms for more), over a queue bounded in images. Inference runs in one worker thread, so
-    the event loop never blocks and ORT gets the cores for one batch at a time."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        max_batch: int,
-        max_wait_ms: float,
-        queue_size: int,
-        stats: BatchStats | None = None,
-    ) -> None:
-        self.engine = engine
-        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
-        self.queue_size = queue_size
-        self.stats = stats or BatchStats()
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._pending = 0  # images queued or being inferred
-        self._arriving = 0  # requests still being read or decoded: worth waiting for
-        self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capsnet-infer")
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="capsnet-batcher")
-
-    @contextlib.contextmanager
-    def arriving(self) -> Iterator[None]:
-        """Wrap the reading of a request: a batch waits up to max_wait only while some are arriving,
-        so a lone request at concurrency 1 is never held back for company that is not coming."""
-        self._arriving += 1
-        try:
-            yield
-        finally:
-            self._arriving -= 1
-
-    async def submit(self, images: np.ndarray, coupling: bool = False) -> dict[str, np.ndarray]:
-        """Queue images (k, 1, 28, 28); returns their outputs once their batch has run."""
-        if self._closed:
-            raise EngineClosedError("the service is shutting down")
-        n = len(images)
-        if self._pending + n > self.queue_size:
-            raise QueueFullError(f"{self._pending} images are waiting (limit {self.queue_size})")
-        loop = asyncio.get_running_loop()
-        item = _Item(images, coupling, loop.create_future(), loop.time())
-        self._pending += n
-        self._queue.put_nowait(item)
-        return await item.future
-
-    async def _collect(self) -> list[_Item]:
-        batch = [await self._queue.get()]
-        n = len(batch[0].images)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
-        while n < self.max_batch:
-            if self._queue.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0 or not self._arriving:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            else:
-                item = self._queue.get_nowait()
-            if n + len(item.images) > self.max_batch:
-                self._defer(item)
-                break
-            batch.append(item)
-            n += len(item.images)
-        return batch
-
-    def _defer(self, item: _Item) -> None:
-        """Put an item that does not fit back at the head of the queue."""
-        rest = [item]
-        while not self._queue.empty():
-            rest.append(self._queue.get_nowait())
-        for it in rest:
-            self._queue.put_nowait(it)
-
-    def _infer(self, images: np.ndarray, coupling: bool) -> tuple[dict[str, np.ndarray], float]:
-        t0 = time.perf_counter()
-        names = [n for n in self.engine.output_names if coupling or n != "coupling"]
-        return self.engine.classify(images, names), time.perf_counter() - t0
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._collect()
-            live = [it for it in batch if not it.future.done()]  # callers may have timed out
-            try:
-                if live:
-                    images = np.concatenate([it.images for it in live])
-                    started = loop.time()
-                    coupling = any(it.coupling for it in live)
-                    out, seconds = await loop.run_in_executor(self._executor, self._infer, images, coupling)
-                    if self.stats.observe:
-                        self.stats.observe(len(images), [started - it.enqueued for it in live], seconds)
-                    start = 0
-                    for it in live:
-                        k = len(it.images)
-                        if not it.future.done():
-                            it.future.set_result({name: a[start : start + k] for name, a in out.items()})
-                        start += k
-            except Exception as exc:  # an inference error fails this batch, never the batcher
-                log.exception("inference failed for a batch of %d requests", len(live))
-                for it in live:
-                    if not it.future.done():
-                        it.future.set_exception(exc)
-            finally:
-                self._pending -= sum(len(it.images) for it in batch)
-
-    async def close(self, grace_s: float = 10.0) -> None:
-        """Refuse new work, let queued and running batches finish (up to grace_s), then stop."""
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self._pending and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._executor.shutdown(wait=True)

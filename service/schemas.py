@@ -112,3 +112,141 @@ class Metadata(BaseModel):
 def error_responses(model: type[BaseModel], texts: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     """FastAPI's `responses=` for error statuses: each one's body model and what it means."""
     return {code: {"model": model, "description": text} for code, text in texts.items()}
+
+
+# REST: the error statuses and request bodies as the OpenAPI document shows them
+
+REST_ERRORS = error_responses(
+    ErrorResponse,
+    {
+        400: "corrupt, truncated or empty image, malformed body",
+        413: "body, image (pixels) or image count over the limit",
+        415: "unsupported Content-Type or image format",
+        422: "wrong JSON shape or values (NaN, out of [0, 1]), bad query",
+        503: "model not ready, or queue full (see Retry-After)",
+        504: "inference timed out",
+    },
+)
+
+IMAGE_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "one image"},
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "several images, answered in order",
+                        },
+                    },
+                    "anyOf": [{"required": ["file"]}, {"required": ["files"]}],
+                }
+            },
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": ImagesRequest.model_json_schema()},
+        },
+    }
+}
+
+RECONSTRUCT_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **IMAGE_BODY_DOC["requestBody"]["content"],
+            "application/json": {"schema": {"oneOf": [ImagesRequest.model_json_schema(),
+                                                      ReconstructRequest.model_json_schema()]}},
+        },
+    }
+}  # fmt: skip
+
+
+# The Open Inference Protocol (v2): requests are parsed by hand (the binary extension is not JSON);
+# these models drive its part of the OpenAPI document
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(description="e.g. FP32")
+    shape: list[int] = Field(description="-1 for the dynamic batch axis")
+
+
+class ServerMetadataResponse(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadataResponse(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferInput(BaseModel):
+    name: str = Field(description="`image`")
+    shape: list[int] = Field(description="[B, 1, 28, 28]")
+    datatype: str = Field(description="FP32")
+    parameters: dict[str, Any] | None = Field(None, description='{"binary_data_size": bytes} for binary data')
+    data: list[Any] | None = Field(None, description="row-major values in [0, 1], flat or nested")
+
+
+class RequestedOutput(BaseModel):
+    name: str = Field(description="`probabilities`, `poses`, `coupling` or `primary_activations`")
+    parameters: dict[str, Any] | None = Field(None, description='{"binary_data": true} for binary data')
+
+
+class InferRequestDoc(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description='{"binary_data_output": true}')
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] | None = Field(None, description="default: every output")
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[float] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutput]
+
+
+class V2ErrorResponse(BaseModel):
+    error: str
+
+
+V2_ERRORS = error_responses(
+    V2ErrorResponse,
+    {
+        400: "malformed request: JSON, datatype, shape, data length or values (NaN, out of [0, 1])",
+        404: "unknown model or version",
+        413: "body or batch over the limit",
+        503: "model not ready, or queue full (see Retry-After)",
+        504: "inference timed out",
+    },
+)
+INFER_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON; or, with the `Inference-Header-Content-Length` header, that many bytes of "
+        "JSON followed by the binary inputs",
+        "content": {
+            "application/json": {"schema": InferRequestDoc.model_json_schema()},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}

@@ -28,6 +28,5 @@ async def page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": CSP})
 
 
-def add_web_page(app: FastAPI) -> None:
-    app.include_router(router)
+def mount_static(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

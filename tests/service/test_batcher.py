@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.engine import Batcher, EngineClosedError, QueueFullError
+from service.batcher import Batcher, EngineClosedError, QueueFullError
 
 
 class FakeEngine:

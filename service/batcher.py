@@ -1,0 +1,216 @@
+"""Dynamic batching: concurrent requests gathered into one inference, over a queue bounded in images.
+
+One inference thread of its own does the gathering and runs onnxruntime, so the event loop never
+blocks, ORT gets the cores for one batch at a time, and the loop's share of a request is small: a
+request puts its images on a thread-safe queue and awaits a future; each batch comes back to the loop
+as one callback that resolves its futures (no executor future, no asyncio task per batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+
+
+class QueueFullError(RuntimeError):
+    """The batcher's queue holds as many images as it may; the caller should retry later."""
+
+
+class EngineClosedError(RuntimeError):
+    """The service is shutting down and takes no new work."""
+
+
+class Classifier(Protocol):
+    """What the batcher needs of an engine (service.engine.Engine is one)."""
+
+    @property
+    def output_names(self) -> list[str]: ...
+
+    def classify(self, images: np.ndarray, outputs: list[str] | None = None) -> Outputs: ...
+
+
+@dataclass
+class _Item:
+    images: np.ndarray
+    coupling: bool
+    future: asyncio.Future[Outputs]
+    enqueued: float  # time.perf_counter()
+
+
+@dataclass
+class BatchStats:
+    """Hooks for metrics: called with (batch images, queue seconds of each item, inference seconds),
+    from the inference thread."""
+
+    observe: Callable[[int, list[float], float], None] | None = None
+
+
+_STOP = None  # put on the queue by close(): the thread finishes what it holds, then ends
+
+
+class Batcher:
+    """Up to max_batch images per inference, waiting at most max_wait_ms for more while requests are
+    still arriving; at most queue_size images queued or running."""
+
+    def __init__(
+        self,
+        engine: Classifier,
+        max_batch: int,
+        max_wait_ms: float,
+        queue_size: int,
+        stats: BatchStats | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self.stats = stats or BatchStats()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._pending = 0  # images queued or being inferred; changed on the event loop only
+        self._arriving = 0  # requests still being read or decoded: worth waiting for (read by the thread)
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name="capsnet-infer", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap the reading of a request: a batch waits up to max_wait only while some are arriving,
+        so a lone request at concurrency 1 is never held back for company that is not coming."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+
+    async def submit(
+        self, images: np.ndarray, coupling: bool = False, timeout: float | None = None
+    ) -> Outputs:
+        """Queue images (k, 1, 28, 28); returns their outputs once their batch has run. TimeoutError
+        after `timeout` seconds (the batch may still run; its answer is dropped)."""
+        if self._closed:
+            raise EngineClosedError("the service is shutting down")
+        n = len(images)
+        if self._pending + n > self.queue_size:
+            raise QueueFullError(f"{self._pending} images are waiting (limit {self.queue_size})")
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[Outputs] = loop.create_future()
+        self._pending += n
+        self._queue.put(_Item(images, coupling, future, time.perf_counter()))
+        if timeout is None:
+            return await future
+        timer = loop.call_later(timeout, _expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    # -- the inference thread ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        held: _Item | None = None  # an item that did not fit the last batch: it opens the next one
+        while True:
+            first = held if held is not None else self._queue.get()
+            if first is _STOP:
+                return
+            batch, held, stop = self._gather(first)
+            self._run(batch)
+            if stop:
+                return
+
+    def _gather(self, first: _Item) -> tuple[list[_Item], _Item | None, bool]:
+        """The batch that `first` opens, the item that did not fit (if any), and whether close() asked
+        the thread to stop."""
+        batch, n = [first], len(first.images)
+        deadline = time.perf_counter() + self.max_wait
+        while n < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or not self._arriving:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is _STOP:
+                return batch, None, True
+            if n + len(item.images) > self.max_batch:
+                return batch, item, False
+            batch.append(item)
+            n += len(item.images)
+        return batch, None, False
+
+    def _run(self, batch: list[_Item]) -> None:
+        live = [it for it in batch if not it.future.done()]  # callers may have timed out
+        answers: list[Outputs] | BaseException = []
+        try:
+            if live:
+                images = np.concatenate([it.images for it in live]) if len(live) > 1 else live[0].images
+                coupling = any(it.coupling for it in live)
+                names = [n for n in self.engine.output_names if coupling or n != "coupling"]
+                started = time.perf_counter()
+                out = self.engine.classify(images, names)
+                seconds = time.perf_counter() - started
+                answers, start = [], 0
+                for it in live:
+                    k = len(it.images)
+                    answers.append({name: a[start : start + k] for name, a in out.items()})
+                    start += k
+                if self.stats.observe:
+                    self.stats.observe(len(images), [started - it.enqueued for it in live], seconds)
+        except Exception as exc:  # an inference error fails this batch, never the batcher
+            log.exception("inference failed for a batch of %d requests", len(live))
+            answers = exc
+        assert self._loop is not None
+        images_done = sum(len(it.images) for it in batch)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._deliver, live, answers, images_done)
+
+    def _deliver(self, live: list[_Item], answers: list[Outputs] | BaseException, images_done: int) -> None:
+        """On the event loop: resolve the batch's futures."""
+        self._pending -= images_done
+        for k, it in enumerate(live):
+            if it.future.done():
+                continue
+            if isinstance(answers, BaseException):
+                it.future.set_exception(answers)
+            else:
+                it.future.set_result(answers[k])
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Refuse new work, let queued and running batches finish (up to grace_s), then stop."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self._pending and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join, grace_s)
+
+
+def _expire(future: asyncio.Future[Outputs]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())

@@ -1,0 +1,165 @@
+"""The pure-ASGI layers every request passes, outside FastAPI's own stack, as few as possible:
+
+1. `Accounting`: requests and latency per route template and status in the metrics; a client that
+   went away before its answer is counted as 499 (as nginx does), not logged as an error.
+2. CORS (Starlette's), only when origins are configured.
+3. `Guard`: the API key (constant-time), admission (at most `max_in_flight` POST requests inside the
+   app; the next gets 503 + Retry-After before its body is read) and the fast lane: the inference
+   routes (`/predict`, `/v2/models/{name}/infer`) called directly for their common form, without
+   FastAPI's routing, dependency solving and five more middleware layers. Requests in any other form
+   (another query, a version path) take FastAPI's route, which runs the same handler.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import APIError, error_response
+from service.settings import Settings
+from service.state import State
+
+log = logging.getLogger(__name__)
+
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
+
+# (handler, route template): the handler answers a request that takes the fast lane
+FastRoute = tuple[Callable[[Request, State], Awaitable[Response]], str]
+FastLane = Callable[[Scope], FastRoute | None]
+
+
+def unexpected(path: str) -> Response:
+    log.exception("unhandled error")
+    return error_response(path, 500, "internal server error")
+
+
+class Accounting:
+    """Counts every HTTP request by its matched route template (a label per route, never per URL)."""
+
+    def __init__(self, app: ASGIApp, state: State, paths: Callable[[], set[str]]) -> None:
+        self.app, self.metrics, self.paths = app, state.metrics, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            # the fast lane's template, or FastAPI's matched route (/v2/models/{name}/infer); answered
+            # before routing (401, 503 busy): the path when it is a route's, else "other"
+            route = scope.get("capsnet.route") or getattr(scope.get("route"), "path", None)
+            path = route or (scope["path"] if scope["path"] in self.paths() else "other")
+            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+class Guard:
+    """API key, admission and the fast lane, in that order, in one layer."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        state: State,
+        fast_lane: FastLane,
+        open_paths: tuple[str, ...] = (),
+        open_exact: tuple[str, ...] = (),
+    ) -> None:
+        self.app, self.state, self.fast_lane = app, state, fast_lane
+        key = state.settings.api_key
+        self.key = key.get_secret_value().encode() if key is not None else None
+        self.open_paths, self.open_exact = open_paths, open_exact
+        self.limit, self.in_flight = state.settings.max_in_flight, 0
+
+    def authorized(self, scope: Scope) -> bool:
+        path = scope["path"]
+        if self.key is None or path in self.open_exact or path.startswith(self.open_paths):
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if not self.authorized(scope):
+            detail = "missing or wrong API key: send `Authorization: Bearer <key>`"
+            await error_response(path, 401, detail, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            detail = (
+                f"the server is busy: {self.in_flight} requests in progress (limit {self.limit}); "
+                "retry shortly"
+            )
+            await error_response(path, 503, detail, {"Retry-After": "1"})(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            fast = self.fast_lane(scope)
+            if fast is None:
+                await self.app(scope, receive, send)
+            else:
+                handler, scope["capsnet.route"] = fast
+                await self.answer(handler, scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def answer(
+        self,
+        handler: Callable[[Request, State], Awaitable[Response]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """A fast-lane request, answered as FastAPI's exception handlers would."""
+        path = scope["path"]
+        try:
+            response = await handler(Request(scope, receive), self.state)
+        except APIError as exc:
+            response = error_response(path, exc.status_code, exc.detail, exc.headers)
+        except ClientDisconnect:
+            response = Response(status_code=CLIENT_GONE)
+        except Exception:
+            response = unexpected(path)
+        await response(scope, receive, send)
+
+
+def build(
+    app: ASGIApp,
+    state: State,
+    settings: Settings,
+    fast_lane: FastLane,
+    paths: Callable[[], set[str]],
+    open_paths: tuple[str, ...],
+    open_exact: tuple[str, ...],
+) -> ASGIApp:
+    """FastAPI's stack inside the guard, inside CORS (when configured), inside the accounting."""
+    guarded: ASGIApp = Guard(app, state, fast_lane, open_paths, open_exact)
+    if settings.cors_origins.strip():
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        guarded = CORSMiddleware(guarded, allow_origins=origins, allow_methods=["GET", "POST"],
+                                 allow_headers=["Authorization", "Content-Type", "Accept"])  # fmt: skip
+    return Accounting(guarded, state, paths)

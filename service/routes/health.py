@@ -1,0 +1,66 @@
+"""Health (liveness, readiness), the model's metadata and the Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from service.errors import json_response
+from service.routes import ModelDep, StateDep
+from service.schemas import Health, Metadata
+
+router = APIRouter()
+
+
+@router.get("/health/live", response_model=Health)
+async def live() -> Response:
+    return json_response({"status": "alive"})
+
+
+@router.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
+async def ready(state: StateDep) -> Response:
+    if state.ready:
+        return json_response({"status": "ready"})
+    return json_response(
+        {"status": "starting", "detail": "model loading or warming up"}, 503, {"Retry-After": "1"}
+    )
+
+
+@router.get("/metadata", response_model=Metadata)
+async def metadata(state: StateDep, model: ModelDep) -> Response:
+    engine = model.engine
+    info = engine.info
+    s = state.settings
+    return json_response(
+        {
+            "name": info.name,
+            "version": info.version,
+            "labels": info.labels,
+            "routing_iterations": info.routing_iterations,
+            "primary_capsules": {
+                "count": info.num_primary,
+                "types": info.primary_types,
+                "grid": info.primary_grid,
+                "order": ["type", "row", "col"],
+            },
+            "inputs": info.inputs,
+            "outputs": info.outputs,
+            "providers": engine.providers,
+            "decoder": engine.decoder is not None,
+            "model_card": info.card,
+            "onnx_metadata": info.metadata,
+            "batching": {
+                "max_batch_size": s.max_batch_size,
+                "max_wait_ms": s.max_wait_ms,
+                "queue_size": s.queue_size,
+            },
+        }
+    )
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(state: StateDep) -> Response:
+    if state.models is not None:
+        state.metrics.queue_depth.set(state.models.default.batcher.pending)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
