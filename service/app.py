@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Scope
 
 from service import middleware, web
 from service.errors import APIError, json_response
+from service.grpc import server as grpc_server
 from service.routes import explain, health, predict, v2
 from service.schemas import REST_ERRORS
 from service.settings import Settings, get_settings
@@ -44,7 +45,8 @@ class ServiceApp(FastAPI):
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: State = app.state.capsnet
-    async with state.serving():
+    # gRPC starts once the models are loaded and stops (draining its calls) before the batchers close
+    async with state.serving(), grpc_server.serving(state, app.version):
         yield
 
 

@@ -17,6 +17,9 @@ def run(args: argparse.Namespace) -> None:
 
     if args.model_dir is not None:
         os.environ["CAPSNET_MODEL_DIR"] = str(args.model_dir)  # workers read the same settings
+    if args.workers:
+        os.environ["CAPSNET_WORKERS"] = str(args.workers)  # the gRPC servers of the workers share a port
+    os.environ.setdefault("CAPSNET_GRPC_HOST", args.host)  # gRPC listens where HTTP does, unless told
     get_settings.cache_clear()
     s = get_settings()
     logging.getLogger().setLevel(s.log_level.upper())
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> None:
         factory=True,
         host=args.host,
         port=args.port,
-        workers=args.workers or s.workers,  # each worker: its own session, batcher and GIL
+        workers=s.workers,  # each worker: its own session, batcher and GIL
         log_level=s.log_level.lower(),
         timeout_graceful_shutdown=30,
     )

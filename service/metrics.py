@@ -42,6 +42,21 @@ class Metrics:
         self.queue_depth = Gauge(
             "capsnet_queue_images", "images waiting or in inference", registry=self.registry
         )
+        # gRPC calls in their own families (the HTTP ones above keep their names and labels); the batch,
+        # queue and inference metrics are shared: both protocols feed the same batchers
+        self.grpc_requests = Counter(
+            "capsnet_grpc_requests_total",
+            "gRPC calls (Open Inference Protocol, health)",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.grpc_latency = Histogram(
+            "capsnet_grpc_request_seconds",
+            "gRPC call latency",
+            ["method"],
+            registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.rejected = Counter(
             "capsnet_rejected_total", "requests refused because the queue was full", registry=self.registry
         )

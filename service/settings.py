@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     open_health: bool = Field(True, description="with an API key: /health/* stay open (probes)")
     open_metrics: bool = Field(True, description="with an API key: /metrics stays open (scrapers)")
     cors_origins: str = Field("", description="comma list of allowed browser origins; empty = CORS off")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="Open Inference Protocol over gRPC on this port; 0 = off"
+    )
+    grpc_host: str = Field(
+        "", description="gRPC listen address; empty = `capsnet serve --host` (127.0.0.1 without it)"
+    )
+    grpc_max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest gRPC message in or out (RESOURCE_EXHAUSTED beyond)"
+    )
 
 
 @lru_cache

@@ -112,9 +112,12 @@ class State:
         if waiting >= limit:
             raise self.busy(f"{waiting} images are waiting (limit {limit})")
 
-    async def infer(self, model: ServedModel, images: np.ndarray, coupling: bool = False) -> Outputs:
-        """The model's outputs for images (k, 1, 28, 28), through its batcher; APIError 503/504."""
-        timeout = self.settings.request_timeout_s
+    async def infer(
+        self, model: ServedModel, images: np.ndarray, coupling: bool = False, timeout: float | None = None
+    ) -> Outputs:
+        """The model's outputs for images (k, 1, 28, 28), through its batcher; APIError 503/504.
+        `timeout`: the caller's own deadline (gRPC's), else CAPSNET_REQUEST_TIMEOUT_S."""
+        timeout = self.settings.request_timeout_s if timeout is None else timeout
         try:
             return await model.batcher.submit(images, coupling, timeout)
         except QueueFullError as exc:

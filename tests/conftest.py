@@ -3,6 +3,8 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# every test app would otherwise listen for gRPC on 8001; the gRPC tests choose a free port
+os.environ.setdefault("CAPSNET_GRPC_PORT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,169 @@
+"""`inference.GRPCInferenceService`: the six RPCs of the Open Inference Protocol over the same models
+and batchers as REST (`State.infer`), so one batch can hold requests of both.
+
+Every RPC passes `_call`: the request id (`x-request-id` metadata, or a new one; returned in the
+trailing metadata), the API key (`authorization: Bearer <key>`, constant-time; the health RPCs stay
+open as REST's /v2/health does unless CAPSNET_OPEN_HEALTH is off), the domain's APIError turned into
+a gRPC status with its message (and `retry-after` for UNAVAILABLE), and the metrics. The RPCs not
+listed here (streaming, shared memory, model control) answer UNIMPLEMENTED, grpc's own default.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+
+from service.errors import APIError
+from service.grpc import tensors
+from service.grpc.tensors import Message
+from service.state import ServedModel, State
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+REQUEST_ID = "x-request-id"
+RETRY_AFTER = "retry-after"
+
+# the HTTP status of an APIError -> its gRPC code
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    413: grpc.StatusCode.INVALID_ARGUMENT,  # a batch over CAPSNET_MAX_IMAGES: a size, as a shape is
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+Context = Any  # grpc.aio.ServicerContext (grpcio ships no type information)
+Rpc = Callable[[Message, Context, str], Awaitable[Message]]
+
+
+def _metadata(context: Context, key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            value: str = item.value
+            return value
+    return None
+
+
+class InferenceServicer:
+    def __init__(self, state: State, server_version: str) -> None:
+        self.state, self.server_version = state, server_version
+        s = state.settings
+        self.key = s.api_key.get_secret_value().encode() if s.api_key is not None else None
+        self.open_health = s.open_health
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's methods for `server.add_generic_rpc_handlers`."""
+        open_ = self.open_health
+        rpcs: dict[str, tuple[Rpc, Any, bool]] = {  # name: (method, request type, open without a key)
+            "ServerLive": (self.server_live, pb.ServerLiveRequest, open_),
+            "ServerReady": (self.server_ready, pb.ServerReadyRequest, open_),
+            "ModelReady": (self.model_ready, pb.ModelReadyRequest, open_),
+            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest, False),
+            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest, False),
+            "ModelInfer": (self.model_infer, pb.ModelInferRequest, False),
+        }
+        methods = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._call(name, rpc, is_open),
+                request_deserializer=request_type.FromString,
+                response_serializer=lambda message: message.SerializeToString(),
+            )
+            for name, (rpc, request_type, is_open) in rpcs.items()
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def _call(self, name: str, rpc: Rpc, is_open: bool) -> Callable[[Message, Context], Awaitable[Message]]:
+        metrics = self.state.metrics
+
+        async def call(request: Message, context: Context) -> Message:
+            started = time.perf_counter()
+            request_id = _metadata(context, REQUEST_ID) or uuid.uuid4().hex
+            trailing: tuple[tuple[str, str], ...] = ((REQUEST_ID, request_id),)
+            code = grpc.StatusCode.CANCELLED  # unless the call ends otherwise (a client that went away)
+            try:
+                try:
+                    if not is_open:
+                        self._authorize(context)
+                    response = await rpc(request, context, request_id)
+                    code = grpc.StatusCode.OK
+                    context.set_trailing_metadata(trailing)
+                    return response
+                except APIError as exc:
+                    code, detail = CODES.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.detail
+                    retry = (exc.headers or {}).get("Retry-After")
+                    trailing += ((RETRY_AFTER, retry),) if retry else ()
+                    log.info("gRPC %s %s (request %s): %s", name, code.name, request_id, detail)
+                except Exception:
+                    log.exception("gRPC %s: unhandled error (request %s)", name, request_id)
+                    code, detail = grpc.StatusCode.INTERNAL, "internal server error"
+                await context.abort(code, detail, trailing_metadata=trailing)
+                raise AssertionError("unreachable: abort raises")  # pragma: no cover
+            finally:
+                metrics.grpc_requests.labels(name, code.name).inc()
+                metrics.grpc_latency.labels(name).observe(time.perf_counter() - started)
+
+        return call
+
+    def _authorize(self, context: Context) -> None:
+        if self.key is None:
+            return
+        scheme, _, token = (_metadata(context, "authorization") or "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)):
+            raise APIError(401, "missing or wrong API key: send the metadata `authorization: Bearer <key>`")
+
+    def _model(self, name: str, version: str) -> ServedModel:
+        if self.state.models is None:
+            raise APIError(503, "the models are not loaded yet", {"Retry-After": "1"})
+        return self.state.models.get(name, version or None)
+
+    # -- the RPCs ---------------------------------------------------------------------------------
+
+    async def server_live(self, request: Message, context: Context, request_id: str) -> Message:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: Message, context: Context, request_id: str) -> Message:
+        models = self.state.models
+        ready = models is not None and all(m.ready for m in models.models.values())
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def model_ready(self, request: Message, context: Context, request_id: str) -> Message:
+        return pb.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
+
+    async def server_metadata(self, request: Message, context: Context, request_id: str) -> Message:
+        return pb.ServerMetadataResponse(name="capsnet-service", version=self.server_version, extensions=[])
+
+    async def model_metadata(self, request: Message, context: Context, request_id: str) -> Message:
+        return tensors.model_metadata(self._model(request.name, request.version).signature)
+
+    async def model_infer(self, request: Message, context: Context, request_id: str) -> Message:
+        model = self._model(request.model_name, request.model_version)
+        if not model.ready:
+            raise APIError(503, f"model {model.name!r} is loading or warming up", {"Retry-After": "1"})
+        state = self.state
+        state.admit(model)  # a full queue refuses before the request is validated
+        with model.batcher.arriving():
+            inputs = tensors.parse_inputs(request, model.signature, state.settings.max_images)
+            names = tensors.requested_outputs(request, model.signature)
+        (images,) = inputs.values()  # the engine's one input, `image` (Engine checks the file)
+        results = await state.infer(model, images, "coupling" in names, self._timeout(context))
+        return tensors.infer_response(model.signature, request.id, names, results)
+
+    def _timeout(self, context: Context) -> float:
+        """The batcher's timeout: what is left of the client's deadline, at most CAPSNET_REQUEST_TIMEOUT_S."""
+        limit = self.state.settings.request_timeout_s
+        remaining: float | None = context.time_remaining()
+        if remaining is None:
+            return limit
+        if remaining <= 0:
+            raise APIError(504, "the client's deadline passed before inference")
+        return min(limit, remaining)
