@@ -1,5 +1,6 @@
 """One run, side by side: PyTorch eager vs onnxruntime raw, the conv-only ceiling, the service over HTTP
-(batcher on and off) and a plain FastAPI + PyTorch baseline. Prints a table, writes JSON.
+(batcher on and off), the service over gRPC (B = 64 per call) and a plain FastAPI + PyTorch baseline.
+Prints a table, writes JSON.
 
 HTTP load comes from wrk (a C program with a Lua script for the POST body), not from Python on the same
 cores. Every figure in one JSON comes from one run on one machine, so ratios are like for like.
@@ -281,6 +282,91 @@ def http_cases(
         proc.log.close()  # type: ignore[attr-defined]
 
 
+GRPC_BATCH, GRPC_STREAMS, GRPC_OUTPUTS = 64, 4, ["probabilities", "poses"]
+
+
+def grpc_case(model_dir: Path, serve: list[str], seconds: float, iters: int) -> dict[str, Any]:
+    """B = 64 images per ModelInfer (raw_input_contents) from a few concurrent tritonclient.grpc
+    streams, beside raw onnxruntime at B = 64 with the same outputs, timed just before and after."""
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
+
+    from service.engine import _session_options
+
+    B = GRPC_BATCH
+    x = np.random.default_rng(0).random((B, 1, 28, 28), dtype=np.float32)
+    sess = ort.InferenceSession(
+        str(model_dir / "capsnet.onnx"), _session_options(0), providers=["CPUExecutionProvider"]
+    )
+    n = max(5, iters // 2)
+    ort_before = _stats(_time(lambda: sess.run(GRPC_OUTPUTS, {"image": x}), n), B)
+    port, grpc_port = free_port(), free_port()
+    env = {
+        "CAPSNET_LOG_LEVEL": "warning",
+        "CAPSNET_GRPC_PORT": str(grpc_port),
+        "CAPSNET_MAX_BATCH_SIZE": str(B),
+    }
+    proc = start_server([*serve, "--port", str(port)], port, env)
+    clients = [grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") for _ in range(GRPC_STREAMS)]
+    try:
+        name = _model_name(port)
+        image = grpcclient.InferInput("image", list(x.shape), "FP32")
+        image.set_data_from_numpy(x)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in GRPC_OUTPUTS]
+        for c in clients:  # warm each channel
+            assert c.infer(name, [image], outputs=outputs).as_numpy("probabilities").shape == (B, 10)
+        end = time.perf_counter() + seconds
+
+        def stream(c: Any) -> list[float]:
+            latencies = []
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                c.infer(name, [image], outputs=outputs)
+                latencies.append(time.perf_counter() - t0)
+            return latencies
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        cpu0, _ = _proc_cpu_rss(proc.pid)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(GRPC_STREAMS) as pool:
+            per_stream = list(pool.map(stream, clients))
+        wall = time.perf_counter() - t0
+        cpu1, rss = _proc_cpu_rss(proc.pid)
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.wait(30)
+        proc.log.close()  # type: ignore[attr-defined]
+    ort_after = _stats(_time(lambda: sess.run(GRPC_OUTPUTS, {"image": x}), n), B)
+    # the reference: the faster of onnxruntime's two timings (the machine is shared; this is conservative)
+    ort_b64 = max(ort_before, ort_after, key=lambda st: st["images_per_s"])
+    latencies = sorted(t for s in per_stream for t in s)
+    calls = len(latencies)
+    return {
+        "case": "gRPC ModelInfer",
+        "batch": B,
+        "streams": GRPC_STREAMS,
+        "outputs": GRPC_OUTPUTS,
+        "calls": calls,
+        "images_per_s": calls * B / wall,
+        "p50_ms": 1e3 * latencies[calls // 2],
+        "p99_ms": 1e3 * latencies[min(calls - 1, int(calls * 0.99))],
+        "server_cpu_cores": (cpu1 - cpu0) / wall,
+        "server_rss_mb": rss / 2**20,
+        "onnxruntime_b64": ort_b64,
+        "onnxruntime_b64_before_after": [ort_before["images_per_s"], ort_after["images_per_s"]],
+    }
+
+
+def _model_name(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata", timeout=10) as r:
+        return str(json.load(r)["name"])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("capsnet bench needs wrk (Debian package `wrk`) for the HTTP load")
@@ -338,6 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tmp,
         )
         result["http"] = http
+        result["grpc"] = grpc_case(model_dir, serve, seconds, iters)
     from bench.profile import profile
 
     # onnxruntime's own profile at B = 32: where inference time goes, the evidence behind the ratios.
@@ -353,6 +440,7 @@ TARGETS = {
     "service_c1_p50_minus_ort_b1_ms": ("<= 0.5", 0.5, -1),
     "ort_best_vs_conv_ceiling": (">= 0.85", 0.85, 1),
     "service_c32_vs_baseline_c32": (">= 5", 5.0, 1),
+    "grpc_b64_vs_ort_b64": (">= 0.90", 0.90, 1),
 }
 
 
@@ -373,6 +461,7 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
         "service_c1_p50_minus_ort_b1_ms": on1["p50_ms"] - ort_b1["p50_ms"],
         "ort_best_vs_conv_ceiling": ort_best["images_per_s"] / conv_best["images_per_s"],
         "service_c32_vs_baseline_c32": on32["requests_per_s"] / max(base32["requests_per_s"], 1e-9),
+        "grpc_b64_vs_ort_b64": r["grpc"]["images_per_s"] / r["grpc"]["onnxruntime_b64"]["images_per_s"],
     }
     whys = explanations(r, ort_best, on32, on1, ort_b1, base32)
     out = {}
@@ -403,7 +492,15 @@ def explanations(
     prof = r.get("profile") or {}
     others = [f"{op} {share:.1%}" for op, share in prof.get("by_op", {}).items() if op != "Conv"][:5]
     overhead = service_core_ms - ort_core_ms
+    g = r["grpc"]
     return {
+        "grpc_b64_vs_ort_b64": (
+            f"{g['streams']} tritonclient.grpc streams of B = {g['batch']} ({'+'.join(g['outputs'])} out): "
+            f"{g['images_per_s']:.0f} images/s, {g['p50_ms']:.1f} ms p50 per call, the server on "
+            f"{g['server_cpu_cores']:.2f} of {cores} cores (the clients share them); onnxruntime alone at "
+            f"B = {g['batch']}: {g['onnxruntime_b64']['images_per_s']:.0f} images/s, "
+            f"{g['onnxruntime_b64']['p50_ms']:.1f} ms per batch"
+        ),
         "overhead_ms_per_request": (
             f"{service_core_ms:.2f} ms of server core time per request at concurrency 32 against "
             f"{ort_core_ms:.2f} ms per image for onnxruntime alone at B = {ort_best['batch']}: "
@@ -454,6 +551,14 @@ def print_table(r: dict[str, Any]) -> None:
             f"{h['non_2xx']:>8}{h['server_cpu_cores']:>6.2f}{h['server_core_ms_per_request']:>8.2f}"
             f"{h['event_loop_core_ms_per_request']:>6.2f}{h['server_rss_mb']:>8.0f}"
         )
+    g = r["grpc"]
+    print(
+        f"\n{'gRPC ModelInfer':<28}{'B':>5}{'streams':>8}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu':>6}{'ORT B=64 img/s':>16}"
+    )
+    print(
+        f"{'tritonclient.grpc, raw':<28}{g['batch']:>5}{g['streams']:>8}{g['images_per_s']:>10.1f}{g['p50_ms']:>9.2f}"
+        f"{g['p99_ms']:>9.2f}{g['server_cpu_cores']:>6.2f}{g['onnxruntime_b64']['images_per_s']:>16.1f}"
+    )
     print("\nratios and their targets:")
     for k, v in r["ratios"].items():
         print(f"  {k:<34}{v['value']:>8.3f}  target {v['target']:<7} {'met' if v['met'] else 'NOT met'}")

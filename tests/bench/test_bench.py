@@ -39,14 +39,24 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
         "service_c1_p50_minus_ort_b1_ms",
         "ort_best_vs_conv_ceiling",
         "service_c32_vs_baseline_c32",
+        "grpc_b64_vs_ort_b64",
     }
+    g = r["grpc"]
+    assert (g["batch"], g["streams"]) == (64, 4) and g["calls"] >= g["streams"] and g["images_per_s"] > 0
+    assert g["onnxruntime_b64"]["batch"] == 64 and g["onnxruntime_b64"]["images_per_s"] == max(
+        g["onnxruntime_b64_before_after"]
+    )
+    assert r["ratios"]["grpc_b64_vs_ort_b64"]["value"] == pytest.approx(
+        g["images_per_s"] / g["onnxruntime_b64"]["images_per_s"]
+    )
     assert all(isinstance(v["met"], bool) for v in r["ratios"].values())
     assert 0 < r["profile"]["conv_share"] < 1 and r["profile"]["batch"] == 32
     # Each ratio says what it is made of, with figures of this run in it.
     for name, ratio in r["ratios"].items():
         assert any(ch.isdigit() for ch in ratio["why"]), name
     assert f"{r['profile']['conv_share']:.1%}" in r["ratios"]["ort_best_vs_conv_ceiling"]["why"]
-    assert "ratios and their targets:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ratios and their targets:" in printed and "tritonclient.grpc, raw" in printed
 
 
 def test_profile_splits_kernel_time_between_convolutions_and_the_rest(tiny_model_dir):

