@@ -2,6 +2,7 @@
 health and reflection clients) against the real server: uvicorn in a thread, whose lifespan starts
 the gRPC server on its event loop. Two models by name, as in test_v2: the shipped one and the tiny one."""
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -29,7 +30,9 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from service.engine import Engine
+from service.grpc import server as grpc_server
 from service.settings import SHIPPED_MODEL, Settings
+from service.state import State
 from tests import live
 from tests.factories import mnist_test_images
 
@@ -530,3 +533,20 @@ def test_readme_examples_work_as_printed(server, sessions, tmp_path):
     # the printed answer is this one
     printed = re.search(r'"raw_output_contents": \["([^".]+)', blocks["bash"])[1]
     assert inference["raw_output_contents"][0].startswith(printed)
+
+
+def test_port_taken_fails_with_one_worker_and_is_shared_by_several(tiny_model_dir):
+    """One worker binds the gRPC port alone: a second server on it fails at startup and says why,
+    instead of silently sharing the port. With CAPSNET_WORKERS > 1 (each uvicorn worker a process
+    with its own server) the binds use SO_REUSEPORT and all succeed."""
+    port = free_port()
+
+    async def two_servers(workers: int) -> None:
+        settings = Settings(model_dir=tiny_model_dir, grpc_port=port, grpc_host="127.0.0.1", workers=workers)
+        first, second = State(settings), State(settings)
+        async with grpc_server.serving(first, "test"), grpc_server.serving(second, "test"):
+            pass
+
+    with pytest.raises(RuntimeError, match=f"gRPC cannot listen on 127.0.0.1:{port} .*CAPSNET_GRPC_PORT=0"):
+        asyncio.run(two_servers(workers=1))
+    asyncio.run(two_servers(workers=2))
