@@ -43,9 +43,8 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
     }
     g = r["grpc"]
     assert (g["batch"], g["streams"]) == (64, 4) and g["calls"] >= g["streams"] and g["images_per_s"] > 0
-    assert g["onnxruntime_b64"]["batch"] == 64 and g["onnxruntime_b64"]["images_per_s"] == max(
-        g["onnxruntime_b64_before_after"]
-    )
+    assert g["onnxruntime_b64"]["batch"] == 64 and g["onnxruntime_b64"]["images_per_s"] > 0
+    assert len(g["rounds"]["onnxruntime_images_per_s"]) == len(g["rounds"]["grpc_images_per_s"]) == 1
     assert r["ratios"]["grpc_b64_vs_ort_b64"]["value"] == pytest.approx(
         g["images_per_s"] / g["onnxruntime_b64"]["images_per_s"]
     )
