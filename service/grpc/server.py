@@ -45,7 +45,6 @@ def build(state: State, server_version: str) -> tuple[Any, Any]:
             # several workers share the port; one process alone must own it (a second one fails)
             ("grpc.so_reuseport", int(s.workers > 1)),
         ],
-        maximum_concurrent_rpcs=s.max_in_flight,  # beyond it RESOURCE_EXHAUSTED, as REST's 503
     )
     server.add_generic_rpc_handlers((InferenceServicer(state, server_version).handler(),))
     health_servicer = health.aio.HealthServicer()

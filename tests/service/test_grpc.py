@@ -319,6 +319,29 @@ def test_full_queue_is_unavailable_with_retry_hint(tiny_model_dir, images, monke
         c.close()
 
 
+def test_calls_beyond_max_in_flight_are_unavailable_and_health_still_answers(
+    tiny_model_dir, images, monkeypatch
+):
+    release = threading.Event()
+    started = gate_classify(monkeypatch, release)
+    with serve(tiny_model_dir, max_in_flight=1) as (_, grpc_url), grpc.insecure_channel(grpc_url) as channel:
+        c = grpcclient.InferenceServerClient(url=grpc_url)
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(c.infer, "tiny", [image_input(images[:1])])
+            assert started.wait(10)
+            exc = status_of(lambda: c.infer("tiny", [image_input(images[:1])]))
+            assert code(exc) == "StatusCode.UNAVAILABLE"
+            assert "busy: 1 inference calls in progress (limit 1)" in exc.message()
+            # the limit is the inference calls': probes and metadata still answer
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert c.is_server_ready() and c.get_model_metadata("tiny", as_json=True)["name"] == "tiny"
+            release.set()
+            assert held.result(20).as_numpy("probabilities").shape == (1, 10)
+        assert c.infer("tiny", [image_input(images[:1])]).as_numpy("probabilities").shape == (1, 10)
+        c.close()
+
+
 def test_deadline_shorter_than_inference(tiny_model_dir, images, monkeypatch):
     """The client's deadline becomes the batcher's timeout: the server gives up on the call when the
     client does, not after CAPSNET_REQUEST_TIMEOUT_S."""
