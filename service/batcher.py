@@ -22,7 +22,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-Outputs = dict[str, np.ndarray]
+
+class Outputs(dict[str, np.ndarray]):
+    """One request's slice of its batch's outputs, by name; `batch` is how many images that batch held."""
+
+    batch: int = 0
 
 
 class QueueFullError(RuntimeError):
@@ -39,7 +43,7 @@ class Classifier(Protocol):
     @property
     def output_names(self) -> list[str]: ...
 
-    def classify(self, images: np.ndarray, outputs: list[str] | None = None) -> Outputs: ...
+    def classify(self, images: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -176,7 +180,9 @@ class Batcher:
                 answers, start = [], 0
                 for it in live:
                     k = len(it.images)
-                    answers.append({name: a[start : start + k] for name, a in out.items()})
+                    answer = Outputs((name, a[start : start + k]) for name, a in out.items())
+                    answer.batch = len(images)
+                    answers.append(answer)
                     start += k
                 if self.stats.observe:
                     self.stats.observe(len(images), [started - it.enqueued for it in live], seconds)

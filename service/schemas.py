@@ -103,6 +103,9 @@ class Metadata(BaseModel):
     inputs: list[dict[str, object]]
     outputs: list[dict[str, object]]
     providers: list[str] = Field(description="execution providers the ONNX session really uses")
+    cuda_options: dict[str, str] = Field(
+        description="the CUDA provider's options (arena growth, memory limit, cuDNN search); empty on the CPU"
+    )
     decoder: bool
     model_card: dict[str, object]
     onnx_metadata: dict[str, str]

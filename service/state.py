@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from starlette.requests import Request
 
+from service import logs
 from service.batcher import Batcher, BatchStats, EngineClosedError, Outputs, QueueFullError
 from service.engine import Engine, EngineError
 from service.errors import APIError
@@ -115,20 +116,27 @@ class State:
     async def infer(self, model: ServedModel, images: np.ndarray, coupling: bool = False) -> Outputs:
         """The model's outputs for images (k, 1, 28, 28), through its batcher; APIError 503/504."""
         timeout = self.settings.request_timeout_s
+        entry = logs.current.get()
+        if entry is not None:  # for the access line
+            entry.model, entry.version, entry.images = model.name, model.version, len(images)
         try:
-            return await model.batcher.submit(images, coupling, timeout)
+            out = await model.batcher.submit(images, coupling, timeout)
         except QueueFullError as exc:
             raise self.busy(str(exc)) from None
         except EngineClosedError as exc:
             raise APIError(503, str(exc), {"Retry-After": "5"}) from None
         except TimeoutError:
             raise APIError(504, f"inference took longer than {timeout} s") from None
+        if entry is not None:
+            entry.batch = out.batch
+        return out
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:
         """Load every model (startup fails on a bad one), start their batchers and warm-ups; on exit
         refuse new work, drain the batchers and stop."""
         s = self.settings
+        logs.quiet_onnxruntime(s.log_format)
         repo = Repository()
         warm: list[asyncio.Task[None]] = []
         try:

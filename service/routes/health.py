@@ -47,6 +47,7 @@ async def metadata(state: StateDep, model: ModelDep) -> Response:
             "inputs": info.inputs,
             "outputs": info.outputs,
             "providers": engine.providers,
+            "cuda_options": engine.cuda_options,
             "decoder": engine.decoder is not None,
             "model_card": info.card,
             "onnx_metadata": info.metadata,

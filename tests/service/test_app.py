@@ -366,8 +366,9 @@ def test_cuda_provider_gets_its_options(tiny_model_dir, monkeypatch):
     Engine.from_settings(settings)
     cuda = (
         "CUDAExecutionProvider",
-        {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"},
-    )
+        {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1",
+         "arena_extend_strategy": "kSameAsRequested"},
+    )  # fmt: skip
     assert seen == [[cuda, "CPUExecutionProvider"]] * 2  # classifier and decoder
     with pytest.raises(ValueError, match="cudnn_conv_algo_search"):
         Settings(cudnn_conv_algo_search="FASTEST")
