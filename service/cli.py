@@ -12,14 +12,13 @@ import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from service.metrics import MULTIPROCESS_DIR
+from service.workers import SHARED_DIR_ENV
+
 if TYPE_CHECKING:
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Set for the workers of a multi-worker server: where they share metrics and repository state.
-SHARED_DIR_ENV = "CAPSNET_SHARED_DIR"
-PROMETHEUS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def check_models(settings: Settings) -> list[str]:
@@ -63,8 +62,8 @@ def run(args: argparse.Namespace) -> None:
     env = {"CAPSNET_WORKERS": str(workers)}  # what the workers read, set while the server runs
     if workers > 1:
         shared = tempfile.mkdtemp(prefix="capsnet-")
-        env |= {SHARED_DIR_ENV: shared, PROMETHEUS_DIR_ENV: os.path.join(shared, "metrics")}
-        os.makedirs(env[PROMETHEUS_DIR_ENV])
+        env |= {SHARED_DIR_ENV: shared, MULTIPROCESS_DIR: os.path.join(shared, "metrics")}
+        os.makedirs(env[MULTIPROCESS_DIR])
     with _environ(env):
         uvicorn.run(
             "service.app:create_app",

@@ -228,6 +228,13 @@ class InferResponse(BaseModel):
     outputs: list[InferOutput]
 
 
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str = Field(description="the version being served; empty when unavailable")
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str = Field(description="why it is unavailable (unloaded, warming up); empty when ready")
+
+
 class V2ErrorResponse(BaseModel):
     error: str
 

@@ -214,6 +214,7 @@ def test_cuda_memory_settings_reach_the_provider(tiny_model_dir, monkeypatch):
     s = Settings(model_dir=tiny_model_dir, providers="CUDAExecutionProvider,CPUExecutionProvider",
                  gpu_mem_limit_mb=512, gpu_arena_extend="kNextPowerOfTwo")  # fmt: skip
     engine = Engine.from_settings(s)
+
     def cuda_options(providers):
         (name, options), cpu = providers
         assert (name, cpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
