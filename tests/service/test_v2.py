@@ -313,8 +313,10 @@ def test_two_directories_with_one_model_name_refuse_to_start(tiny_model_dir, tmp
 
 
 def test_api_key_guards_v2_but_not_its_health(tiny_model_dir):
-    app = create_app(Settings(model_dir=tiny_model_dir, api_key="s3cret"))
-    with TestClient(app) as client:
+    # Ready first: an infer request during the warm-up gets 503 "not loaded yet" (this raced it).
+    with live.ready_client(
+        Settings(model_dir=tiny_model_dir, api_key="s3cret"), "/v2/health/ready"
+    ) as client:
         assert client.get("/v2/health/live").status_code == 200
         denied = client.get("/v2/models/tiny")
         assert denied.status_code == 401 and "API key" in denied.json()["error"]  # the protocol's shape

@@ -27,6 +27,7 @@ from service.app import create_app
 from service.settings import SHIPPED_MODEL, Settings
 from service.web import STATIC_DIR
 from tests import live
+from tests.tools import installed_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "page-test-key"
@@ -42,11 +43,7 @@ def serve(**settings: object) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        msg = f"no {CHROMIUM}: `apt-get install chromium` (make test installs it via scripts/system-deps.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the browser test: {msg}")
-        pytest.skip(msg)
+    installed_file(CHROMIUM, "Debian package chromium; make test installs it via scripts/system-deps.sh")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM))
         yield b
