@@ -638,6 +638,8 @@ def test_precision_fp16_serves_the_half_precision_file_with_the_same_api(tiny_mo
     x = mnist_test_images(8)
     a, b = full.classify(x), half.classify(x)
     assert set(a) == set(b)
-    for name in a:
-        assert b[name].dtype == np.float32
-        np.testing.assert_allclose(b[name], a[name], atol=2e-3, err_msg=name)
+    for name in a:  # within 0.2 % of each output's largest value: zeros would miss it 500-fold
+        scale = float(np.abs(a[name]).max())
+        assert b[name].dtype == np.float32 and scale > 0.1, name
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=2e-3 * scale, err_msg=name)
+    assert (b["probabilities"].argmax(1) == a["probabilities"].argmax(1)).all()
