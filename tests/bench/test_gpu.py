@@ -2,24 +2,13 @@
 with a GPU it also runs on CUDA with the shipped model, accuracy asserted."""
 
 import json
-from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 
 from bench.gpu import main, static_batch
 from model_export.data import load_split
 from service.settings import SHIPPED_MODEL
-
-
-def accuracy_of(model: Path, images: np.ndarray, labels: np.ndarray) -> float:
-    """Computed here, not by model_export.card: onnxruntime's CPU provider, 1000 images a run."""
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    x = (images.astype(np.float32) / 255.0)[:, None]
-    preds = np.concatenate([sess.run(["probabilities"], {"image": x[i : i + 1000]})[0].argmax(1)
-                            for i in range(0, len(x), 1000)])  # fmt: skip
-    return float((preds == labels).mean())
+from tests.checks import predicted_classes
 
 
 def devices() -> list[str]:
@@ -53,7 +42,9 @@ def test_gpu_bench_writes_every_case_and_fp16_accuracy(device, tiny_model_dir, t
     images, labels = load_split("mnist", "test")
     assert acc["images"] == len(labels) == 10_000
     if device == "cpu":  # the tiny untrained model: about chance, but exactly its own
-        assert acc["ort_fp32"] == accuracy_of(model_dir / "capsnet.onnx", images, labels)
+        assert acc["ort_fp32"] == float(
+            (predicted_classes(model_dir / "capsnet.onnx", images) == labels).mean()
+        )
     else:  # the shipped model on CUDA: its card's figure
         card = json.loads((SHIPPED_MODEL / "model_card.json").read_text())
         assert acc["ort_fp32"] == pytest.approx(card["evaluation"]["test_accuracy"], abs=1e-4)

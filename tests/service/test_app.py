@@ -396,10 +396,16 @@ def test_missing_model_fails_startup_with_a_clear_message(tmp_path):
         pass
 
 
-def test_orjson_keeps_float32_values(client, digits):
+def test_orjson_keeps_float32_values(client, session, digits):
+    """The JSON numbers are onnxruntime's float32 values exactly, written in their shortest form."""
     r = client.post("/predict", json={"images": [digits[2].tolist()]})
     probs = orjson.loads(r.content)["predictions"][0]["probabilities"]
-    assert all(isinstance(p, float) and 0 <= p < 1 for p in probs) and len(probs) == 10
+    assert all(isinstance(p, float) for p in probs) and len(probs) == 10
+    want = direct(session, [digits[2]])["probabilities"][0]
+    np.testing.assert_array_equal(np.array(probs, np.float32), want)  # bit for bit after the round trip
+    text = r.content.decode().split('"probabilities":[', 1)[1].split("]", 1)[0]
+    significant = [re.sub(r"[eE].*|[-.]", "", t).lstrip("0") for t in text.split(",")]
+    assert max(map(len, significant)) <= 9, text  # float32's shortest form; a float64 one needs ~17
 
 
 def test_too_many_files_in_multipart_is_413(tiny_model_dir, digits):

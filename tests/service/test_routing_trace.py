@@ -19,6 +19,7 @@ import pytest
 
 from service.preprocess import preprocess_bytes
 from service.settings import SHIPPED_MODEL, Settings
+from tests.checks import assert_right_not_wrong, skip_last_update, transposed
 from tests.factories import mnist_test_images
 from tests.live import ready_client
 
@@ -27,22 +28,8 @@ EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in {".png
 README = (ROOT / "README.md").read_text()
 TYPES, GRID = 32, 6
 # The service and the reference run the same ONNX file on the same input at batch 1; what differs is
-# float32 against float64 arithmetic in the summaries, about 1e-7 relative.
-RTOL = 1e-5
-MARGIN = 10  # a wrong answer must miss the tolerance by at least this factor somewhere
-
-
-def assert_right_not_wrong(got, want, wrong: dict[str, np.ndarray], rtol: float = RTOL) -> None:
-    """`got` equals `want` within rtol (atol: rtol x the largest |want|), and every wrong answer is
-    more than MARGIN tolerances away from `want` somewhere: a bug producing it would be caught."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    atol = rtol * np.abs(want).max()
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
-    for name, w in wrong.items():
-        w = np.asarray(w, np.float64)
-        assert w.shape == want.shape, f"{name}: a shape change is caught by the shapes; compare values"
-        miss = np.abs(w - want) / (atol + rtol * np.abs(want))
-        assert miss.max() > MARGIN, f"the tolerance cannot tell {name!r} from the right answer"
+# float32 against float64 arithmetic in the summaries, about 1e-7 relative: checks.assert_right_not_wrong's
+# default rtol of 1e-5.
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +71,6 @@ def summary(c: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 def served_summary(t: dict) -> np.ndarray:
     return np.array([[*s["class_mass"], s["mean_entropy"], s["weighted_entropy"]] for s in t["summary"]])
-
-
-def skip_last_update(c: np.ndarray) -> np.ndarray:
-    """The coupling a routing loop without its last update of b would report: iteration r repeats r-1."""
-    return np.concatenate([c[:-1], c[-2:-1]])
-
-
-def transposed(c: np.ndarray) -> np.ndarray:
-    """(r, N, J) whose memory was written as (r, J, N): the layout error of a transposed tensor."""
-    return np.ascontiguousarray(c.transpose(0, 2, 1)).reshape(c.shape)
 
 
 @pytest.fixture(scope="module")
