@@ -2,18 +2,18 @@
 `capsnet load --seconds 300`, figures in the README)."""
 
 import os
-import shutil
 
 import pytest
 
 from bench.load import graceful_shutdown, overload, sustained_load
+from tests.tools import installed_tool
 
 pytestmark = pytest.mark.slow
 SECONDS = float(os.environ.get("CAPSNET_LOAD_SECONDS", "20"))
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None and not os.environ.get("CI"), reason="needs wrk")
 def test_sustained_load_has_no_errors_and_flat_memory():
+    installed_tool("wrk", "Debian package wrk")
     r = sustained_load(SECONDS, concurrency=64)
     assert r["requests_per_s"] > 0 and r["p99_ms"] > 0
     assert r["non_2xx"] == 0 and r["socket_errors"] == ""

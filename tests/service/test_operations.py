@@ -15,12 +15,11 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
 from service.settings import Settings
 from tests.factories import mnist_test_images
+from tests.live import ready_client
 from tests.servers import capsnet_serve
 
 
@@ -32,11 +31,7 @@ def _png() -> bytes:
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir):
-    with TestClient(create_app(Settings(model_dir=tiny_model_dir, api_key="k", max_in_flight=64))) as c:
-        for _ in range(300):
-            if c.get("/health/ready").status_code == 200:
-                break
-            time.sleep(0.02)
+    with ready_client(Settings(model_dir=tiny_model_dir, api_key="k", max_in_flight=64)) as c:
         yield c
 
 

@@ -10,12 +10,11 @@ import time
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
 from service.settings import Settings
 from tests.factories import mnist_test_images
+from tests.live import ready_client
 from tests.servers import capsnet_serve
 
 
@@ -27,11 +26,7 @@ def _png(array01: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir):
-    with TestClient(create_app(Settings(model_dir=tiny_model_dir))) as c:
-        for _ in range(300):
-            if c.get("/health/ready").status_code == 200:
-                break
-            time.sleep(0.02)
+    with ready_client(Settings(model_dir=tiny_model_dir)) as c:
         yield c
 
 
