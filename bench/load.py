@@ -170,11 +170,16 @@ def _url(port: int) -> str:
     return f"http://127.0.0.1:{port}/predict"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    """Stop the server; the number of tracebacks in its whole log (clients that drop their
+    connections at the end of a run must not produce any)."""
     if proc.poll() is None:
         proc.terminate()
         proc.wait(60)
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    tracebacks = proc.log.read().count(b"Traceback")  # type: ignore[attr-defined]
     proc.log.close()  # type: ignore[attr-defined]
+    return int(tracebacks)
 
 
 def sustained_load(seconds: float, concurrency: int = 64, body: Path = DEFAULT_BODY) -> dict[str, Any]:
@@ -199,7 +204,7 @@ def sustained_load(seconds: float, concurrency: int = 64, body: Path = DEFAULT_B
             done.set()
             sampler.join()
     finally:
-        _stop(proc)
+        tracebacks = _stop(proc)
     rss = [r for _, r in samples] or [warm_rss]
     return {
         "seconds": seconds,
@@ -209,6 +214,7 @@ def sustained_load(seconds: float, concurrency: int = 64, body: Path = DEFAULT_B
         "rss_end_mb": round(rss[-1] / 2**20, 1),
         "rss_max_mb": round(max(rss) / 2**20, 1),
         "rss_growth": round(max(rss) / warm_rss - 1.0, 4),
+        "log_tracebacks": tracebacks,
     }
 
 
@@ -242,7 +248,7 @@ def overload(
         after = Client("127.0.0.1", port, "/predict", image)
         asyncio.run(after.closed_loop(4, 2.0))
     finally:
-        _stop(proc)
+        tracebacks = _stop(proc)
     rejected = [r for r in flood.results if r.status == 503]
     return {
         "capacity_req_per_s": round(capacity, 1),
@@ -254,6 +260,7 @@ def overload(
         "flood": summarize(flood.results),
         "rejected_with_retry_after": sum(r.retry_after for r in rejected),
         "recovery": summarize(after.results),
+        "log_tracebacks": tracebacks,
     }
 
 
@@ -291,7 +298,7 @@ def graceful_shutdown(
         exit_s = time.monotonic() - t_wall - load_seconds
         log = _tail(proc.log)  # type: ignore[attr-defined]
     finally:
-        _stop(proc)
+        tracebacks = _stop(proc)
     sigterm = sent_at["sigterm"]
     before = [r for r in client.results if r.due < sigterm]
     # uvicorn looks at its exit flag every 0.1 s: requests sent in that window may still be served
@@ -305,6 +312,7 @@ def graceful_shutdown(
         "after_sigterm_0_25_s": summarize(after),
         "in_flight_at_sigterm": sum(1 for r in before if r.due + r.latency > sigterm),
         "in_flight_answered_200": sum(1 for r in before if r.due + r.latency > sigterm and r.status == 200),
+        "log_tracebacks": tracebacks,
     }
 
 

@@ -22,7 +22,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-Outputs = dict[str, np.ndarray]
+
+class Outputs(dict[str, np.ndarray]):
+    """One request's slice of its batch's outputs, by name; `batch` is how many images that batch held."""
+
+    batch: int = 0
 
 
 class QueueFullError(RuntimeError):
@@ -39,7 +43,7 @@ class Classifier(Protocol):
     @property
     def output_names(self) -> list[str]: ...
 
-    def classify(self, images: np.ndarray, outputs: list[str] | None = None) -> Outputs: ...
+    def classify(self, images: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -52,10 +56,11 @@ class _Item:
 
 @dataclass
 class BatchStats:
-    """Hooks for metrics: called with (batch images, queue seconds of each item, inference seconds),
-    from the inference thread."""
+    """Hooks for metrics: `observe` (batch images, queue seconds of each item, inference seconds), called
+    from the inference thread; `pending` (images queued or running), called when that number changes."""
 
     observe: Callable[[int, list[float], float], None] | None = None
+    pending: Callable[[float], None] | None = None
 
 
 _STOP = None  # put on the queue by close(): the thread finishes what it holds, then ends
@@ -116,6 +121,8 @@ class Batcher:
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         self._pending += n
+        if self.stats.pending:
+            self.stats.pending(self._pending)
         self._queue.put(_Item(images, coupling, future, time.perf_counter()))
         if timeout is None:
             return await future
@@ -176,7 +183,9 @@ class Batcher:
                 answers, start = [], 0
                 for it in live:
                     k = len(it.images)
-                    answers.append({name: a[start : start + k] for name, a in out.items()})
+                    answer = Outputs((name, a[start : start + k]) for name, a in out.items())
+                    answer.batch = len(images)
+                    answers.append(answer)
                     start += k
                 if self.stats.observe:
                     self.stats.observe(len(images), [started - it.enqueued for it in live], seconds)
@@ -191,6 +200,8 @@ class Batcher:
     def _deliver(self, live: list[_Item], answers: list[Outputs] | BaseException, images_done: int) -> None:
         """On the event loop: resolve the batch's futures."""
         self._pending -= images_done
+        if self.stats.pending:
+            self.stats.pending(self._pending)
         for k, it in enumerate(live):
             if it.future.done():
                 continue

@@ -1,38 +1,99 @@
-"""`capsnet serve`: check the model loads (one clear message if not), then start uvicorn."""
+"""`capsnet serve`: check every model loads (one clear line if not), then start uvicorn with our logging,
+HTTP limits and, with several workers, one shared folder for their metrics and model repository."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from service.metrics import MULTIPROCESS_DIR
+from service.workers import SHARED_DIR_ENV
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def check_models(settings: Settings) -> list[str]:
+    """Open every model directory the settings name (CAPSNET_MODEL_DIR, CAPSNET_MODEL_DIRS): the names,
+    or EngineError for the first missing, broken or duplicate one."""
+    from service.engine import Engine, EngineError
+    from service.state import model_dirs
+
+    names: dict[str, str] = {}
+    for k, directory in enumerate(model_dirs(settings)):
+        try:
+            name = Engine.from_settings(settings, directory).info.name
+        except EngineError as exc:
+            if k == 0:  # the default model: its message names its files
+                raise
+            raise EngineError(f"CAPSNET_MODEL_DIRS entry {directory}: {exc}") from None
+        if name in names:
+            raise EngineError(f"{directory} and {names[name]} both carry the model name {name!r}")
+        names[name] = str(directory)
+    return list(names)
 
 
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from service.engine import Engine, EngineError
+    from service.engine import EngineError
+    from service.logs import configure, logging_config
+    from service.server import LimitedHttpToolsProtocol
     from service.settings import get_settings
 
     if args.model_dir is not None:
         os.environ["CAPSNET_MODEL_DIR"] = str(args.model_dir)  # workers read the same settings
-    if args.workers:
-        os.environ["CAPSNET_WORKERS"] = str(args.workers)  # the gRPC servers of the workers share a port
     os.environ.setdefault("CAPSNET_GRPC_HOST", args.host)  # gRPC listens where HTTP does, unless told
     get_settings.cache_clear()
     s = get_settings()
-    logging.getLogger().setLevel(s.log_level.upper())
+    configure(s.log_format, s.log_level)
     try:  # fail before binding the port, with one line instead of a lifespan traceback
-        Engine.from_settings(s)
+        check_models(s)
     except EngineError as exc:
         raise SystemExit(f"capsnet serve: {exc}") from None
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=s.workers,  # each worker: its own session, batcher and GIL
-        log_level=s.log_level.lower(),
-        timeout_graceful_shutdown=30,
-    )
+    workers = args.workers or s.workers  # each worker: its own sessions, batchers and GIL
+    env = {"CAPSNET_WORKERS": str(workers)}  # what the workers read, set while the server runs
+    if workers > 1:
+        shared = tempfile.mkdtemp(prefix="capsnet-")
+        env |= {SHARED_DIR_ENV: shared, MULTIPROCESS_DIR: os.path.join(shared, "metrics")}
+        os.makedirs(env[MULTIPROCESS_DIR])
+    with _environ(env):
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=workers,
+            http=LimitedHttpToolsProtocol,
+            log_config=logging_config(s.log_format, s.log_level),
+            log_level=s.log_level.lower(),
+            access_log=False,  # ours (capsnet.access) has the route, the model and the request ID
+            timeout_keep_alive=s.http_keep_alive_s,
+            timeout_graceful_shutdown=30,
+        )
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables for the server's lifetime (its workers inherit them), then as they were;
+    the shared folder, if any, is removed."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if SHARED_DIR_ENV in values:
+            shutil.rmtree(values[SHARED_DIR_ENV], ignore_errors=True)

@@ -116,9 +116,18 @@ class Engine:
         require_gpu: bool = False,
         cudnn_conv_algo_search: str = "EXHAUSTIVE",
         precision: str = "fp32",
+        gpu_mem_limit_mb: int = 0,
+        gpu_arena_extend: str = "kSameAsRequested",
     ) -> None:
         wanted = choose_providers(providers)
-        cuda_options = {"cudnn_conv_algo_search": cudnn_conv_algo_search, "do_copy_in_default_stream": "1"}
+        cuda_options = {
+            "cudnn_conv_algo_search": cudnn_conv_algo_search,
+            "do_copy_in_default_stream": "1",
+            "arena_extend_strategy": gpu_arena_extend,  # kSameAsRequested: the arena grows by what is asked
+        }
+        if gpu_mem_limit_mb:
+            cuda_options["gpu_mem_limit"] = str(gpu_mem_limit_mb * 2**20)
+        self.model_dir = model_dir
         if require_gpu and CUDA not in wanted:
             if CUDA not in ort.get_available_providers():
                 why = (
@@ -137,6 +146,7 @@ class Engine:
             )
         self.classifier = _open(classifier_path, wanted, intra_op_threads, cuda_options)
         self.providers: list[str] = self.classifier.get_providers()  # what ORT really uses
+        self.cuda_options = cuda_options if CUDA in self.providers else {}  # what it was given, for /metadata
         if CUDA in wanted and CUDA not in self.providers:
             log.warning(
                 "CUDA was requested but onnxruntime fell back to %s (no usable GPU, CUDA 13 "
@@ -165,6 +175,8 @@ class Engine:
             require_gpu=s.require_gpu,
             cudnn_conv_algo_search=s.cudnn_conv_algo_search,
             precision=s.precision,
+            gpu_mem_limit_mb=s.gpu_mem_limit_mb,
+            gpu_arena_extend=s.gpu_arena_extend,
         )
 
     def _read_info(self, model_dir: Path) -> ModelInfo:

@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import logs
 from service.errors import APIError, error_response
 from service.settings import Settings
 from service.state import State
@@ -41,7 +42,9 @@ def unexpected(path: str) -> Response:
 
 
 class Accounting:
-    """Counts every HTTP request by its matched route template (a label per route, never per URL)."""
+    """The request ID (kept from `X-Request-ID` or made, sent back on every answer, on every log line
+    of the request), the metrics by matched route template (a label per route, never per URL) and
+    the one access line of each request."""
 
     def __init__(self, app: ASGIApp, state: State, paths: Callable[[], set[str]]) -> None:
         self.app, self.metrics, self.paths = app, state.metrics, paths
@@ -50,13 +53,18 @@ class Accounting:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
-        status = 500
+        entry = logs.RequestLog(logs.request_id_of(scope["headers"]), scope["method"], scope["path"])
+        logs.current.set(entry)  # this request's task: its handlers and log lines see it
+        rid = entry.request_id.encode("ascii")
+        status, sent = 500, 0
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (logs.REQUEST_ID_HEADER, rid)]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
             await send(message)
 
         try:
@@ -67,7 +75,8 @@ class Accounting:
             route = scope.get("capsnet.route") or getattr(scope.get("route"), "path", None)
             path = route or (scope["path"] if scope["path"] in self.paths() else "other")
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(path).observe(time.perf_counter() - entry.started)
+            logs.log_access(entry, path, status, sent)
 
 
 class Guard:

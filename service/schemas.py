@@ -103,6 +103,9 @@ class Metadata(BaseModel):
     inputs: list[dict[str, object]]
     outputs: list[dict[str, object]]
     providers: list[str] = Field(description="execution providers the ONNX session really uses")
+    cuda_options: dict[str, str] = Field(
+        description="the CUDA provider's options (arena growth, memory limit, cuDNN search); empty on the CPU"
+    )
     decoder: bool
     model_card: dict[str, object]
     onnx_metadata: dict[str, str]
@@ -223,6 +226,13 @@ class InferResponse(BaseModel):
     model_version: str
     id: str | None = None
     outputs: list[InferOutput]
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str = Field(description="the version being served; empty when unavailable")
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str = Field(description="why it is unavailable (unloaded, warming up); empty when ready")
 
 
 class V2ErrorResponse(BaseModel):

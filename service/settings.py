@@ -30,6 +30,13 @@ class Settings(BaseSettings):
         description="classifier: capsnet.onnx (fp32) or capsnet-fp16.onnx (from `capsnet fp16`; for GPUs)",
     )
     require_gpu: bool = Field(False, description="fail startup unless the CUDA provider is really used")
+    gpu_mem_limit_mb: int = Field(
+        0, ge=0, description="CUDA provider: most device memory its arena may take, MiB (0 = no limit)"
+    )
+    gpu_arena_extend: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kSameAsRequested",
+        description="CUDA provider: how its memory arena grows (kSameAsRequested: no slack)",
+    )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads, 0 = one per core")
     max_batch_size: int = Field(64, ge=1, description="most images in one inference batch")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
@@ -43,6 +50,19 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="inference wait before 504")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (`capsnet serve --workers` wins)")
     log_level: str = Field("info", description="logging level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line (uvicorn's too), for log pipelines"
+    )
+    http_max_header_bytes: int = Field(
+        65536, ge=1024, description="largest request header block; beyond it 431 and the connection closes"
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="a request head must arrive within this (408 and close)"
+    )
+    http_body_timeout_s: float = Field(
+        60.0, gt=0, description="a request body must arrive within this after its head (connection closed)"
+    )
+    http_keep_alive_s: int = Field(5, ge=1, description="an idle kept-alive connection is closed after this")
     api_key: SecretStr | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
     open_health: bool = Field(True, description="with an API key: /health/* stay open (probes)")
     open_metrics: bool = Field(True, description="with an API key: /metrics stays open (scrapers)")

@@ -1,5 +1,10 @@
-"""The real app under uvicorn in a background thread, for clients that need a socket (tritonclient,
-a browser, schemathesis)."""
+"""The real app, started and ready: a TestClient that waits for the warm-up, and uvicorn in a background
+thread for clients that need a socket (tritonclient, a browser, schemathesis).
+
+The lifespan loads the model, then warms it up in the background; until that is done the model
+endpoints answer 503 "not loaded yet" / "starting". A test that sends a request right after startup
+races the warm-up, so every test starts the app through one of these two, which wait for readiness.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,39 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import uvicorn
+from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+
+READY_TIMEOUT_S = 120  # the shipped model's warm-up at batch 64 on 2 busy cores takes seconds
+
+
+class ReadyClient(TestClient):
+    """`with ReadyClient(app) as client:` returns once `ready_path` answers 200, and fails (never
+    carries on) when it does not within READY_TIMEOUT_S."""
+
+    def __init__(self, app: Any, ready_path: str = "/health/ready", **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.ready_path = ready_path
+
+    def __enter__(self) -> ReadyClient:
+        super().__enter__()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while (r := self.get(self.ready_path)).status_code != 200:
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise AssertionError(f"not ready after {READY_TIMEOUT_S} s: {r.status_code} {r.text}")
+            time.sleep(0.02)
+        return self
+
+
+def ready_client(settings: Settings, ready_path: str = "/health/ready") -> ReadyClient:
+    return ReadyClient(create_app(settings), ready_path=ready_path)
 
 
 @contextlib.contextmanager
@@ -27,10 +59,10 @@ def serve(settings: Settings, ready_path: str = "/health/ready") -> Iterator[str
     thread.start()
     url = f"127.0.0.1:{sock.getsockname()[1]}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             assert thread.is_alive(), "the server stopped during startup"
-            assert time.monotonic() < deadline, "the server did not become ready in 60 s"
+            assert time.monotonic() < deadline, f"the server did not become ready in {READY_TIMEOUT_S} s"
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"http://{url}{ready_path}").status_code == 200:
                     break

@@ -2,17 +2,15 @@
 
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from model_export.card import evaluate_onnx
 from model_export.data import load_split
-from service.app import create_app
 from service.settings import SHIPPED_MODEL, Settings
+from tests.live import ready_client
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in {".png", ".jpg"})
@@ -47,11 +45,7 @@ def test_readme_examples_exist_and_are_classified_correctly():
     readme = (ROOT / "README.md").read_text()
     for ref in set(re.findall(r"examples/\w+\.(?:png|jpg)", readme)):
         assert (ROOT / ref).is_file(), ref
-    with TestClient(create_app(Settings(model_dir=SHIPPED_MODEL))) as client:
-        for _ in range(200):
-            if client.get("/health/ready").status_code == 200:
-                break
-            time.sleep(0.02)
+    with ready_client(Settings(model_dir=SHIPPED_MODEL)) as client:
         files = [
             ("files", (p.name, p.read_bytes(), "image/png" if p.suffix == ".png" else "image/jpeg"))
             for p in EXAMPLES

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from service.errors import json_response
@@ -47,6 +47,7 @@ async def metadata(state: StateDep, model: ModelDep) -> Response:
             "inputs": info.inputs,
             "outputs": info.outputs,
             "providers": engine.providers,
+            "cuda_options": engine.cuda_options,
             "decoder": engine.decoder is not None,
             "model_card": info.card,
             "onnx_metadata": info.metadata,
@@ -61,6 +62,4 @@ async def metadata(state: StateDep, model: ModelDep) -> Response:
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(state: StateDep) -> Response:
-    if state.models is not None:
-        state.metrics.queue_depth.set(state.models.default.batcher.pending)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)

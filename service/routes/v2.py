@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -35,6 +36,7 @@ from service.schemas import (
     V2_ERRORS,
     InferResponse,
     ModelMetadataResponse,
+    RepositoryIndexEntry,
     ServerMetadataResponse,
 )
 from service.state import Repository, ServedModel, State
@@ -164,6 +166,56 @@ async def answer(request: Request, state: State, model: ServedModel) -> Response
     results = await state.infer(model, images, coupling)
     content, headers = encode_infer_response(model.signature, req, results)
     return Response(content, headers=headers)
+
+
+# -- Triton's model repository extension: index, load (a reload when loaded) and unload
+
+
+async def _repository_body(request: Request, state: State) -> dict[str, Any]:
+    """The optional JSON body of a repository request; overrides of the model's files are refused."""
+    body = await read_body(request, state.settings.max_upload_bytes)
+    if not body.strip():
+        return {}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(400, f"invalid JSON: {exc.msg}") from None
+    if not isinstance(doc, dict):
+        raise APIError(400, "the body must be a JSON object")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise APIError(400, '"parameters" must be an object')
+    if set(params) - {"unload_dependents"}:
+        raise APIError(400, "a model is loaded from its directory as it is: no config or file overrides "
+                       f"(got parameters {sorted(params)})")  # fmt: skip
+    return doc
+
+
+@router.post("/repository/index", response_model=list[RepositoryIndexEntry],
+             summary="Every model directory the server knows: READY, or UNAVAILABLE and why")  # fmt: skip
+async def repository_index(request: Request, state: StateDep, repo: RepositoryDep) -> Response:
+    doc = await _repository_body(request, state)
+    entries = repo.index()
+    if doc.get("ready") is True:
+        entries = [e for e in entries if e["state"] == "READY"]
+    return json_response(entries)
+
+
+@router.post("/repository/models/{name}/load", response_class=Response, responses=EMPTY_200,
+             summary="Load the model from its directory again: the new files are warmed up beside the "
+             "old ones, then swapped in; requests in flight finish on the old version")  # fmt: skip
+async def repository_load(request: Request, state: StateDep, name: str) -> Response:
+    await _repository_body(request, state)
+    await state.load(name)
+    return Response(status_code=200)
+
+
+@router.post("/repository/models/{name}/unload", response_class=Response, responses=EMPTY_200,
+             summary="Stop serving the model once its requests in flight are answered")  # fmt: skip
+async def repository_unload(request: Request, state: StateDep, name: str) -> Response:
+    await _repository_body(request, state)
+    await state.unload(name)
+    return Response(status_code=200)
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)

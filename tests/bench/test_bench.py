@@ -2,17 +2,17 @@
 
 import argparse
 import json
-import shutil
 
 import pytest
 
 from bench.bench import main
 from service.settings import SHIPPED_MODEL
+from tests.tools import installed_tool
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk (Debian package) is not installed")
 def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
+    installed_tool("wrk", "Debian package wrk")
     out = tmp_path / "bench.json"
     main(argparse.Namespace(model_dir=SHIPPED_MODEL, output=out, quick=True, iterations=3, seconds=1.0))
     r = json.loads(out.read_text())

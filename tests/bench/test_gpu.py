@@ -1,22 +1,58 @@
-"""bench.gpu runs on the CPU in CI (the same code, few iterations) so that it cannot rot."""
+"""bench.gpu runs on the CPU in CI (the same code, few iterations) so that it cannot rot; on a machine
+with a GPU it also runs on CUDA with the shipped model, accuracy asserted."""
 
 import json
 
+import pytest
+
 from bench.gpu import main, static_batch
+from model_export.data import load_split
+from service.settings import SHIPPED_MODEL
+from tests.checks import predicted_classes
 
 
-def test_gpu_bench_on_cpu_writes_every_case_and_fp16_accuracy(tiny_model_dir, tmp_path, capsys):
+def devices() -> list[str]:
+    """cpu everywhere (CI); cuda too where there is a GPU, on the shipped model."""
+    import torch
+
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gpu_bench_writes_every_case_and_fp16_accuracy(device, tiny_model_dir, tmp_path, capsys):
+    model_dir = tiny_model_dir if device == "cpu" else SHIPPED_MODEL
     out = tmp_path / "gpu.json"
-    args = f"--device cpu --model-dir {tiny_model_dir} --batches 1 3 --iters 3 --workdir {tmp_path}"
+    args = (
+        f"--device {device} --model-dir {model_dir} --batches 1 3 --iters 3 --workdir {tmp_path} --accuracy"
+    )
     main([*args.split(), "--output", str(out)])
     r = json.loads(out.read_text())
-    assert r["machine"]["providers_fp32"] == ["CPUExecutionProvider"]
+    provider = "CPUExecutionProvider" if device == "cpu" else "CUDAExecutionProvider"
+    assert r["machine"]["providers_fp32"][0] == provider
     ort_cases = {f"ort_{p}{io}" for p in ("fp32", "fp16") for io in ("", "_iobinding")}
+    if device == "cuda":
+        ort_cases |= {"pytorch_eager_fp16", "ort_fp32_cuda_graph", "ort_fp16_cuda_graph"}
     assert set(r["cases"]) == {"pytorch_eager", *ort_cases}
     for rows in r["cases"].values():
         assert [row["batch"] for row in rows] == [1, 3]
         assert all(row["p50_ms"] > 0 and row["images_per_s"] > 0 for row in rows), rows
     assert "ort_fp32_iobinding" in capsys.readouterr().out
+    # The accuracy path: every test image, fp32 as computed here, fp16 within 2 images of it.
+    acc = r["accuracy"]
+    images, labels = load_split("mnist", "test")
+    assert acc["images"] == len(labels) == 10_000
+    if device == "cpu":  # the tiny untrained model: about chance, but exactly its own
+        assert acc["ort_fp32"] == float(
+            (predicted_classes(model_dir / "capsnet.onnx", images) == labels).mean()
+        )
+    else:  # the shipped model on CUDA: its card's figure
+        card = json.loads((SHIPPED_MODEL / "model_card.json").read_text())
+        assert acc["ort_fp32"] == pytest.approx(card["evaluation"]["test_accuracy"], abs=1e-4)
+    assert abs(acc["ort_fp16"] - acc["ort_fp32"]) <= 2 / len(labels)
+    # fp16 differs from fp32 (it is another graph), by less than 0.2 % of a capsule length
+    diffs = acc["fp16_max_abs_diff"]
+    assert set(diffs) == {"probabilities", "poses"}
+    assert all(0 < d < 2e-3 for d in diffs.values()), diffs
 
 
 def test_static_batch_fixes_the_batch_axis_of_inputs_and_outputs(tiny_model_dir):

@@ -6,7 +6,8 @@ and the server is started inside it with `buildah run --isolation chroot --netwo
 above the base (the Dockerfile's stages, the venv, the model, the user, the healthcheck, the command)
 is the same image a GPU host builds from the CUDA base.
 
-Needs root, buildah and debootstrap; skipped without them, except under CI, where it fails instead.
+Needs root, buildah and debootstrap; skipped without them, except under CI, where it fails instead
+(tests/tools.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.tools import skip_unless_ci
 
 pytestmark = pytest.mark.container
 
@@ -119,9 +122,7 @@ def _listing(upper: Path | None) -> frozenset[str]:
 def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     reason = _missing_prerequisite()
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"container test cannot run in CI: {reason}")
-        pytest.skip(reason)
+        skip_unless_ci(reason)
 
     subprocess.run(["bash", "docker/build-base.sh"], cwd=ROOT, check=True, timeout=1200)
 
@@ -279,7 +280,7 @@ def test_root_filesystem_can_be_read_only(server: Server) -> None:
     So the image runs with a read-only root filesystem (docker-compose.yml: read_only, tmpfs /tmp).
     """
     if server.upper_dir is None:
-        pytest.skip("container storage is not overlay; cannot see what the container wrote")
+        skip_unless_ci("container storage is not overlay; cannot see what the container wrote")
     example = _examples()[0]
     response = httpx.post(
         f"{server.url}/predict",

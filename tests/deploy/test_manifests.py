@@ -14,7 +14,6 @@ import importlib.resources
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,9 @@ import yaml
 from fastapi.testclient import TestClient
 from referencing import Registry, Resource
 
-from service.app import create_app
 from service.settings import Settings
-from tests.tools import installed_tool
+from tests.live import ready_client
+from tests.tools import installed_module, installed_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -83,12 +82,12 @@ def quantity(q: str | int) -> float:
 
 
 def _k8s_validate(doc: dict[str, Any], version: str) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate = installed_module("kubernetes_validate", "kubernetes-validate")
     kubernetes_validate.validate(doc, version, strict=True)
 
 
 def _definitions(version: str) -> Registry:
-    pytest.importorskip("kubernetes_validate")
+    installed_module("kubernetes_validate", "kubernetes-validate")
     base = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
     (folder,) = [
         p for p in base.iterdir() if p.name.startswith(f"v{version}.") and p.name.endswith("-strict")
@@ -143,11 +142,8 @@ def test_kustomize_renders_what_we_validated() -> None:
 @pytest.fixture(scope="module")
 def client() -> Any:
     """The real app on the shipped model, started as the container starts it (lifespan included)."""
-    with TestClient(create_app(Settings(providers="CPUExecutionProvider"))) as c:
-        # Warm-up runs after startup; /health/ready answers 503 until it is done, as the probes expect.
-        deadline = time.monotonic() + 60
-        while c.get("/health/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    # Warm-up runs after startup; /health/ready answers 503 until it is done, as the probes expect.
+    with ready_client(Settings(providers="CPUExecutionProvider")) as c:
         yield c
 
 

@@ -3,6 +3,7 @@ import torch
 
 from model_export.config import CapsNetConfig
 from model_export.model import CapsNet, capsnet_loss, margin_loss
+from tests.factories import CONV_GAIN, W_GAIN, mnist_test_images
 
 TINY = CapsNetConfig(conv1_channels=16, primary_types=4)
 
@@ -11,8 +12,11 @@ TINY = CapsNetConfig(conv1_channels=16, primary_types=4)
 def test_shapes_lengths_and_coupling(B):
     torch.manual_seed(0)
     model = CapsNet(TINY).eval()
-    x = torch.rand(B, 1, 28, 28)
+    x = torch.from_numpy(mnist_test_images(B))
     with torch.no_grad():
+        model.conv1.weight.mul_(CONV_GAIN)  # numbers big enough to see the routing (tests/factories.py)
+        model.primary.conv.weight.mul_(CONV_GAIN)
+        model.digits.W.mul_(W_GAIN)
         lengths, poses, coupling = model(x)
     N = TINY.num_primary
     assert lengths.shape == (B, 10) and poses.shape == (B, 10, 16) and coupling.shape == (B, 3, N, 10)
@@ -23,7 +27,9 @@ def test_shapes_lengths_and_coupling(B):
     torch.testing.assert_close(lengths, poses.norm(dim=-1))
     torch.testing.assert_close(coupling.sum(-1), torch.ones(B, 3, N))
     torch.testing.assert_close(coupling[:, 0], torch.full((B, N, 10), 0.1))
-    assert (coupling[:, -1] - coupling[:, 0]).abs().max() > 0  # routing moved the coupling
+    moved = (coupling[:, 1:] - coupling[:, :-1]).abs().amax(dim=(2, 3))  # (B, r - 1)
+    assert moved.min() > 0.01, moved  # each update moved the coupling, far beyond float noise (1e-7)
+    assert lengths.min() > 0.1  # capsule lengths of 0.1 to 0.9, not 1e-5
     recon = model.reconstruct(poses, lengths.argmax(1))
     assert recon.shape == (B, 1, 28, 28) and recon.min() >= 0 and recon.max() <= 1
 

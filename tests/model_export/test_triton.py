@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from google.protobuf import text_format
 
 from capsnet.cli import main as capsnet_main
 from model_export.triton import TritonExportError, TritonOptions, to_pbtxt, write_repository
+from tests.tools import skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "capsnet-mnist"
@@ -38,10 +38,7 @@ def model_config_pb2() -> ModuleType:
         return _PB2[0]
     spec = importlib.util.find_spec("tritonclient")
     if spec is None or not spec.submodule_search_locations:
-        reason = "tritonclient is not installed (pip install 'tritonclient[http]')"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_unless_ci("tritonclient is not installed (pip install 'tritonclient[http]')")
     path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
     mod_spec = importlib.util.spec_from_file_location("_triton_model_config_pb2", path)
     assert mod_spec is not None and mod_spec.loader is not None

@@ -2,22 +2,23 @@
 `capsnet load --seconds 300`, figures in the README)."""
 
 import os
-import shutil
 
 import pytest
 
 from bench.load import graceful_shutdown, overload, sustained_load
+from tests.tools import installed_tool
 
 pytestmark = pytest.mark.slow
 SECONDS = float(os.environ.get("CAPSNET_LOAD_SECONDS", "20"))
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None and not os.environ.get("CI"), reason="needs wrk")
 def test_sustained_load_has_no_errors_and_flat_memory():
+    installed_tool("wrk", "Debian package wrk")
     r = sustained_load(SECONDS, concurrency=64)
     assert r["requests_per_s"] > 0 and r["p99_ms"] > 0
     assert r["non_2xx"] == 0 and r["socket_errors"] == ""
     assert r["rss_growth"] <= 0.10, r
+    assert r["log_tracebacks"] == 0, r  # wrk drops its connections mid-request when it stops
 
 
 def test_overload_is_refused_quickly_and_the_service_recovers():
@@ -30,6 +31,7 @@ def test_overload_is_refused_quickly_and_the_service_recovers():
     assert statuses["503"]["p99_ms"] < 1000, r
     assert statuses["200"]["p99_ms"] < 10_000, r
     assert set(r["recovery"]["status"]) == {"200"}, r
+    assert r["log_tracebacks"] == 0, r
 
 
 def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones():
@@ -40,3 +42,4 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones():
     assert set(r["before_sigterm"]["status"]) == {"200"}, r
     assert set(r["after_sigterm_0_25_s"]["status"]) <= {"0"}, r  # refused, never a half answer or a 5xx
     assert r["new_connection_accepted_after_0_5_s"] is False
+    assert r["log_tracebacks"] == 0, r

@@ -489,7 +489,7 @@ def test_rest_and_grpc_requests_share_a_batch(tiny_model_dir, images, sessions, 
 
 def _waiting(http_url: str) -> float:
     """Images queued or in inference (the gauge is set when /metrics is read)."""
-    return metric(http_url, "capsnet_queue_images ")
+    return metric(http_url, 'capsnet_queue_images{model="tiny"}')
 
 
 def test_shutdown_drains_calls_in_flight(tiny_model_dir, images, monkeypatch):

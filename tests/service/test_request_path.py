@@ -4,21 +4,18 @@ away mid-request is counted as 499 without an error or a traceback in the log.""
 from __future__ import annotations
 
 import io
-import os
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
 from service.settings import Settings
 from tests.factories import mnist_test_images
+from tests.live import ready_client
+from tests.servers import capsnet_serve
 
 
 def _png(array01: np.ndarray) -> bytes:
@@ -29,11 +26,7 @@ def _png(array01: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir):
-    with TestClient(create_app(Settings(model_dir=tiny_model_dir))) as c:
-        for _ in range(300):
-            if c.get("/health/ready").status_code == 200:
-                break
-            time.sleep(0.02)
+    with ready_client(Settings(model_dir=tiny_model_dir)) as c:
         yield c
 
 
@@ -89,52 +82,25 @@ def test_fast_lane_of_v2_infer_equals_the_version_route(client):
     assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_a_client_that_goes_away_is_counted_as_499_and_not_logged_as_an_error(tiny_model_dir, tmp_path):
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    env = {**os.environ, "CAPSNET_MODEL_DIR": str(tiny_model_dir)}
-    cmd = [sys.executable, "-m", "capsnet", "serve", "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(f"{base}/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    with capsnet_serve(tmp_path, {"CAPSNET_MODEL_DIR": str(tiny_model_dir)}) as server:
         paths = ["/predict", "/predict?preprocess=none&x=1", "/routing-trace", "/v2/models/tiny/infer"]
         for path in paths:  # each announces 10,000 bytes, sends 100 and hangs up
-            with socket.create_connection(("127.0.0.1", port)) as s:
+            with socket.create_connection(("127.0.0.1", server.port)) as s:
                 head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
                 s.sendall(head.encode() + b"Content-Length: 10000\r\n\r\n" + b"x" * 100)
                 time.sleep(0.2)
         time.sleep(0.5)
         digit = _png(mnist_test_images(1)[0, 0])
-        ok = httpx.post(
-            f"{base}/predict?preprocess=none", content=digit, headers={"Content-Type": "image/png"}
-        )
+        url = f"{server.url}/predict?preprocess=none"
+        ok = httpx.post(url, content=digit, headers={"Content-Type": "image/png"})
         assert ok.status_code == 200  # nothing was lost: the next request is answered
-        metrics = httpx.get(f"{base}/metrics").text
+        metrics = httpx.get(f"{server.url}/metrics").text
         for endpoint, count in [("/predict", 2), ("/routing-trace", 1), ("/v2/models/{name}/infer", 1)]:
             assert (
                 f'capsnet_requests_total{{endpoint="{endpoint}",method="POST",status="499"}} {count}.0'
                 in metrics
             )
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    text = log.read_text()
+    text = server.log.read_text()
     assert "Traceback" not in text and "ERROR" not in text and "Exception" not in text, text

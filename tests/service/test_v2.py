@@ -18,6 +18,7 @@ from service.app import create_app
 from service.engine import EngineError
 from service.settings import SHIPPED_MODEL, Settings
 from tests import live
+from tests.checks import assert_right_not_wrong, transposed
 from tests.factories import mnist_test_images
 
 OUTPUTS = ["probabilities", "poses", "coupling", "primary_activations"]
@@ -67,8 +68,12 @@ def image_input(x, binary):
     return inp
 
 
-def close(a, b):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+def close(a, b, name=""):
+    """Equal within rtol 1e-5 of the values' scale; for the coupling, also proof that this tolerance
+    rejects the coupling transposed (its (N, J) memory written as (J, N)) or its iterations reversed."""
+    b = np.asarray(b)
+    wrong = {"transposed": transposed(b), "iterations reversed": b[:, ::-1]} if name == "coupling" else {}
+    assert_right_not_wrong(a, b, wrong)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,7 +130,7 @@ def test_infer_json_and_binary_equal_onnxruntime(client, sessions, images, binar
     for n in OUTPUTS:
         got = result.as_numpy(n)
         assert got.dtype == np.float32 and got.shape == ref[n].shape
-        close(got, ref[n])
+        close(got, ref[n], n)
 
 
 def test_requested_outputs_subset_and_mixed_encodings(client, sessions, images):
@@ -141,13 +146,13 @@ def test_requested_outputs_subset_and_mixed_encodings(client, sessions, images):
     assert len(response["outputs"][1]["data"]) == 2 * 10
     assert result.as_numpy("poses") is None
     ref = direct(sessions["tiny"], x)
-    close(result.as_numpy("coupling"), ref["coupling"])
+    close(result.as_numpy("coupling"), ref["coupling"], "coupling")
     close(result.as_numpy("probabilities"), ref["probabilities"])
 
     # no `outputs`: tritonclient asks for every output in binary (parameters.binary_data_output)
     result = client.infer("tiny", [image_input(x, False)])
     for n in OUTPUTS:
-        close(result.as_numpy(n), ref[n])
+        close(result.as_numpy(n), ref[n], n)
     assert all("binary_data_size" in o["parameters"] for o in result.get_response()["outputs"])
 
 
@@ -160,7 +165,9 @@ def test_v2_gives_the_numbers_of_predict(client, url, sessions, images):
     close(probs, [p["probabilities"] for p in predict["predictions"]])
     close(poses, [p["poses"] for p in predict["predictions"]])
     assert probs.argmax(axis=1).tolist() == [p["class_index"] for p in predict["predictions"]]
-    close(probs, direct(sessions["capsnet-mnist"], x)["probabilities"])
+    ref = direct(sessions["capsnet-mnist"], x)
+    close(probs, ref["probabilities"])
+    close(result.as_numpy("coupling"), ref["coupling"], "coupling")  # the shipped model's real routing
 
 
 def test_each_name_reaches_its_own_model(client, sessions, images):
@@ -313,8 +320,10 @@ def test_two_directories_with_one_model_name_refuse_to_start(tiny_model_dir, tmp
 
 
 def test_api_key_guards_v2_but_not_its_health(tiny_model_dir):
-    app = create_app(Settings(model_dir=tiny_model_dir, api_key="s3cret"))
-    with TestClient(app) as client:
+    # Ready first: an infer request during the warm-up gets 503 "not loaded yet" (this raced it).
+    with live.ready_client(
+        Settings(model_dir=tiny_model_dir, api_key="s3cret"), "/v2/health/ready"
+    ) as client:
         assert client.get("/v2/health/live").status_code == 200
         denied = client.get("/v2/models/tiny")
         assert denied.status_code == 401 and "API key" in denied.json()["error"]  # the protocol's shape

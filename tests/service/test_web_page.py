@@ -19,14 +19,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
 
-from service.app import create_app
 from service.settings import SHIPPED_MODEL, Settings
 from service.web import STATIC_DIR
 from tests import live
+from tests.tools import installed_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "page-test-key"
@@ -42,11 +41,7 @@ def serve(**settings: object) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        msg = f"no {CHROMIUM}: `apt-get install chromium` (make test installs it via scripts/system-deps.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the browser test: {msg}")
-        pytest.skip(msg)
+    installed_file(CHROMIUM, "Debian package chromium; make test installs it via scripts/system-deps.sh")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM))
         yield b
@@ -264,7 +259,7 @@ def test_page_with_an_api_key_asks_for_it_and_sends_it_touch_and_file(browser: B
 
 
 def test_page_and_static_files_are_open_but_the_api_is_not() -> None:
-    with TestClient(create_app(Settings(model_dir=SHIPPED_MODEL, max_batch_size=1, api_key=KEY))) as c:
+    with live.ready_client(Settings(model_dir=SHIPPED_MODEL, max_batch_size=1, api_key=KEY)) as c:
         r = c.get("/")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         assert "default-src 'self'" in r.headers["content-security-policy"]
