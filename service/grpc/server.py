@@ -35,7 +35,7 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def build(state: State, server_version: str) -> tuple[Any, Any]:
+def build(state: State, server_version: str) -> tuple[Any, Health]:
     """(grpc.aio.Server with every service added, its health servicer); not yet listening."""
     s = state.settings
     server = grpc.aio.server(
@@ -47,17 +47,37 @@ def build(state: State, server_version: str) -> tuple[Any, Any]:
         ],
     )
     server.add_generic_rpc_handlers((InferenceServicer(state, server_version).handler(),))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = Health(state)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, HEALTH, reflection.SERVICE_NAME), server)
     return server, health_servicer
 
 
-async def _serving_once_ready(state: State, health_servicer: Any) -> None:
-    while state.models is None or not all(m.ready for m in state.models.models.values()):
+class Health(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio-health-checking is untyped
+    """grpc.health.v1, NOT_SERVING until every model is warmed up. A Check looks at the models itself,
+    so it never lags behind /v2/health/ready; `_serving_once_ready` tells the Watch streams."""
+
+    def __init__(self, state: State) -> None:
+        super().__init__()
+        self.state, self.warm = state, False
+
+    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802  (the RPC's name)
+        await self.update()
+        return await super().Check(request, context)
+
+    async def update(self) -> bool:
+        """SERVING once every model is ready (ignored once draining began); whether it is."""
+        models = self.state.models
+        if not self.warm and models is not None and all(m.ready for m in models.models.values()):
+            self.warm = True
+            for service in ("", SERVICE):
+                await self.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self.warm
+
+
+async def _serving_once_ready(health_servicer: Health) -> None:
+    while not await health_servicer.update():
         await asyncio.sleep(0.05)
-    for service in ("", SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
 @contextlib.asynccontextmanager
@@ -81,7 +101,7 @@ async def serving(state: State, server_version: str) -> AsyncIterator[None]:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     log.info("gRPC (Open Inference Protocol, health, reflection) on %s", where)
-    ready = asyncio.create_task(_serving_once_ready(state, health_servicer))
+    ready = asyncio.create_task(_serving_once_ready(health_servicer))
     try:
         yield
     finally:

@@ -1,11 +1,13 @@
 """`inference.GRPCInferenceService`: the six RPCs of the Open Inference Protocol over the same models
-and batchers as REST (`State.infer`), so one batch can hold requests of both.
+and batchers as REST (`State.infer`), so one batch can hold requests of both; and Triton's model
+repository RPCs over the same repository (`State.load`, `State.unload`) as REST's /v2/repository.
 
-Every RPC passes `_call`: the request id (`x-request-id` metadata, or a new one; returned in the
-trailing metadata), the API key (`authorization: Bearer <key>`, constant-time; the health RPCs stay
-open as REST's /v2/health does unless CAPSNET_OPEN_HEALTH is off), the domain's APIError turned into
-a gRPC status with its message (and `retry-after` for UNAVAILABLE), and the metrics. The RPCs not
-listed here (streaming, shared memory, model control) answer UNIMPLEMENTED, grpc's own default.
+Every RPC passes `_call`: the request ID (`x-request-id` metadata when valid, else a new one, as REST
+keeps X-Request-ID; returned in the trailing metadata, on the call's log lines and its access line),
+the API key (`authorization: Bearer <key>`, constant-time; the health RPCs stay open as REST's
+/v2/health does unless CAPSNET_OPEN_HEALTH is off), the domain's APIError turned into a gRPC status
+with its message (and `retry-after` for UNAVAILABLE), and the metrics. The RPCs not listed here
+(streaming, shared memory, statistics, trace and log settings) answer UNIMPLEMENTED, grpc's default.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
+from service import logs
 from service.errors import APIError
 from service.grpc import tensors
 from service.grpc.tensors import Message
@@ -43,7 +45,7 @@ CODES = {
 }
 
 Context = Any  # grpc.aio.ServicerContext (grpcio ships no type information)
-Rpc = Callable[[Message, Context, str], Awaitable[Message]]
+Rpc = Callable[[Message, Context], Awaitable[Message]]
 
 
 def _metadata(context: Context, key: str) -> str | None:
@@ -72,6 +74,9 @@ class InferenceServicer:
             "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest, False),
             "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest, False),
             "ModelInfer": (self.model_infer, pb.ModelInferRequest, False),
+            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest, False),
+            "RepositoryModelLoad": (self.repository_load, pb.RepositoryModelLoadRequest, False),
+            "RepositoryModelUnload": (self.repository_unload, pb.RepositoryModelUnloadRequest, False),
         }
         methods = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -87,31 +92,34 @@ class InferenceServicer:
         metrics = self.state.metrics
 
         async def call(request: Message, context: Context) -> Message:
-            started = time.perf_counter()
-            request_id = _metadata(context, REQUEST_ID) or uuid.uuid4().hex
-            trailing: tuple[tuple[str, str], ...] = ((REQUEST_ID, request_id),)
-            code = grpc.StatusCode.CANCELLED  # unless the call ends otherwise (a client that went away)
+            given = _metadata(context, REQUEST_ID) or ""
+            valid = given.isascii() and logs.valid_request_id(given.encode())
+            entry = logs.RequestLog(given if valid else logs.new_request_id(), "GRPC", f"/{SERVICE}/{name}")
+            logs.current.set(entry)  # this call's task: its log lines and State.infer see it
+            trailing: tuple[tuple[str, str], ...] = ((REQUEST_ID, entry.request_id),)
+            code, sent = grpc.StatusCode.CANCELLED, 0  # unless the call ends otherwise (a client gone)
             try:
                 try:
                     if not is_open:
                         self._authorize(context)
-                    response = await rpc(request, context, request_id)
-                    code = grpc.StatusCode.OK
+                    response = await rpc(request, context)
+                    code, sent = grpc.StatusCode.OK, response.ByteSize()
                     context.set_trailing_metadata(trailing)
                     return response
                 except APIError as exc:
                     code, detail = CODES.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.detail
                     retry = (exc.headers or {}).get("Retry-After")
                     trailing += ((RETRY_AFTER, retry),) if retry else ()
-                    log.info("gRPC %s %s (request %s): %s", name, code.name, request_id, detail)
+                    log.info("gRPC %s %s: %s", name, code.name, detail)
                 except Exception:
-                    log.exception("gRPC %s: unhandled error (request %s)", name, request_id)
+                    log.exception("gRPC %s: unhandled error", name)
                     code, detail = grpc.StatusCode.INTERNAL, "internal server error"
                 await context.abort(code, detail, trailing_metadata=trailing)
                 raise AssertionError("unreachable: abort raises")  # pragma: no cover
             finally:
                 metrics.grpc_requests.labels(name, code.name).inc()
-                metrics.grpc_latency.labels(name).observe(time.perf_counter() - started)
+                metrics.grpc_latency.labels(name).observe(time.perf_counter() - entry.started)
+                logs.log_access(entry, entry.path, code.value[0], sent)  # status: the gRPC code
 
         return call
 
@@ -129,24 +137,24 @@ class InferenceServicer:
 
     # -- the RPCs ---------------------------------------------------------------------------------
 
-    async def server_live(self, request: Message, context: Context, request_id: str) -> Message:
+    async def server_live(self, request: Message, context: Context) -> Message:
         return pb.ServerLiveResponse(live=True)
 
-    async def server_ready(self, request: Message, context: Context, request_id: str) -> Message:
+    async def server_ready(self, request: Message, context: Context) -> Message:
         models = self.state.models
         ready = models is not None and all(m.ready for m in models.models.values())
         return pb.ServerReadyResponse(ready=ready)
 
-    async def model_ready(self, request: Message, context: Context, request_id: str) -> Message:
+    async def model_ready(self, request: Message, context: Context) -> Message:
         return pb.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
 
-    async def server_metadata(self, request: Message, context: Context, request_id: str) -> Message:
+    async def server_metadata(self, request: Message, context: Context) -> Message:
         return pb.ServerMetadataResponse(name="capsnet-service", version=self.server_version, extensions=[])
 
-    async def model_metadata(self, request: Message, context: Context, request_id: str) -> Message:
+    async def model_metadata(self, request: Message, context: Context) -> Message:
         return tensors.model_metadata(self._model(request.name, request.version).signature)
 
-    async def model_infer(self, request: Message, context: Context, request_id: str) -> Message:
+    async def model_infer(self, request: Message, context: Context) -> Message:
         if self.in_flight >= self.limit:
             raise APIError(503, f"the server is busy: {self.in_flight} inference calls in progress "
                            f"(limit {self.limit}); retry shortly", {"Retry-After": "1"})  # fmt: skip
@@ -178,3 +186,33 @@ class InferenceServicer:
         if remaining <= 0:
             raise APIError(504, "the client's deadline passed before inference")
         return min(limit, remaining)
+
+    # -- Triton's model repository extension
+
+    async def repository_index(self, request: Message, context: Context) -> Message:
+        if self.state.models is None:
+            raise APIError(503, "the models are not loaded yet", {"Retry-After": "1"})
+        entries = self.state.models.index()
+        if request.ready:
+            entries = [e for e in entries if e["state"] == "READY"]
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries]
+        )
+
+    async def repository_load(self, request: Message, context: Context) -> Message:
+        _no_overrides(request)
+        await self.state.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_unload(self, request: Message, context: Context) -> Message:
+        _no_overrides(request)
+        await self.state.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _no_overrides(request: Message) -> None:
+    """A model is loaded from its directory as it is (REST's rule): no config or file parameters."""
+    extra = sorted(set(request.parameters) - {"unload_dependents"})
+    if extra:
+        raise APIError(400, "a model is loaded from its directory as it is: no config or file overrides "
+                       f"(got parameters {extra})")  # fmt: skip

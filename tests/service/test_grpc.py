@@ -29,6 +29,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from service import logs
 from service.engine import Engine
 from service.grpc import server as grpc_server
 from service.settings import SHIPPED_MODEL, Settings
@@ -186,10 +187,47 @@ def test_output_selection_and_typed_contents(client, stub, sessions, images):
     got = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 10)
     np.testing.assert_allclose(got, want["probabilities"], rtol=1e-5, atol=1e-6)
     assert ("x-request-id", "trace-42") in call.trailing_metadata()
-    # without one, the server makes a request id
-    _, call = stub.ServerLive.with_call(pb.ServerLiveRequest(), timeout=10)
-    (made,) = [m.value for m in call.trailing_metadata() if m.key == "x-request-id"]
-    assert len(made) == 32 and int(made, 16) >= 0
+    # without one, or with one that is not printable ASCII, the server makes one (as REST does)
+    for metadata in ((), (("x-request-id", "two words"),)):
+        _, call = stub.ServerLive.with_call(pb.ServerLiveRequest(), metadata=metadata, timeout=10)
+        (made,) = [m.value for m in call.trailing_metadata() if m.key == "x-request-id"]
+        assert len(made) == 24 and int(made, 16) >= 0
+
+
+def test_access_line_and_log_lines_carry_the_request_id(client, images, caplog):
+    caplog.set_level("INFO")
+    caplog.handler.addFilter(logs.RequestIdFilter())  # what the server's log configuration adds
+    client.infer("tiny", [image_input(images[:3])], headers={"x-request-id": "grpc-trace-1"})
+    exc = status_of(
+        lambda: client.infer("nine", [image_input(images[:1])], headers={"x-request-id": "grpc-bad"})
+    )
+    assert code(exc) == "StatusCode.NOT_FOUND"
+    access = {r.request_id: r for r in caplog.records if r.name == "capsnet.access"}
+    ok, bad = access["grpc-trace-1"], access["grpc-bad"]
+    assert ok.access["route"] == "/inference.GRPCInferenceService/ModelInfer" and ok.access["status"] == 0
+    assert (ok.access["model"], ok.access["images"]) == ("tiny", 3) and ok.access["bytes"] > 120
+    assert bad.access["status"] == grpc.StatusCode.NOT_FOUND.value[0]
+    (line,) = [r for r in caplog.records if r.name == "service.grpc.servicer" and r.request_id == "grpc-bad"]
+    assert "ModelInfer NOT_FOUND: unknown model 'nine'" in line.getMessage() and line.exc_info is None
+
+
+def test_model_repository_rpcs(client, images):
+    """Index, unload, load over gRPC: the same repository as REST's /v2/repository."""
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert [(m["name"], m["state"]) for m in index] == [("capsnet-mnist", "READY"), ("tiny", "READY")]
+    client.unload_model("tiny")
+    index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert index["tiny"]["state"] == "UNAVAILABLE" and index["tiny"]["reason"] == "unloaded"
+    exc = status_of(lambda: client.infer("tiny", [image_input(images[:1])]))
+    assert code(exc) == "StatusCode.UNAVAILABLE" and "not loaded (unloaded)" in exc.message()
+    assert client.is_server_ready()  # an unloaded model is not waited for (as REST's /v2/health/ready)
+    client.load_model("tiny")
+    assert client.is_model_ready("tiny")
+    assert client.infer("tiny", [image_input(images[:1])]).as_numpy("probabilities").shape == (1, 10)
+    exc = status_of(lambda: client.load_model("tiny", config='{"backend": "onnxruntime"}'))
+    assert code(exc) == "StatusCode.INVALID_ARGUMENT" and "no config or file overrides" in exc.message()
+    exc = status_of(lambda: client.load_model("nine"))
+    assert code(exc) == "StatusCode.NOT_FOUND"
 
 
 # -- errors: a status with a clear message, and the next good request is answered ------------------
