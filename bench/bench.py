@@ -172,7 +172,9 @@ def _tail(log: Any) -> str:
 
 def start_server(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     log = tempfile.TemporaryFile()  # noqa: SIM115  (closed with the process below)
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log)
+    # no gRPC unless asked for (grpc_case): its default port may be taken by a service on this machine
+    env = {"CAPSNET_GRPC_PORT": "0", **os.environ, **env}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     proc.log = log  # type: ignore[attr-defined]
     import urllib.request
 
