@@ -114,8 +114,14 @@ class LocalClassifier:
                 continue
             p = probs[at[i]]  # (classes,) float32
             c = int(p.argmax())
-            yield {"file": str(path), "class_index": c, "label": self.labels[c], "probability": p[c],
-                   "probabilities": p}  # fmt: skip
+            label = self.labels[c]
+            yield {
+                "file": str(path),
+                "class_index": c,
+                "label": label,
+                "probability": p[c],
+                "probabilities": p,
+            }
 
     def rows(self, files: Sequence[Path]) -> Iterator[Row]:
         chunks = list(_batched(files, self.batch_size))
@@ -239,8 +245,8 @@ class RemoteClassifier:
         if status != 200:
             return {"file": str(path), "error": _error_text(status, body)}
         item = orjson.loads(body)["predictions"][0]
-        return {"file": str(path), "class_index": item["class_index"], "label": item["label"],
-                "probability": item["probability"], "probabilities": item["probabilities"]}  # fmt: skip
+        keys = ("class_index", "label", "probability", "probabilities")
+        return {"file": str(path)} | {k: item[k] for k in keys}
 
     def rows(self, files: Sequence[Path]) -> Iterator[Row]:
         depth = 2 * self.concurrency  # requests started ahead of the row being written
@@ -308,7 +314,8 @@ class Progress:
         seconds = time.perf_counter() - self.start
         self.stream.write(
             ("\n" if self.bar and self.done else "")
-            + f"capsnet predict: {self.done} files, {self.done - self.failed} classified, "
+            + f"capsnet predict: {self.done} file{'' if self.done == 1 else 's'}, "
+            f"{self.done - self.failed} classified, "
             f"{self.failed} failed, in {seconds:.2f} s ({self.done / max(seconds, 1e-9):.0f} images/s)\n"
         )
         self.stream.flush()
@@ -342,7 +349,10 @@ def predict(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
         classifier = RemoteClassifier(args.url, args.preprocess, args.concurrency, api_key)
     else:
         classifier = LocalClassifier(args.model_dir, args.preprocess, args.batch_size, args.decode_threads)
-    out: IO[str] = stdout if args.output is None else args.output.open("w", newline="")
+    try:
+        out: IO[str] = stdout if args.output is None else args.output.open("w", newline="")
+    except OSError as exc:
+        raise PredictError(f"--output {args.output}: {exc.strerror or exc}") from None
     try:
         writer = Writer(out, fmt, classifier.labels)
         progress = Progress(len(files), stderr, bar=len(files) > HANDFUL and stderr.isatty())

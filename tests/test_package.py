@@ -155,6 +155,10 @@ def test_predict_fails_with_one_line_when_it_cannot_start(tmp_path: Path) -> Non
         ("--output", str(tmp_path / "out.txt")): f"capsnet predict: --output {tmp_path / 'out.txt'}: use a",
         ("--url", "http://127.0.0.1:9"): "capsnet predict: cannot reach the service at http://127.0.0.1:9: ",
         ("--batch-size", "0"): "capsnet predict: --batch-size must be at least 1",
+        (
+            "--output",
+            str(tmp_path / "no" / "o.csv"),
+        ): f"capsnet predict: --output {tmp_path / 'no' / 'o.csv'}: No such",
     }
     for args, message in cases.items():
         with pytest.raises(SystemExit) as exit_:
