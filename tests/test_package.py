@@ -8,6 +8,7 @@ scripts/check-wheel.sh, which .ci/run runs after the tests.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import shutil
@@ -75,6 +76,25 @@ def test_the_shipped_model_is_found_as_package_data_and_the_environment_override
     assert Settings().model_dir == SHIPPED_MODEL
     monkeypatch.setenv("CAPSNET_MODEL_DIR", str(tmp_path))
     assert Settings().model_dir == tmp_path
+
+
+def test_the_shipped_model_comes_from_the_installed_data_package_when_there_is_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from service.settings import _shipped_model
+
+    package = tmp_path / "capsnet_models"
+    (package / "capsnet-mnist").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "capsnet_models", raising=False)
+    assert _shipped_model() == package / "capsnet-mnist"
+    monkeypatch.delitem(sys.modules, "capsnet_models")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    # Nothing installed (a checkout on sys.path, an editable install made before this package existed):
+    # the checkout's own models/.
+    if importlib.util.find_spec("capsnet_models") is None:
+        assert _shipped_model() == ROOT / "models" / "capsnet-mnist"
 
 
 def test_predict_gives_every_example_its_digit_as_csv(tmp_path: Path) -> None:
