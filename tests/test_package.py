@@ -67,7 +67,7 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_the_shipped_model_is_found_as_package_data_and_the_environment_overrides_it(
+def test_settings_default_to_the_shipped_model_and_the_environment_overrides_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     assert SHIPPED_MODEL.name == "capsnet-mnist" and isinstance(SHIPPED_MODEL, Path)
