@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decode-threads",
         type=int,
-        default=1,
-        help="threads decoding images ahead of inference (0: decode, then infer)",
+        default=0,
+        help="threads decoding images while the previous batch is inferred (default 0: decode, then infer)",
     )
     p.add_argument("--url", default=None, help="send the files to the service at this URL instead")
     p.add_argument("--concurrency", type=int, default=8, help="with --url: requests at once")
