@@ -45,11 +45,12 @@ port=$("$VPY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); 
 env -u CAPSNET_MODEL_DIR "$WORK/venv/bin/capsnet" serve --port "$port" >"$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
 
-"$VPY" - "$port" "$ROOT/examples/7.png" <<'EOF' || fail "capsnet serve from the wheel"
+"$VPY" - "$port" "$ROOT/examples/7.png" "$SERVER_PID" <<'EOF' || fail "capsnet serve from the wheel"
 import json, sys, time, urllib.request
+from pathlib import Path
 from urllib.error import URLError
 
-port, image = sys.argv[1], sys.argv[2]
+port, image, pid = sys.argv[1], sys.argv[2], sys.argv[3]
 base = f"http://127.0.0.1:{port}"
 deadline = time.monotonic() + 120
 while True:
@@ -59,6 +60,9 @@ while True:
                 break
     except (URLError, OSError):
         pass
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        sys.exit("capsnet serve exited")
     if time.monotonic() > deadline:
         sys.exit("the server did not become ready in 120 s")
     time.sleep(0.25)
