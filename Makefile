@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test install install-dev system-deps data lint format typecheck train export examples clean image image-cpu test-container bench screenshot
+.PHONY: serve test install install-dev system-deps data lint format typecheck train export examples clean image image-cpu test-container bench screenshot dist check-wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,7 +62,18 @@ examples: $(VENV)/.dev-installed
 	$(BIN)/python examples/make_examples.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build *.egg-info
+
+# The sdist and the wheel in dist/ (the wheel carries the shipped model and the web page), checked by twine
+dist: $(VENV)/.dev-installed
+	rm -rf dist
+	$(BIN)/python -m build
+	$(BIN)/twine check --strict dist/*
+
+# The wheel as users install it: a fresh virtualenv outside the checkout, `capsnet serve` from /tmp
+# answering /predict, `capsnet predict examples/` (CI runs this after the tests)
+check-wheel: $(VENV)/.dev-installed
+	PYTHON=$(BIN)/python bash scripts/check-wheel.sh
 
 # Container images (docker/Dockerfile); the container test builds with buildah instead (tests/container)
 image:

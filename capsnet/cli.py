@@ -1,4 +1,4 @@
-"""The `capsnet` command: data, train, export, serve.
+"""The `capsnet` command: data, train, export, serve, predict.
 
 Imports are lazy, so `capsnet serve` never loads torch and runs on the serving install alone.
 """
@@ -61,6 +61,12 @@ def _triton(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     from service.cli import run
+
+    run(args)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from capsnet.predict import run
 
     run(args)
 
@@ -183,6 +189,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (CAPSNET_WORKERS, 1)")
     p.add_argument("--model-dir", type=Path, default=None, help="overrides CAPSNET_MODEL_DIR")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "predict", help="classify image files and folders offline (or with --url, through a running service)"
+    )
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files, or folders (recursive)")
+    p.add_argument(
+        "--preprocess",
+        choices=["mnist", "none"],
+        default="mnist",
+        help="mnist: photos and scans, as the service does; none: 28x28 MNIST-like images",
+    )
+    p.add_argument(
+        "--output", type=Path, default=None, help="a .jsonl or .csv file (default: JSON lines on stdout)"
+    )
+    p.add_argument(
+        "--model-dir", type=Path, default=None, help="default: CAPSNET_MODEL_DIR, else the shipped model"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per inference")
+    p.add_argument(
+        "--decode-threads",
+        type=int,
+        default=0,
+        help="threads decoding images while the previous batch is inferred (default 0: decode, then infer)",
+    )
+    p.add_argument("--url", default=None, help="send the files to the service at this URL instead")
+    p.add_argument("--concurrency", type=int, default=8, help="with --url: requests at once")
+    p.add_argument("--api-key", default=None, help="with --url: bearer key (default: $CAPSNET_API_KEY)")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("bench", help="PyTorch vs onnxruntime vs the service over HTTP, side by side")
     p.add_argument("--model-dir", type=Path, default=Path("models/capsnet-mnist"))

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "capsnet-mnist"
+
+def _shipped_model() -> Path:
+    """Where the shipped model is: inside the installed data package `capsnet_models` (a wheel, or an
+    editable install that maps it to models/ in the checkout); in a checkout on sys.path without an
+    install, the checkout's models/. The container installs no model package and sets
+    CAPSNET_MODEL_DIR instead."""
+    try:
+        return Path(str(resources.files("capsnet_models") / "capsnet-mnist"))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "models" / "capsnet-mnist"
+
+
+SHIPPED_MODEL = _shipped_model()
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,32 @@
+"""What pyproject.toml cannot say: which packages the wheel holds, and the shipped model in it.
+
+The model is stored once, under models/ (the Dockerfile, the deploy manifests and the docs name that
+path). The wheel carries it as the data package `capsnet_models` (this directory mapped to that name),
+found at run time with importlib.resources: see service.settings.SHIPPED_MODEL.
+
+A tree without models/ builds a wheel without the model, with a warning: the container build copies
+only the code into its build stage and the model beside it (/app/models, CAPSNET_MODEL_DIR), so the
+image holds it once. Every other build (`python -m build`, `pip install .`, `pip install -e .`) has it,
+and scripts/check-wheel.sh checks that the wheel really does.
+"""
+
+import warnings
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+MODELS = Path(__file__).resolve().parent / "models"
+SHIPPED_FILES = ["capsnet.onnx", "decoder.onnx", "model_card.json", "MODEL_CARD.md", "export.json"]
+
+packages = find_packages(include=["capsnet*", "model_export*", "service*", "bench*"])
+package_dir: dict[str, str] = {}
+package_data = {"service": ["static/*"]}
+if (MODELS / "__init__.py").is_file():
+    packages.append("capsnet_models")
+    package_dir["capsnet_models"] = "models"
+    # The files by name: a local capsnet-fp16.onnx or a Triton repository written beside them stays out.
+    package_data["capsnet_models"] = [f"capsnet-mnist/{name}" for name in SHIPPED_FILES]
+else:
+    warnings.warn("models/ is absent: this wheel carries no model (set CAPSNET_MODEL_DIR)", stacklevel=1)
+
+setup(packages=packages, package_dir=package_dir, package_data=package_data)
