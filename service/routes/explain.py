@@ -4,6 +4,7 @@ heatmaps), the decoder's reconstruction from a class's pose, and the paper's pos
 from __future__ import annotations
 
 import io
+import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -116,6 +117,7 @@ def aggregate_coupling(coupling: np.ndarray, types: int, grid: list[int], how: s
     "/routing-trace",
     response_model=RoutingTraceResponse,
     openapi_extra=IMAGE_BODY_DOC,
+    responses={200: {"content": {"image/png": {}}}},
     summary="The coupling coefficients c_ij of every routing iteration for one image",
 )
 async def routing_trace(
@@ -239,9 +241,11 @@ async def perturb(
         raise APIError(422, f"dims must be distinct integers in [0, {D})")
     if high < low:
         raise APIError(422, "high must be >= low")
-    n = int(np.floor((high - low) / step + 1e-6)) + 1
-    if n > 41:
-        raise APIError(422, f"{n} sweep values; at most 41 (raise step or narrow the range)")
+    steps = (high - low) / step + 1e-6  # a tiny step makes this huge, or inf: check before converting
+    if not steps < 41:
+        shown = math.floor(steps) + 1 if math.isfinite(steps) else "too many"
+        raise APIError(422, f"{shown} sweep values; at most 41 (raise step or narrow the range)")
+    n = math.floor(steps) + 1
     values = (low + step * np.arange(n)).astype(np.float32)
     batch = np.repeat(poses[None], len(chosen) * n, axis=0)  # (dims*values, J, D)
     for a, d in enumerate(chosen):

@@ -649,3 +649,10 @@ def test_precision_fp16_serves_the_half_precision_file_with_the_same_api(tiny_mo
         assert b[name].dtype == np.float32 and scale > 0.1, name
         np.testing.assert_allclose(b[name], a[name], rtol=0, atol=2e-3 * scale, err_msg=name)
     assert (b["probabilities"].argmax(1) == a["probabilities"].argmax(1)).all()
+
+
+@pytest.mark.parametrize(("step", "shown"), [("5e-324", "too many"), ("0.001", "501")])
+def test_perturb_refuses_more_than_41_sweep_values_even_for_a_vanishing_step(client, digits, step, shown):
+    # 0.5 / 5e-324 overflows to inf: counted before any conversion to int (was a 500)
+    r = client.post(f"/perturb?step={step}", json={"images": [digits[0].tolist()]})
+    assert r.status_code == 422 and r.json()["detail"].startswith(f"{shown} sweep values; at most 41")
