@@ -75,11 +75,15 @@ def choose_providers(setting: str) -> list[str]:
     return wanted
 
 
-def _session_options(intra_op_threads: int) -> ort.SessionOptions:
+def _session_options(intra_op_threads: int, spinning: bool = False) -> ort.SessionOptions:
+    """The service's session options. Spinning off: between two batches onnxruntime's intra-op threads
+    would spin-wait for work, burning the cores the event loop needs to read the next requests."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = intra_op_threads
     so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # provider fall-back is reported by us, not as ORT console noise
     return so
 
@@ -93,13 +97,19 @@ def _with_options(
 
 
 def _open(
-    path: Path, providers: list[str], threads: int, cuda_options: dict[str, str] | None = None
+    path: Path,
+    providers: list[str],
+    threads: int,
+    cuda_options: dict[str, str] | None = None,
+    spinning: bool = False,
 ) -> ort.InferenceSession:
     if not path.is_file():
         raise EngineError(f"model file not found: {path}")
     try:
         return ort.InferenceSession(
-            str(path), _session_options(threads), providers=_with_options(providers, cuda_options or {})
+            str(path),
+            _session_options(threads, spinning),
+            providers=_with_options(providers, cuda_options or {}),
         )
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
         raise EngineError(f"cannot load {path.name}: {str(exc).splitlines()[0][:300]}") from exc
@@ -118,6 +128,7 @@ class Engine:
         precision: str = "fp32",
         gpu_mem_limit_mb: int = 0,
         gpu_arena_extend: str = "kSameAsRequested",
+        intra_op_spinning: bool = False,
     ) -> None:
         wanted = choose_providers(providers)
         cuda_options = {
@@ -144,7 +155,7 @@ class Engine:
                 f"CAPSNET_PRECISION={precision} needs {classifier_path}: write it with "
                 f"`capsnet fp16 {model_dir}` (needs the [train] extra)"
             )
-        self.classifier = _open(classifier_path, wanted, intra_op_threads, cuda_options)
+        self.classifier = _open(classifier_path, wanted, intra_op_threads, cuda_options, intra_op_spinning)
         self.providers: list[str] = self.classifier.get_providers()  # what ORT really uses
         self.cuda_options = cuda_options if CUDA in self.providers else {}  # what it was given, for /metadata
         if CUDA in wanted and CUDA not in self.providers:
@@ -160,7 +171,9 @@ class Engine:
             )
         decoder_path = model_dir / "decoder.onnx"
         self.decoder = (
-            _open(decoder_path, wanted, intra_op_threads, cuda_options) if decoder_path.exists() else None
+            _open(decoder_path, wanted, intra_op_threads, cuda_options, intra_op_spinning)
+            if decoder_path.exists()
+            else None
         )
         self.info = self._read_info(model_dir)
         log.info("loaded %s %s from %s on %s", self.info.name, self.info.version, model_dir, self.providers)
@@ -177,6 +190,7 @@ class Engine:
             precision=s.precision,
             gpu_mem_limit_mb=s.gpu_mem_limit_mb,
             gpu_arena_extend=s.gpu_arena_extend,
+            intra_op_spinning=s.intra_op_spinning,
         )
 
     def _read_info(self, model_dir: Path) -> ModelInfo:

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
         description="CUDA provider: how its memory arena grows (kSameAsRequested: no slack)",
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads, 0 = one per core")
+    intra_op_spinning: bool = Field(
+        False, description="ORT intra-op threads spin-wait between runs (burns the cores the HTTP side needs)"
+    )
     max_batch_size: int = Field(64, ge=1, description="most images in one inference batch")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
     queue_size: int = Field(1024, ge=1, description="most images waiting; beyond it 503 + Retry-After")

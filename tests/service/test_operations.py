@@ -222,3 +222,25 @@ def test_cuda_memory_settings_reach_the_provider(tiny_model_dir, monkeypatch):
     default = Engine.from_settings(Settings(model_dir=tiny_model_dir, providers=both))
     assert default is not None and "gpu_mem_limit" not in cuda_options(seen[-2])  # the classifier's
     assert cuda_options(seen[-2])["arena_extend_strategy"] == "kSameAsRequested"
+
+
+@pytest.mark.parametrize("setting", [False, True])
+def test_intra_op_spinning_reaches_the_sessions(tiny_model_dir, monkeypatch, setting):
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(path, options, providers):
+        seen.append(options)
+        return real(path, options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    from service.engine import Engine
+
+    Engine.from_settings(Settings(model_dir=tiny_model_dir, intra_op_spinning=setting))
+    assert len(seen) == 2  # classifier and decoder
+    for options in seen:
+        if setting:  # onnxruntime's own default: spinning, no entry of ours
+            with pytest.raises(RuntimeError, match="allow_spinning"):
+                options.get_session_config_entry("session.intra_op.allow_spinning")
+        else:
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
