@@ -103,6 +103,8 @@ class Metadata(BaseModel):
     inputs: list[dict[str, object]]
     outputs: list[dict[str, object]]
     providers: list[str] = Field(description="execution providers the ONNX session really uses")
+    precision: Literal["fp32", "fp16", "int8"] = Field(description="CAPSNET_PRECISION the classifier runs at")
+    classifier_file: str = Field(description="the classifier file in use: capsnet.onnx, -fp16 or -int8")
     decoder: bool
     model_card: dict[str, object]
     onnx_metadata: dict[str, str]

@@ -47,6 +47,8 @@ async def metadata(state: StateDep, model: ModelDep) -> Response:
             "inputs": info.inputs,
             "outputs": info.outputs,
             "providers": engine.providers,
+            "precision": engine.precision,
+            "classifier_file": engine.classifier_file,
             "decoder": engine.decoder is not None,
             "model_card": info.card,
             "onnx_metadata": info.metadata,
