@@ -2,10 +2,13 @@
 ratio of the full graph to the conv-only ceiling.
 
     python -m bench.profile [--model-dir models/capsnet-mnist] [--batch 32] [--runs 10]
+                            [--file capsnet.onnx --file capsnet-int8.onnx]
 
 Runs the exported graph with onnxruntime's profiler and prints each operator type's share of the
 kernel time, with the nodes grouped as the convolutions (Conv1 + PrimaryCaps, what the ceiling graph
-holds) and everything after them (squash, votes, routing, lengths).
+holds; in the int8 file with their Quantize/DequantizeLinear) and everything after them (squash,
+votes, routing, lengths). Several --file arguments are profiled one after the other and printed side by
+side (fp32 against int8, or today's graph against a trial export).
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from typing import Any
 import numpy as np
 
 CONV_OPS = {"Conv", "FusedConv", "NchwcConv", "Relu", "ReorderInput", "ReorderOutput"}
+# The int8 file's convolutions: QLinearConv and the (de)quantization at their borders.
+CONV_OPS |= {"QLinearConv", "QuantizeLinear", "DequantizeLinear"}
 
 
-def profile(model_dir: Path, batch: int, runs: int, threads: int = 0) -> dict[str, Any]:
+def profile(
+    model_dir: Path, batch: int, runs: int, threads: int = 0, file: str = "capsnet.onnx"
+) -> dict[str, Any]:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -31,7 +38,7 @@ def profile(model_dir: Path, batch: int, runs: int, threads: int = 0) -> dict[st
         so.intra_op_num_threads = threads
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "capsnet")
-        sess = ort.InferenceSession(str(model_dir / "capsnet.onnx"), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(model_dir / file), so, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
         names = ["probabilities", "poses"]  # what /predict asks for
         for _ in range(runs + 1):  # the first run (allocations) is left out below
@@ -47,6 +54,7 @@ def profile(model_dir: Path, batch: int, runs: int, threads: int = 0) -> dict[st
     total = sum(by_op.values())
     conv = sum(v for k, v in by_op.items() if k in CONV_OPS)
     return {
+        "file": file,
         "batch": batch,
         "runs": runs,
         "kernel_ms_per_run": round(total / 1e3 / runs, 2),
@@ -61,12 +69,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", type=Path, default=Path("models/capsnet-mnist"))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument(
+        "--file", action="append", default=None, help="classifier file(s) in the model dir (capsnet.onnx)"
+    )
     args = p.parse_args(argv)
-    r = profile(args.model_dir, args.batch, args.runs)
-    print(f"B = {r['batch']}, {r['runs']} runs, {r['kernel_ms_per_run']} ms of kernels per run")
-    print(f"convolutions {r['conv_share']:.1%}, everything after them {r['after_conv_share']:.1%}")
-    for op, share in r["by_op"].items():
-        print(f"  {op:<24}{share:7.1%}")
+    results = [profile(args.model_dir, args.batch, args.runs, file=f) for f in args.file or ["capsnet.onnx"]]
+    print_side_by_side(results)
+
+
+def print_side_by_side(results: list[dict[str, Any]]) -> None:
+    """One column per profiled file: kernel time per run, the convolutions' share, each op's share."""
+    w = max(18, *(len(Path(r["file"]).name) + 2 for r in results))
+    print(f"B = {results[0]['batch']}, {results[0]['runs']} runs per file")
+    print(f"{'':<26}" + "".join(f"{Path(r['file']).name:>{w}}" for r in results))
+    print(f"{'kernel ms per run':<26}" + "".join(f"{r['kernel_ms_per_run']:>{w}.2f}" for r in results))
+    for key, label in (("conv_share", "convolutions"), ("after_conv_share", "everything after them")):
+        print(f"{label:<26}" + "".join(f"{r[key]:>{w}.1%}" for r in results))
+    ops = sorted(
+        {op for r in results for op in r["by_op"]},
+        key=lambda op: -max(r["by_op"].get(op, 0) for r in results),
+    )
+    for op in ops:
+        print(f"  {op:<24}" + "".join(f"{r['by_op'].get(op, 0.0):>{w}.1%}" for r in results))
 
 
 if __name__ == "__main__":
