@@ -2,13 +2,15 @@
 ratio of the full graph to the conv-only ceiling.
 
     python -m bench.profile [--model-dir models/capsnet-mnist] [--batch 32] [--runs 10]
-                            [--file capsnet.onnx --file capsnet-int8.onnx]
+                            [--file capsnet.onnx --file capsnet-int8.onnx] [--core-time]
 
 Runs the exported graph with onnxruntime's profiler and prints each operator type's share of the
 kernel time, with the nodes grouped as the convolutions (Conv1 + PrimaryCaps, what the ceiling graph
 holds; in the int8 file with their Quantize/DequantizeLinear) and everything after them (squash,
 votes, routing, lengths). Several --file arguments are profiled one after the other and printed side by
-side (fp32 against int8, or today's graph against a trial export).
+side (fp32 against int8, or today's graph against a trial export). With --core-time it instead times
+the files against each other at one intra-op thread, where onnxruntime runs on the calling thread, so
+that thread's CPU time is the model's own cost and other processes on the cores move it little.
 """
 
 from __future__ import annotations
@@ -64,6 +66,38 @@ def profile(
     }
 
 
+def core_time(
+    model_dir: Path, files: list[str], batches: tuple[int, ...] = (1, 32, 128), reps: int = 8
+) -> dict[str, dict[int, float]]:
+    """Images per second of the calling thread's CPU time (median), 1 intra-op thread, for each file
+    at each batch size; the files are called in turn, so all see the same seconds of the machine."""
+    import time
+
+    import onnxruntime as ort
+
+    from service.engine import _session_options
+
+    sessions = {
+        f: ort.InferenceSession(str(model_dir / f), _session_options(1), providers=["CPUExecutionProvider"])
+        for f in files
+    }
+    out: dict[str, dict[int, float]] = {f: {} for f in files}
+    rng = np.random.default_rng(0)
+    for B in batches:
+        x = rng.random((B, 1, 28, 28), dtype=np.float32)
+        samples: dict[str, list[float]] = {f: [] for f in files}
+        for s in sessions.values():
+            s.run(None, {"image": x})  # warm-up
+        for _ in range(max(3, reps * 32 // B)):
+            for f, s in sessions.items():
+                t0 = time.thread_time()
+                s.run(None, {"image": x})
+                samples[f].append(time.thread_time() - t0)
+        for f in files:
+            out[f][B] = B / float(np.median(samples[f]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model-dir", type=Path, default=Path("models/capsnet-mnist"))
@@ -72,7 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--file", action="append", default=None, help="classifier file(s) in the model dir (capsnet.onnx)"
     )
+    p.add_argument("--core-time", action="store_true", help="1-thread CPU time per image, files side by side")
     args = p.parse_args(argv)
+    if args.core_time:
+        files = args.file or ["capsnet.onnx"]
+        rates = core_time(args.model_dir, files)
+        print("images per second of CPU time, 1 intra-op thread (x the first file)")
+        for B in rates[files[0]]:
+            base = rates[files[0]][B]
+            cells = "  ".join(f"{Path(f).name} {r[B]:7.1f} ({r[B] / base:.2f}x)" for f, r in rates.items())
+            print(f"B = {B:<4} {cells}")
+        return
     results = [profile(args.model_dir, args.batch, args.runs, file=f) for f in args.file or ["capsnet.onnx"]]
     print_side_by_side(results)
 

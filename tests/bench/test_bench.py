@@ -81,3 +81,13 @@ def test_vector_extensions_are_read_from_cpuinfo_flags(tmp_path, flags, kernels)
     assert ext["int8_kernels"].startswith(kernels)
     assert ext["present"] == [f for f in VECTOR_FLAGS if f in flags.split()]
     assert sorted(ext["present"] + ext["missing"]) == sorted(VECTOR_FLAGS)
+
+
+def test_core_time_side_by_side_gives_a_rate_per_file_and_batch(tiny_model_dir, capsys):
+    from bench.profile import core_time, main
+
+    rates = core_time(tiny_model_dir, ["capsnet.onnx", "capsnet.onnx"], batches=(1, 4), reps=2)
+    assert list(rates) == ["capsnet.onnx"] and set(rates["capsnet.onnx"]) == {1, 4}
+    assert all(r > 0 for r in rates["capsnet.onnx"].values())
+    main(["--model-dir", str(tiny_model_dir), "--core-time"])
+    assert "B = 128" in capsys.readouterr().out
