@@ -16,7 +16,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 MODELS = Path(__file__).resolve().parent / "models"
-SHIPPED_FILES = ["capsnet.onnx", "decoder.onnx", "model_card.json", "MODEL_CARD.md", "export.json"]
+# capsnet-int8.onnx: what CAPSNET_PRECISION=int8 serves (CPU-only hosts); fp16 is written on demand
+SHIPPED_FILES = ["capsnet.onnx", "capsnet-int8.onnx", "decoder.onnx", "model_card.json", "MODEL_CARD.md",
+                 "export.json"]  # fmt: skip
 
 packages = find_packages(include=["capsnet*", "model_export*", "service*", "bench*"])
 package_dir: dict[str, str] = {}
@@ -24,7 +26,7 @@ package_data = {"service": ["static/*"]}
 if (MODELS / "__init__.py").is_file():
     packages.append("capsnet_models")
     package_dir["capsnet_models"] = "models"
-    # The files by name: a local capsnet-fp16.onnx or a Triton repository written beside them stays out.
+    # The files by name: a capsnet-fp16.onnx or a Triton repository written beside them stays out.
     package_data["capsnet_models"] = [f"capsnet-mnist/{name}" for name in SHIPPED_FILES]
 else:
     warnings.warn("models/ is absent: this wheel carries no model (set CAPSNET_MODEL_DIR)", stacklevel=1)

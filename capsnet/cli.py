@@ -53,6 +53,22 @@ def _fp16(args: argparse.Namespace) -> None:
     print(f"wrote {path}: {path.stat().st_size / 1e6:.1f} MB (capsnet.onnx: {full / 1e6:.1f} MB)")
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from model_export.quantize import QuantizeError, write_int8
+
+    try:
+        r = write_int8(args.model_dir, calibration=args.calibration_images, max_drop=args.max_drop / 100)
+    except QuantizeError as exc:
+        raise SystemExit(f"capsnet quantize: {exc}") from None
+    except ImportError as exc:  # onnxruntime's quantization tools need the onnx package (no torch)
+        raise SystemExit(f"capsnet quantize needs the onnx package: {exc}") from None
+    print(
+        f"wrote {args.model_dir / r['file']}: {r['bytes'] / 1e6:.1f} MB; test accuracy int8 "
+        f"{r['test_accuracy']:.2%} ({r['errors']} errors), fp32 {r['fp32_test_accuracy']:.2%} "
+        f"({r['fp32_errors']} errors) on {r['test_images']} images"
+    )
+
+
 def _triton(args: argparse.Namespace) -> None:
     from model_export.triton import run
 
@@ -169,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", type=Path, help="a directory written by `capsnet export`")
     p.set_defaults(func=_fp16)
+
+    p = sub.add_parser(
+        "quantize",
+        help="write capsnet-int8.onnx beside an exported model (for CPUs; CAPSNET_PRECISION=int8), "
+        "refused if it loses more than 0.1 point of test accuracy",
+    )
+    p.add_argument("model_dir", type=Path, help="a directory written by `capsnet export`")
+    p.add_argument(
+        "--calibration-images", type=int, default=512, help="training images that set the int8 ranges"
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.1,
+        metavar="POINTS",
+        help="refuse to write the file if int8 test accuracy is more than this many points below fp32",
+    )
+    p.set_defaults(func=_quantize)
 
     p = sub.add_parser(
         "triton", help="a Triton model repository from an exported model directory (no torch needed)"

@@ -200,8 +200,30 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"| **{lab}** | " + " | ".join(str(v) for v in row) + " |"
         for lab, row in zip(labels, ev["confusion_matrix"], strict=True)
     ]
+    lines += _int8_lines(card.get("int8"))
     lines += ["", "## Known limits", ""] + [f"- {x}" for x in card["known_limits"]] + [""]
     return "\n".join(lines)
+
+
+def _int8_lines(q: dict[str, Any] | None) -> list[str]:
+    """The int8 variant's section (written by `capsnet quantize`): both accuracies, measured together."""
+    if not q:
+        return []
+    cal = q["calibration"]
+    drop = (q["fp32_test_accuracy"] - q["test_accuracy"]) * 100
+    return [
+        "",
+        f"## int8 variant ({q['file']}, for CPUs)",
+        "",
+        f"- Test accuracy: **{q['test_accuracy'] * 100:.2f} %** int8 ({q['errors']} errors) against "
+        f"{q['fp32_test_accuracy'] * 100:.2f} % fp32 ({q['fp32_errors']} errors) on the same "
+        f"{q['test_images']:,} test images through {q['runtime']}: {drop:.2f} points lost "
+        f"(refused beyond {q['max_drop'] * 100:.1f}).",
+        f"- {q['format']}, {', '.join(q['quantized_ops'])} in int8: weights {q['weights']}, activations "
+        f"{q['activations']}; in fp32: {q['fp32_ops']}.",
+        f"- Calibrated on {cal['images']} images of the {cal['dataset']} {cal['split']} split (seed "
+        f"{cal['seed']}, {cal['method']} ranges), never the test set. File SHA-256 `{q['sha256']}`.",
+    ]
 
 
 def write_card(

@@ -18,9 +18,11 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 CLASSIFIER_OUTPUTS = ("probabilities", "poses", "coupling", "primary_activations")
-# The classifier file per precision; capsnet-fp16.onnx is what model_export/fp16.py writes (Conv and
-# MatMul in half precision, same inputs and outputs).
-CLASSIFIER_FILES = {"fp32": "capsnet.onnx", "fp16": "capsnet-fp16.onnx"}
+# The classifier file per precision, same inputs and outputs: capsnet-fp16.onnx is what
+# model_export/fp16.py writes (Conv and MatMul in half precision, for GPUs), capsnet-int8.onnx what
+# model_export/quantize.py writes (the convolutions in int8, for CPUs).
+CLASSIFIER_FILES = {"fp32": "capsnet.onnx", "fp16": "capsnet-fp16.onnx", "int8": "capsnet-int8.onnx"}
+WRITTEN_BY = {"fp16": "capsnet fp16", "int8": "capsnet quantize"}
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -153,8 +155,10 @@ class Engine:
         if precision != "fp32" and not classifier_path.exists():
             raise EngineError(
                 f"CAPSNET_PRECISION={precision} needs {classifier_path}: write it with "
-                f"`capsnet fp16 {model_dir}` (needs the [train] extra)"
+                f"`{WRITTEN_BY[precision]} {model_dir}` (needs the [train] extra)"
             )
+        self.precision = precision
+        self.classifier_file = classifier_path.name  # what /metadata reports as in use
         self.classifier = _open(classifier_path, wanted, intra_op_threads, cuda_options, intra_op_spinning)
         self.providers: list[str] = self.classifier.get_providers()  # what ORT really uses
         self.cuda_options = cuda_options if CUDA in self.providers else {}  # what it was given, for /metadata
@@ -176,7 +180,14 @@ class Engine:
             else None
         )
         self.info = self._read_info(model_dir)
-        log.info("loaded %s %s from %s on %s", self.info.name, self.info.version, model_dir, self.providers)
+        log.info(
+            "loaded %s %s from %s (%s) on %s",
+            self.info.name,
+            self.info.version,
+            model_dir,
+            self.classifier_file,
+            self.providers,
+        )
 
     @classmethod
     def from_settings(cls, s: Settings, model_dir: Path | None = None) -> Engine:

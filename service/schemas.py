@@ -106,6 +106,8 @@ class Metadata(BaseModel):
     cuda_options: dict[str, str] = Field(
         description="the CUDA provider's options (arena growth, memory limit, cuDNN search); empty on the CPU"
     )
+    precision: Literal["fp32", "fp16", "int8"] = Field(description="CAPSNET_PRECISION the classifier runs at")
+    classifier_file: str = Field(description="the classifier file in use: capsnet.onnx, -fp16 or -int8")
     decoder: bool
     model_card: dict[str, object]
     onnx_metadata: dict[str, str]

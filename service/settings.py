@@ -38,9 +38,10 @@ class Settings(BaseSettings):
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
         "EXHAUSTIVE", description="CUDA provider: how cuDNN picks convolution algorithms (once, at warm-up)"
     )
-    precision: Literal["fp32", "fp16"] = Field(
+    precision: Literal["fp32", "fp16", "int8"] = Field(
         "fp32",
-        description="classifier: capsnet.onnx (fp32) or capsnet-fp16.onnx (from `capsnet fp16`; for GPUs)",
+        description="classifier: capsnet.onnx (fp32), capsnet-fp16.onnx (from `capsnet fp16`; for GPUs) "
+        "or capsnet-int8.onnx (from `capsnet quantize`; for CPUs)",
     )
     require_gpu: bool = Field(False, description="fail startup unless the CUDA provider is really used")
     gpu_mem_limit_mb: int = Field(

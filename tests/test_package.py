@@ -31,7 +31,14 @@ from tests import live
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in {".png", ".jpg"})
-SHIPPED_FILES = ("capsnet.onnx", "decoder.onnx", "model_card.json", "MODEL_CARD.md", "export.json")
+SHIPPED_FILES = (
+    "capsnet.onnx",
+    "capsnet-int8.onnx",
+    "decoder.onnx",
+    "model_card.json",
+    "MODEL_CARD.md",
+    "export.json",
+)
 CORRUPT = "The PNG image is corrupt or truncated."
 
 

@@ -48,6 +48,8 @@ async def metadata(state: StateDep, model: ModelDep) -> Response:
             "outputs": info.outputs,
             "providers": engine.providers,
             "cuda_options": engine.cuda_options,
+            "precision": engine.precision,
+            "classifier_file": engine.classifier_file,
             "decoder": engine.decoder is not None,
             "model_card": info.card,
             "onnx_metadata": info.metadata,

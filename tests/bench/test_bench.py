@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench.bench import main
+from bench.bench import VECTOR_FLAGS, main, vector_extensions
 from service.settings import SHIPPED_MODEL
 from tests.tools import installed_tool
 
@@ -17,12 +17,15 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
     main(argparse.Namespace(model_dir=SHIPPED_MODEL, output=out, quick=True, iterations=3, seconds=1.0))
     r = json.loads(out.read_text())
     assert {row["batch"] for row in r["raw"]["onnxruntime"]} == {1, 8, 32, 128}
-    assert set(r["raw"]) == {"onnxruntime", "conv_only_ceiling", "pytorch_eager"}
+    # the shipped directory holds capsnet-int8.onnx, so its rows (raw and over HTTP) are in the run
+    assert set(r["raw"]) == {"onnxruntime", "conv_only_ceiling", "pytorch_eager", "onnxruntime_int8"}
+    assert all(row["vs_fp32_alternating"] > 0 for row in r["raw"]["onnxruntime_int8"])
+    assert r["machine"]["vector_extensions"] == vector_extensions()
     for rows in r["raw"].values():
         assert all(row["images_per_s"] > 0 and row["p50_ms"] > 0 for row in rows)
     cases = {(h["case"], h["connections"]) for h in r["http"]}
     assert ("service, batcher on", 32) in cases and ("service, batcher off", 64) in cases
-    assert ("FastAPI + PyTorch baseline", 32) in cases
+    assert ("FastAPI + PyTorch baseline", 32) in cases and ("service int8, batcher on", 32) in cases
     for h in r["http"]:
         assert h["requests_per_s"] > 0 and h["non_2xx"] == 0, h
         # the event loop's thread is one of the server's: its share of the core time is a part of it
@@ -40,6 +43,8 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
         "ort_best_vs_conv_ceiling",
         "service_c32_vs_baseline_c32",
         "grpc_b64_vs_ort_b64",
+        "int8_best_vs_fp32_best",
+        "service_int8_c32_vs_baseline_c32",
     }
     g = r["grpc"]
     assert (g["batch"], g["streams"]) == (64, 4) and g["calls"] >= g["streams"] and g["images_per_s"] > 0
@@ -50,6 +55,7 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
     )
     assert all(isinstance(v["met"], bool) for v in r["ratios"].values())
     assert 0 < r["profile"]["conv_share"] < 1 and r["profile"]["batch"] == 32
+    assert 0 < r["profile_int8"]["conv_share"] < 1 and "QLinearConv" in r["profile_int8"]["by_op"]
     # Each ratio says what it is made of, with figures of this run in it.
     for name, ratio in r["ratios"].items():
         assert any(ch.isdigit() for ch in ratio["why"]), name
@@ -66,3 +72,31 @@ def test_profile_splits_kernel_time_between_convolutions_and_the_rest(tiny_model
     assert sum(r["by_op"].values()) == pytest.approx(1.0, abs=1e-3)
     assert 0 < r["conv_share"] < 1 and r["conv_share"] + r["after_conv_share"] == pytest.approx(1.0)
     assert {"Conv", "Softmax", "MatMul"} <= set(r["by_op"])  # the routing's ops are in the graph
+
+
+@pytest.mark.parametrize(
+    ("flags", "kernels"),
+    [
+        ("fpu sse2 avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16", "AVX-512 VNNI"),
+        ("sse2 avx2 fma avx512f avx512bw avx512_vnni amx_tile amx_int8 amx_bf16", "AMX"),
+        ("sse2 avx2 fma avx_vnni", "AVX-VNNI"),
+        ("sse2 avx2 fma", "AVX2 (vpmaddubsw, no VNNI)"),
+    ],
+)
+def test_vector_extensions_are_read_from_cpuinfo_flags(tmp_path, flags, kernels):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    ext = vector_extensions(str(cpuinfo))
+    assert ext["int8_kernels"].startswith(kernels)
+    assert ext["present"] == [f for f in VECTOR_FLAGS if f in flags.split()]
+    assert sorted(ext["present"] + ext["missing"]) == sorted(VECTOR_FLAGS)
+
+
+def test_core_time_side_by_side_gives_a_rate_per_file_and_batch(tiny_model_dir, capsys):
+    from bench.profile import core_time, main
+
+    rates = core_time(tiny_model_dir, ["capsnet.onnx", "capsnet.onnx"], batches=(1, 4), reps=2)
+    assert list(rates) == ["capsnet.onnx"] and set(rates["capsnet.onnx"]) == {1, 4}
+    assert all(r > 0 for r in rates["capsnet.onnx"].values())
+    main(["--model-dir", str(tiny_model_dir), "--core-time"])
+    assert "B = 128" in capsys.readouterr().out

@@ -1,0 +1,197 @@
+"""The int8 variant: convolutions in int8 from training-image ranges, same API, refused if it loses
+accuracy; a tiny seeded model quantized in a fixture."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+
+import model_export.quantize as quantize
+from model_export.data import load_split
+from model_export.export import graph_control_flow
+from model_export.quantize import INT8_FILE, QuantizeError, calibration_images, write_int8
+from service.settings import SHIPPED_MODEL
+from tests.factories import mnist_test_images
+
+TEST_LIMIT = 1000  # test images for the accuracy gate in these tests (the shipped file: all 10,000)
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("int8") / "model"
+    shutil.copytree(tiny_model_dir, d)
+    # An untrained tiny model's predictions are near ties, so the gate is loose here; its own test is below.
+    report = write_int8(d, calibration=64, test_limit=TEST_LIMIT, max_drop=1.0)
+    return d, report
+
+
+def _session(path, **options):
+    so = ort.SessionOptions()
+    for k, v in options.items():
+        setattr(so, k, v)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def test_convolutions_run_in_int8_and_the_routing_in_fp32(int8_dir, tmp_path):
+    d, _ = int8_dir
+    proto = onnx.load(str(d / INT8_FILE))
+    assert graph_control_flow(proto) == []
+    # What onnxruntime runs: both convolutions as QLinearConv (the ReLU folded in), no fp32 Conv left.
+    _session(d / INT8_FILE, optimized_model_filepath=str(tmp_path / "opt.onnx"))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "Relu" not in ops
+    assert ops.count("Softmax") == 3  # r = 3 routing iterations, in fp32
+    # Weights: the convolutions' int8 per output channel, DigitCaps' W untouched in fp32.
+    inits = {i.name: i for i in proto.graph.initializer}
+    conv_w = [i for n, i in inits.items() if "primary.conv.weight" in n and len(i.dims) == 4]
+    assert len(conv_w) == 1 and conv_w[0].data_type == onnx.TensorProto.INT8 and conv_w[0].dims[0] == 4 * 8
+    scales = [i for n, i in inits.items() if "primary.conv.weight" in n and "scale" in n]
+    assert scales and scales[0].dims == [32]  # one scale per output channel
+    assert inits["model.digits.W"].data_type == onnx.TensorProto.FLOAT
+
+
+def test_same_inputs_outputs_and_metadata_plus_the_precision(int8_dir):
+    d, report = int8_dir
+    full, q = _session(d / "capsnet.onnx"), _session(d / INT8_FILE)
+    for a, b in ((full.get_inputs(), q.get_inputs()), (full.get_outputs(), q.get_outputs())):
+        assert [(x.name, x.type, x.shape) for x in a] == [(x.name, x.type, x.shape) for x in b]
+    meta = dict(q.get_modelmeta().custom_metadata_map)
+    recorded = json.loads(meta.pop("quantization"))
+    assert meta.pop("precision") == "int8"
+    assert meta == dict(full.get_modelmeta().custom_metadata_map)  # name, version, labels unchanged
+    assert recorded["calibration"] == {
+        "dataset": "mnist",
+        "split": "train",
+        "images": 64,
+        "seed": 0,
+        "method": "MinMax",
+    }
+    assert recorded["test_accuracy"] == report["test_accuracy"] and recorded["test_images"] == TEST_LIMIT
+
+
+def test_int8_outputs_follow_fp32(int8_dir):
+    d, _ = int8_dir
+    x = mnist_test_images(64)
+    ref = _session(d / "capsnet.onnx").run(None, {"image": x})
+    got = _session(d / INT8_FILE).run(None, {"image": x})
+    names = ("probabilities", "poses", "coupling", "primary_activations")
+    for name, a, b in zip(names, ref, got, strict=True):
+        assert b.dtype == np.float32 and b.shape == a.shape, name
+        # Within 3 % of each output's own scale: int8 ranges, not a different model.
+        assert np.abs(b - a).max() <= 0.03 * np.abs(a).max(), name
+    np.testing.assert_allclose(got[2].sum(-1), 1.0, atol=1e-5)  # coupling rows stay distributions
+    assert (got[0].argmax(1) == ref[0].argmax(1)).mean() >= 0.9
+
+
+def test_report_figures_are_measured_not_assumed(int8_dir):
+    d, report = int8_dir
+    x, y = load_split("mnist", "test")
+    from model_export.card import evaluate_onnx
+
+    for prefix, path in (("", d / INT8_FILE), ("fp32_", d / "capsnet.onnx")):
+        preds = evaluate_onnx(path, x[:TEST_LIMIT])
+        assert report[f"{prefix}test_accuracy"] == float((preds == y[:TEST_LIMIT]).mean())
+        assert report[f"{prefix}errors"] == int((preds != y[:TEST_LIMIT]).sum())
+    assert report["bytes"] == (d / INT8_FILE).stat().st_size < (d / "capsnet.onnx").stat().st_size
+
+
+def test_calibration_reads_training_images_only(tiny_model_dir, tmp_path, monkeypatch):
+    seen = []
+    real = quantize.quantize_file
+    monkeypatch.setattr(
+        quantize, "quantize_file", lambda s, o, images, **kw: (seen.append(images), real(s, o, images))
+    )
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    write_int8(d, calibration=32, test_limit=200, max_drop=1.0)
+    (images,) = seen
+    train, _ = load_split("mnist", "train")
+    test, _ = load_split("mnist", "test")
+    as_bytes = {img.tobytes() for img in train}
+    got = [np.rint(img[0] * 255).astype(np.uint8) for img in images]
+    assert len(got) == 32 and all(g.tobytes() in as_bytes for g in got)
+    assert not {g.tobytes() for g in got} & {t.tobytes() for t in test}
+    np.testing.assert_array_equal(images, calibration_images("mnist", 32))  # seeded: the same every run
+
+
+def test_a_model_that_loses_accuracy_is_refused_and_nothing_is_written(tiny_model_dir, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    # max_drop < 0 demands int8 beat fp32 by a full point: the gate must refuse it.
+    with pytest.raises(QuantizeError, match=r"more than .* below fp32's .* not written"):
+        write_int8(d, calibration=32, test_limit=200, max_drop=-0.01)
+    assert not (d / INT8_FILE).exists()
+    with pytest.raises(QuantizeError, match="not found"):
+        write_int8(tmp_path / "nowhere")
+
+
+def test_the_model_card_gets_both_accuracies(tiny_model_dir, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    shutil.copy(SHIPPED_MODEL / "model_card.json", d / "model_card.json")  # a real card to extend
+    report = write_int8(d, calibration=32, test_limit=200, max_drop=1.0)
+    card = json.loads((d / "model_card.json").read_text())
+    assert card["int8"] == report and card["evaluation"]["errors"] >= 0  # the rest of the card kept
+    md = (d / "MODEL_CARD.md").read_text()
+    assert f"**{report['test_accuracy'] * 100:.2f} %** int8 ({report['errors']} errors)" in md
+    assert f"{report['fp32_test_accuracy'] * 100:.2f} % fp32" in md and "train split" in md
+
+
+def test_capsnet_quantize_command_writes_or_refuses_with_a_message(tiny_model_dir, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    cmd = [
+        sys.executable,
+        "-m",
+        "capsnet",
+        "--log-level",
+        "WARNING",
+        "quantize",
+        str(d),
+        "--calibration-images",
+        "32",
+    ]
+    bad = subprocess.run([*cmd, "--max-drop", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "not written" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (d / INT8_FILE).exists()
+    ok = subprocess.run([*cmd, "--max-drop", "100"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert f"wrote {d / INT8_FILE}" in ok.stdout and "on 10000 images" in ok.stdout
+
+
+def test_service_serves_int8_and_metadata_names_the_file(int8_dir, tmp_path):
+    """CAPSNET_PRECISION=int8 through the real app (the service-side half of this feature)."""
+    from service.app import create_app
+    from service.engine import Engine, EngineError
+    from service.settings import Settings
+
+    d, _ = int8_dir
+    bare = tmp_path / "bare"
+    shutil.copytree(d, bare)
+    (bare / INT8_FILE).unlink()
+    with pytest.raises(
+        EngineError, match=r"CAPSNET_PRECISION=int8 needs .*capsnet-int8.onnx: .*`capsnet quantize"
+    ):
+        Engine(bare, providers="CPUExecutionProvider", precision="int8")
+    for precision, file in (("int8", INT8_FILE), ("fp32", "capsnet.onnx")):
+        settings = Settings(model_dir=d, providers="CPUExecutionProvider", precision=precision)
+        with TestClient(create_app(settings)) as client:
+            for _ in range(200):
+                if client.get("/health/ready").status_code == 200:
+                    break
+                time.sleep(0.02)
+            meta = client.get("/metadata").json()
+            assert meta["precision"] == precision and meta["classifier_file"] == file
+            assert meta["onnx_metadata"].get("precision", "fp32") == precision
+            png = (SHIPPED_MODEL.parent.parent / "examples" / "7.png").read_bytes()
+            r = client.post("/predict", files=[("files", ("7.png", png, "image/png"))])
+            assert r.status_code == 200, r.text
+            probs = [p["probability"] for p in r.json()["predictions"]]
+            assert len(probs) == 1 and 0 <= probs[0] <= 1
