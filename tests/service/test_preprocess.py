@@ -573,16 +573,22 @@ def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch) -> None:
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
     small = decode_image(data, max_pixels=MAX_PIXELS, work_side=512)
-    # 1/4 scale: the smallest of libjpeg's scales that keeps the long side at 512 or more (1/8: 275).
+    # 1/4: the smallest of libjpeg's scales that keeps the long side at 384 (3/4 of 512) or more (1/8: 275).
     assert small.size == (550, 400) and small.mode == "L"
     assert decoded_at[0] == ((550, 400), "L")  # the full-size pixels never existed
     decoded_at.clear()
     assert decode_image(data, max_pixels=MAX_PIXELS).size == (2200, 1600)  # without work_side: as today
     assert decoded_at[0] == ((2200, 1600), "RGB")
 
-    # Under twice the working side a JPEG decodes at full size and in its own mode, as before.
-    medium = encode(Image.open(io.BytesIO(data)).resize((1000, 750)), "JPEG", quality=80)
+    # Where even 1/2 would leave under 384 pixels a JPEG decodes at full size and in its own mode.
+    medium = encode(Image.open(io.BytesIO(data)).resize((767, 558)), "JPEG", quality=80)
+    assert decode_image(medium, max_pixels=MAX_PIXELS, work_side=512).size == (767, 558)
     assert decode_image(medium, max_pixels=MAX_PIXELS, work_side=512).mode == "RGB"
+    assert decode_image(
+        encode(Image.open(io.BytesIO(medium)).resize((768, 558)), "JPEG"),
+        max_pixels=MAX_PIXELS,
+        work_side=512,
+    ).size == (384, 279)
     # The header check still comes first: a bomb is refused before any scale is chosen.
     with pytest.raises(PreprocessError) as err:
         decode_image(with_jpeg_size(data, 60_000, 60_000), max_pixels=MAX_PIXELS, work_side=512)
