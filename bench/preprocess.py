@@ -17,7 +17,6 @@ import importlib.util
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -58,16 +57,10 @@ def machine() -> dict[str, Any]:
     import cv2
     import PIL
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from bench.bench import machine as common
+
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
+        **common(),
         "numpy": np.__version__,
         "pillow": PIL.__version__,
         "opencv": cv2.__version__,

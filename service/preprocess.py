@@ -194,8 +194,8 @@ def _grey(img: Image.Image, *, background: float, max_side: int | None = None) -
         levels, full = np.asarray(img), 255.0
     if max_side is not None and max(levels.shape) > max_side:
         levels = _area(levels, max_side / max(levels.shape))
-    grey: FloatImage = np.asarray(levels, dtype=np.float32) / np.float32(full)
-    return grey
+    grey: FloatImage = levels.astype(np.float32)  # a new array, which the caller may change
+    return np.divide(grey, np.float32(full), out=grey)
 
 
 # ------------------------------------------------------------------------------------ MNIST procedure
@@ -285,7 +285,8 @@ def _background(ink: FloatImage) -> FloatImage:
 
 
 def _drop_specks(ink: FloatImage) -> FloatImage:
-    """Zero the ink blobs that are much lighter than the largest one (dust, noise, stray marks)."""
+    """Zero the ink blobs that are much lighter than the largest one (dust, noise, stray marks), in
+    place."""
     h, w = ink.shape
     small = _area(ink, 96 / max(h, w)) if max(h, w) > 96 else ink  # small: fast, strokes stay joined
     count, labels = cv2.connectedComponents(
@@ -302,7 +303,7 @@ def _drop_specks(ink: FloatImage) -> FloatImage:
         kept = cv2.resize(kept, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)  # (h, w)
     # Grow the kept region by a couple of pixels so that the soft edges of kept strokes stay.
     grown = cv2.dilate(kept, _GROW_KERNEL)
-    return np.asarray(cv2.multiply(ink, grown, dtype=cv2.CV_32F), dtype=np.float32)
+    return np.multiply(ink, grown, out=ink)
 
 
 def _polarity(grey: FloatImage) -> bool:
@@ -328,23 +329,29 @@ def to_mnist(img: Image.Image) -> FloatImage:
     # (h, w): alpha composited over white paper; a 12-megapixel photo needs no more detail than this
     grey = _grey(img, background=1.0, max_side=_WORK_SIDE)
     light_paper = _polarity(grey)
-    ink = 1.0 - grey if light_paper else grey
+    # From here on each step writes over a buffer the steps after it no longer read: a new array
+    # of 200 KB to 800 KB costs more (the allocator maps and faults in fresh pages) than the step.
+    ink = np.subtract(np.float32(1.0), grey, out=grey) if light_paper else grey
 
     # Remove the background tone (uneven lighting included), then the noise floor; stretch the ink to 1.
     background = _background(ink)
-    residual = ink - background
+    residual = np.subtract(ink, background, out=ink)
     if light_paper:  # light falls on paper and ink alike: divide by the local paper brightness
-        residual /= np.maximum(1.0 - background, np.float32(0.05))
+        paper_light = np.subtract(np.float32(1.0), background, out=background)
+        residual /= np.maximum(paper_light, np.float32(0.05), out=paper_light)
     # The paper, now flat, is the median; the noise is the median absolute deviation from it.
     (level,) = _quantiles(residual, (0.5,))
-    (deviation,) = _quantiles(np.abs(residual - np.float32(level)), (0.5,))
+    spread = np.abs(np.subtract(residual, np.float32(level), out=background), out=background)
+    (deviation,) = _quantiles(spread, (0.5,))
     noise = 1.4826 * deviation
     floor = level + _NOISE_FLOOR * noise
     strokes = residual[residual > floor]
     top = _quantiles(strokes, (0.95,))[0] if strokes.size else level
     if top - level < max(_MIN_CONTRAST, _MIN_SNR * noise):
         raise PreprocessError(422, "No digit found: nothing in the image stands out from the background.")
-    ink = np.clip((residual - np.float32(floor)) * np.float32(1 / (top - floor)), 0.0, 1.0)
+    residual -= np.float32(floor)
+    residual *= np.float32(1 / (top - floor))
+    ink = np.clip(residual, 0.0, 1.0, out=residual)
     ink = _drop_specks(ink)
 
     # Crop to the ink's bounding box and fit it into 20x20, keeping the aspect ratio.

@@ -547,7 +547,7 @@ def test_specks_go_and_strokes_stay_whatever_their_direction() -> None:
     diagonal = np.arange(45, 85)
     ink[diagonal, diagonal] = 1.0  # 40 pixels joined only at their corners (8-connected)
     ink[5:8, 70:73] = 1.0  # a speck: mass 9, under 5 % of the largest blob (20.6)
-    out = _drop_specks(ink)
+    out = _drop_specks(ink.copy())
     assert out[5:8, 70:73].max() == 0.0 and out[60, 5] == 0.0
     np.testing.assert_array_equal(out[diagonal, diagonal], 1.0)  # one blob, not 40 specks of mass 1
     np.testing.assert_array_equal(out[:45, :45], ink[:45, :45])  # the stroke, soft edges and all
