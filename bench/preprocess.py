@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -129,6 +130,35 @@ def time_cases(
     return out
 
 
+def peak_memory(which: str, rev: str, image: Path) -> float:
+    """MB by which one preprocessing of `image` raises the peak RSS of a fresh process (the peak
+    only grows, so each implementation gets a process of its own)."""
+    import resource
+
+    impl = load_baseline(rev) if which == "before" else importlib.import_module("service.preprocess")
+    assert impl is not None
+    impl.preprocess_bytes((ROOT / "examples" / "7.png").read_bytes(), mode="mnist", max_pixels=MAX_PIXELS)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    impl.preprocess_bytes(image.read_bytes(), mode="mnist", max_pixels=MAX_PIXELS)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
+
+
+def peak_memory_of(impls: dict[str, ModuleType], rev: str, data: bytes, tmp: Path) -> dict[str, float]:
+    image = tmp / "phone.jpg"
+    image.write_bytes(data)
+    out = {}
+    for key in impls:
+        run = subprocess.run(
+            [sys.executable, "-m", "bench.preprocess", "--peak-memory", key, str(image), "--baseline", rev],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        out[key] = float(run.stdout.split()[-1])
+    return out
+
+
 def accuracy(impls: dict[str, ModuleType], model: Path, n_digits: int) -> dict[str, Any]:
     """The photo test's procedure (tests/service/test_preprocess_accuracy.py): MNIST test digits
     rendered as photos, brought back by each implementation, classified by the shipped model."""
@@ -190,7 +220,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result["baseline_missing"] = (
             f"git has no {args.baseline}:service/preprocess.py here (a shallow clone?)"
         )
-    result["cases"] = time_cases(impls, inputs(), args.quick)
+    cases = inputs()
+    result["cases"] = time_cases(impls, cases, args.quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        result["phone_peak_rss_mb"] = peak_memory_of(
+            impls, args.baseline, cases["phone-jpeg-4000x3000"][0], Path(tmp)
+        )
     result["targets"] = {
         name: {
             "target_ms": target,
@@ -229,6 +264,8 @@ def report(r: dict[str, Any]) -> None:
         target = r["targets"].get(name)
         goal = f"{'<=' + str(target['target_ms']):>6} {'ok' if target['met'] else 'NO'}" if target else ""
         print(f"{case['what']:<38} {before} {after} {ratio} {goal}")
+    mem = r["phone_peak_rss_mb"]
+    print("peak memory for the phone JPEG: " + ", ".join(f"{k} {v:.1f} MB" for k, v in mem.items()))
     a = r["accuracy"]
     line = f"\nphoto accuracy, {a['digits']} MNIST test digits: raw MNIST {a['raw_mnist']:.4f}"
     line += f", before {a['before']:.4f}" if has_before else ""
@@ -245,8 +282,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a short run (CI): fewer iterations and digits")
     p.add_argument("--baseline", default=BASELINE, help="the git revision whose preprocessing is 'before'")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "preprocess-2core.json")
+    p.add_argument("--peak-memory", nargs=2, metavar=("before|after", "IMAGE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    if args.peak_memory:  # one measurement, in a process of its own (see peak_memory_of)
+        print(peak_memory(args.peak_memory[0], args.baseline, Path(args.peak_memory[1])))
+    else:
+        main(args)

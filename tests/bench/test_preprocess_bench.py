@@ -22,6 +22,8 @@ def test_quick_preprocess_benchmark_writes_every_case_target_and_accuracy(tmp_pa
             assert case[f"{key}_ms"] > 0 and case[f"{key}_cpu_ms"] >= 0 and case["iterations"][key] >= 5
         if r["baseline"]:
             assert case["speedup"] == case["before_ms"] / case["after_ms"]
+    assert set(r["phone_peak_rss_mb"]) == set(impls)
+    assert r["phone_peak_rss_mb"]["after"] < 20  # never the 12-megapixel decode (12 MB of grey alone)
     assert set(r["targets"]) == set(TARGETS_MS)
     for name, target in r["targets"].items():
         assert target["met"] == (cases[name]["after_ms"] <= target["target_ms"])
