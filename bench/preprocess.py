@@ -133,14 +133,18 @@ def time_cases(
 def peak_memory(which: str, rev: str, image: Path) -> float:
     """MB by which one preprocessing of `image` raises the peak RSS of a fresh process (the peak
     only grows, so each implementation gets a process of its own)."""
-    import resource
-
     impl = load_baseline(rev) if which == "before" else importlib.import_module("service.preprocess")
     assert impl is not None
     impl.preprocess_bytes((ROOT / "examples" / "7.png").read_bytes(), mode="mnist", max_pixels=MAX_PIXELS)
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    start = _peak_rss_kib()
     impl.preprocess_bytes(image.read_bytes(), mode="mnist", max_pixels=MAX_PIXELS)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
+    return (_peak_rss_kib() - start) / 1024
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM: getrusage's ru_maxrss would carry over the parent's)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def peak_memory_of(impls: dict[str, ModuleType], rev: str, data: bytes, tmp: Path) -> dict[str, float]:
