@@ -1,9 +1,22 @@
-"""Bytes or JSON in, a validated 28x28 float32 MNIST-style image out (numpy + Pillow only).
+"""Bytes or JSON in, a validated 28x28 float32 MNIST-style image out.
 
 Users send photos and scans: dark ink on light paper, any size, off-centre, noisy, JPEG. `to_mnist`
 brings them into the form MNIST's own digits were given (LeCun et al.): grey levels, the digit fitted
 into a 20x20 box keeping its aspect ratio (anti-aliased), then placed in a 28x28 field so that its
 centre of mass sits at the centre, pixel (14, 14) in row/column index coordinates as in MNIST itself.
+
+Which library does which step:
+
+- Pillow: format sniffing and opening, the header-only pixel-count check against decompression bombs,
+  reduced-scale decoding of large JPEGs (libjpeg's DCT scaling, `Image.draft`, before any pixel is
+  decoded), the first frame, EXIF orientation, and grey levels from every mode (16-bit, palette,
+  alpha, CMYK).
+- OpenCV (opencv-python-headless): area resizing (to the working size, to the small copies the
+  background and the specks are judged on, and into the 20x20 box), the morphological opening under
+  the background estimate, connected components for the specks, the dilation that keeps their soft
+  edges, the histograms the quantiles are read from, the ink's bounding box and its moments.
+- numpy: what only this module knows: the polarity, contrast and noise rules, the quadratic lighting
+  surface, the speck rule and MNIST's centring convention.
 
 Every failure is a `PreprocessError` that carries the HTTP status the web layer should answer with:
 
@@ -18,12 +31,13 @@ The `detail` message is meant for the client: it never holds a stack trace or a 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
@@ -52,6 +66,8 @@ _MIN_SNR = 6.0  # ... and by this many noise standard deviations
 _NOISE_FLOOR = 2.0  # grey levels within this many noise standard deviations of the paper are paper
 _SPECK_FRACTION = 0.05  # ink blobs lighter than this fraction of the largest one are noise
 _BOX_LEVEL = 0.1  # the crop is the bounding box of the ink above this level
+_BACKGROUND_KERNEL = np.ones((_BACKGROUND_WINDOW, _BACKGROUND_WINDOW), dtype=np.uint8)
+_GROW_KERNEL = np.ones((5, 5), dtype=np.uint8)  # kept strokes keep this much of their soft edges
 
 
 class PreprocessError(ValueError):
@@ -64,6 +80,7 @@ class PreprocessError(ValueError):
 
 
 FloatImage = npt.NDArray[np.float32]
+U8Image = npt.NDArray[np.uint8]
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -78,12 +95,19 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, max_pixels: int, exact_size: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int, exact_size: int | None = None, work_side: int | None = None
+) -> Image.Image:
     """Decode an upload into a fully loaded Pillow image (first frame, EXIF orientation applied).
 
     The pixel count is checked against `max_pixels` from the header, before any pixel is decoded, so a
     small file that claims a huge canvas (a decompression bomb) costs nothing; so is `exact_size`
     (a square side the image must have), so a wrong-sized image is refused without decoding it.
+
+    `work_side`: the side the caller will reduce the image to. A JPEG is decoded at 1/2, 1/4 or 1/8
+    scale where that keeps its long side at 3/4 of `work_side` or more (libjpeg scales the DCT: the
+    full-size pixels never exist), and as grey levels if it is colour. Other formats, and JPEGs too
+    small for that, decode at full size.
     """
     if not data:
         raise PreprocessError(400, "The upload is empty.")
@@ -118,6 +142,9 @@ def decode_image(data: bytes, *, max_pixels: int, exact_size: int | None = None)
             )
         try:
             img.seek(0)  # multi-frame GIF/TIFF/WebP: the first frame
+            if work_side is not None and (s := _draft_scale(max(width, height), work_side)) > 1:
+                # JPEG only (other formats ignore it); colour comes out as grey, the luma JPEG stores.
+                img.draft("L" if img.mode == "RGB" else None, (max(1, width // s), max(1, height // s)))
             img.load()  # decode now so that truncation and corruption surface here
             frame = img.copy()  # detaches the frame from the file so that the file can be closed
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -132,147 +159,164 @@ def decode_image(data: bytes, *, max_pixels: int, exact_size: int | None = None)
     return oriented if oriented is not None else frame
 
 
-def _grey(img: Image.Image, *, background: float) -> FloatImage:
+def _draft_scale(side: int, work_side: int) -> int:
+    """The largest of libjpeg's DCT scalings (1/8, 1/4, 1/2) that leaves `side` at 3/4 of
+    `work_side` or more; 1 when none does. A 4000-pixel photo comes out at 500 pixels, near enough to
+    a 512-pixel working side to be analysed as it is, where 1/4 would leave 1000 pixels to average."""
+    return next((s for s in (8, 4, 2) if side // s >= 3 * work_side // 4), 1)
+
+
+def _grey(img: Image.Image, *, background: float, max_side: int | None = None) -> FloatImage:
     """Luminance in [0, 1] as float32: 8-bit levels / 255, 16-bit / 65535; alpha is composited over a
-    uniform `background` (1.0: white paper; 0.0: MNIST's black)."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a16: FloatImage = np.asarray(img, dtype=np.float32)
-        grey16: FloatImage = np.clip(a16 / 65535.0, 0.0, 1.0)
-        return grey16
-    if img.mode == "F":
-        af: FloatImage = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    uniform `background` (1.0: white paper; 0.0: MNIST's black).
+
+    An image with a side over `max_side` is first reduced to it by area averaging (OpenCV), on its
+    integer levels where it has them: a uniform paper then stays uniform to the bit, as the paper and
+    noise rules of `to_mnist` expect, where float sums would leave it jittering in the last place.
+    """
+    levels: npt.NDArray[Any]
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        levels, full = np.asarray(img).astype(np.uint16), 65535.0  # (native byte order)
+    elif img.mode == "I":
+        levels, full = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0), 1.0
+    elif img.mode == "F":
+        af = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         scale = 1.0 if af.max(initial=0.0) <= 1.0 else (255.0 if af.max() <= 255.0 else 65535.0)
-        grey_f: FloatImage = np.clip(af / scale, 0.0, 1.0)
-        return grey_f
-    has_alpha = img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, (round(255 * background),) * 3 + (255,))
-        img = Image.alpha_composite(paper, rgba)
-    if img.mode != "L":
-        img = img.convert("RGB").convert("L") if img.mode not in ("1", "P") else img.convert("L")
-    return np.asarray(img, dtype=np.float32) / 255.0
+        levels, full = np.clip(af / scale, 0.0, 1.0), 1.0
+    else:
+        has_alpha = img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            paper = Image.new("RGBA", rgba.size, (round(255 * background),) * 3 + (255,))
+            img = Image.alpha_composite(paper, rgba)
+        if img.mode != "L":
+            img = img.convert("RGB").convert("L") if img.mode not in ("1", "P") else img.convert("L")
+        levels, full = np.asarray(img), 255.0
+    if max_side is not None and max(levels.shape) > max_side:
+        levels = _area(levels, max_side / max(levels.shape))
+    grey: FloatImage = levels.astype(np.float32)  # a new array, which the caller may change
+    return np.divide(grey, np.float32(full), out=grey)
 
 
 # ------------------------------------------------------------------------------------ MNIST procedure
 
 
-def _resize(a: FloatImage, size: tuple[int, int], resample: Image.Resampling) -> FloatImage:
-    """Resize a float image; `size` is (width, height) as in Pillow."""
-    out = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32)).resize(size, resample)
-    return np.asarray(out, dtype=np.float32)
+def _area(a: npt.NDArray[Any], scale: float) -> npt.NDArray[Any]:
+    """`a` resized by `scale` (each side at least one pixel), by area averaging: the mean of the
+    source under each target pixel, so nothing thinner than a target pixel is lost or aliased."""
+    h, w = a.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(cv2.resize(a, size, interpolation=cv2.INTER_AREA))
+
+
+def _quantiles(a: FloatImage, qs: tuple[float, ...]) -> list[float]:
+    """Order statistics of `a`'s values: for each fraction q in `qs`, the value of rank
+    round(q * (n - 1)) in sorted order (np.quantile's "nearest" method: a value that occurs, so that
+    a tie between the paper and the ink stays an exact tie and a flat paper has a deviation of 0)."""
+    values = a.reshape(-1)
+    return _order_statistics(values, [round(q * (values.size - 1)) for q in qs])
+
+
+def _order_statistics(values: FloatImage, ranks: list[int], depth: int = 0) -> list[float]:
+    """The values of these ranks (from 0) in sorted order, found without sorting them all: each
+    value's bin among 256 over their range (OpenCV, one byte a value) and a histogram of those say
+    which bin holds a rank, and only that bin's values are searched further, the same way: a paper
+    of nearly one grey level falls into one bin at first, and is spread over 256 at the next step.
+    (np.sort finishes small sets: np.partition takes ten times as long on many equal values.)"""
+    if values.size <= 4096 or depth == 4:
+        ordered = np.sort(values)
+        return [float(ordered[k]) for k in ranks]
+    lo, hi, _, _ = cv2.minMaxLoc(values)
+    if not hi > lo:
+        return [float(lo)] * len(ranks)
+    scale = 255.0 / (hi - lo)
+    bins = cv2.convertScaleAbs(values, alpha=scale, beta=-lo * scale).reshape(-1)  # (n,) each one's bin
+    counts = cv2.calcHist([bins], [0], None, [256], [0, 256]).reshape(-1)  # (256,)
+    below = np.cumsum(counts, dtype=np.float64)  # values in and before each bin
+    picked = []
+    for rank in ranks:
+        b = int(np.searchsorted(below, rank, side="right"))  # the bin that holds the rank
+        k = rank - int(below[b] - counts[b])
+        picked += _order_statistics(values[bins == b], [k], depth + 1)
+    return picked
+
+
+@functools.lru_cache(maxsize=64)
+def _surface_fit(sh: int, sw: int) -> tuple[int, npt.NDArray[np.float64]]:
+    """For a (sh, sw) opened background copy: the margin left out of the fit, and the pseudo-inverse
+    (6, N) that turns its N remaining pixels into the quadratic surface's coefficients (least squares)."""
+    m = _BACKGROUND_WINDOW // 2
+    if not (sh > 4 * m and sw > 4 * m):  # too small to spare a margin
+        m = 0
+    ys, xs = np.mgrid[m : sh - m, m : sw - m]
+    # Coordinates in [-1, 1] across the image, pixel centres, the same at both resolutions.
+    terms = _terms((ys + 0.5) / sh * 2 - 1, (xs + 0.5) / sw * 2 - 1).reshape(-1, 6)
+    fit = np.asarray(np.linalg.pinv(terms), dtype=np.float64)  # (6, N)
+    fit.setflags(write=False)  # shared by every call with this shape
+    return m, fit
+
+
+def _terms(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
 
 
 def _background(ink: FloatImage) -> FloatImage:
     """Smooth estimate of the background under bright ink (uneven lighting included).
 
-    A morphological opening (min then max filter) on a small copy removes every stroke narrower than
-    the window; a quadratic surface fitted to what is left models lighting gradients and vignetting,
-    and extrapolates to the borders, where the opening itself is unreliable.
+    A morphological opening (erosion then dilation, OpenCV) on a small copy removes every stroke
+    narrower than the window; a quadratic surface fitted to what is left models lighting gradients
+    and vignetting, and extrapolates to the borders, where the opening itself is unreliable.
     """
     h, w = ink.shape
-    scale = _BACKGROUND_SIDE / max(h, w)
-    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-    small = _resize(ink, (sw, sh), Image.Resampling.BOX)
-    opened = _rank_filter(
-        _rank_filter(small, _BACKGROUND_WINDOW, np.minimum), _BACKGROUND_WINDOW, np.maximum
-    ).astype(np.float64)  # (sh, sw)
-    m = _BACKGROUND_WINDOW // 2
-    if sh > 4 * m and sw > 4 * m:  # leave out the margin where the opening loses a slope
-        opened = opened[m:-m, m:-m]
-        ys, xs = np.mgrid[m : sh - m, m : sw - m]
-    else:
-        ys, xs = np.mgrid[0:sh, 0:sw]
-
-    def terms(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
-
-    # Coordinates in [-1, 1] across the image, pixel centres, the same at both resolutions.
-    coef, *_ = np.linalg.lstsq(
-        terms((ys + 0.5) / sh * 2 - 1, (xs + 0.5) / sw * 2 - 1).reshape(-1, 6), opened.ravel(), rcond=None
-    )
-    fy = (np.arange(h, dtype=np.float64)[:, None] + 0.5) / h * 2 - 1
-    fx = (np.arange(w, dtype=np.float64)[None, :] + 0.5) / w * 2 - 1
-    fy, fx = np.broadcast_arrays(fy, fx)
-    return (terms(fy, fx) @ coef).astype(np.float32)  # (h, w)
-
-
-def _rank_filter(a: npt.NDArray[Any], size: int, op: Callable[..., Any]) -> npt.NDArray[Any]:
-    """PIL's MinFilter/MaxFilter(size) (op = np.minimum/np.maximum), edges replicated as PIL does, equal
-    to it bit for bit: a square window's extreme is the extreme of its rows' extremes, so two 1-D
-    passes of `size` array operations replace PIL's sort of size² values per pixel (3 ms -> 0.1 ms on
-    the 48-pixel background copy)."""
-    r, (h, w) = size // 2, a.shape
-    padded = np.pad(a, r, mode="edge")
-    rows = padded[:, :w]
-    for k in range(1, size):
-        rows = op(rows, padded[:, k : k + w])  # (h + 2r, w)
-    out = rows[:h]
-    for k in range(1, size):
-        out = op(out, rows[k : k + h])  # (h, w)
-    return out
-
-
-# The four directions that name each pair of 8-connected neighbours once: right, down, and diagonals.
-_NEIGHBOURS = ((0, 1), (1, 0), (1, 1), (1, -1))
-
-
-def _components(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
-    """Label the 8-connected components of `mask` (0 = background, one positive id per component).
-
-    Union-find over the neighbour pairs, in whole-array steps: every root linked to a smaller root
-    hooks onto it, then paths are halved until each pixel points at its root. A few rounds suffice
-    whatever the shape (a maze-like upload costs about what a blot does), and no Python loop runs per
-    pixel (19 ms -> under 1 ms for a 96-pixel mask of a scanned digit).
-    """
-    h, w = mask.shape
-    ids = np.arange(h * w).reshape(h, w)
-    pairs = []
-    for dy, dx in _NEIGHBOURS:
-        x0, x1 = max(0, -dx), w - max(0, dx)
-        a, b = mask[: h - dy, x0:x1], mask[dy:, x0 + dx : x1 + dx]
-        both = a & b
-        pairs.append((ids[: h - dy, x0:x1][both], ids[dy:, x0 + dx : x1 + dx][both]))
-    u = np.concatenate([p[0] for p in pairs])
-    v = np.concatenate([p[1] for p in pairs])
-    parent = ids.ravel().copy()
-    while True:
-        ru, rv = parent[u], parent[v]
-        differ = ru != rv
-        if not differ.any():
-            break
-        np.minimum.at(parent, np.maximum(ru, rv)[differ], np.minimum(ru, rv)[differ])
-        while True:  # path halving until every pixel points at a root
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-    return np.where(mask.ravel(), parent + 1, 0).reshape(h, w)
+    small = _area(ink, _BACKGROUND_SIDE / max(h, w))  # (sh, sw)
+    sh, sw = small.shape
+    # OpenCV's default border for erosion and dilation leaves out what lies outside the image: the
+    # same extremes as replicating the edge, as PIL's Min/MaxFilter do.
+    opened = cv2.morphologyEx(small, cv2.MORPH_OPEN, _BACKGROUND_KERNEL)  # (sh, sw)
+    m, fit = _surface_fit(sh, sw)
+    c0, c1, c2, c3, c4, c5 = fit @ np.asarray(opened[m : sh - m, m : sw - m], dtype=np.float64).ravel()
+    # The surface on the full grid, term by term: rows (1, y, y²), columns (x, x²) and the product xy.
+    fy = (np.arange(h, dtype=np.float64) + 0.5) / h * 2 - 1  # (h,)
+    fx = (np.arange(w, dtype=np.float64) + 0.5) / w * 2 - 1  # (w,)
+    surface = np.outer((c4 * fy).astype(np.float32), fx.astype(np.float32))  # (h, w)
+    surface += (c0 + c2 * fy + c5 * fy * fy).astype(np.float32)[:, None]
+    surface += (c1 * fx + c3 * fx * fx).astype(np.float32)[None, :]
+    return surface
 
 
 def _drop_specks(ink: FloatImage) -> FloatImage:
-    """Zero the ink blobs that are much lighter than the largest one (dust, noise, stray marks)."""
+    """Zero the ink blobs that are much lighter than the largest one (dust, noise, stray marks), in
+    place."""
     h, w = ink.shape
-    scale = min(1.0, 96 / max(h, w))  # label on a small copy: fast, and a stroke stays connected
-    small_size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = _resize(ink, small_size, Image.Resampling.BOX)
-    labels = _components(small > _BOX_LEVEL / 2)
-    if not labels.any():  # strokes too faint to survive the small copy: nothing to judge them by
+    small = _area(ink, 96 / max(h, w)) if max(h, w) > 96 else ink  # small: fast, strokes stay joined
+    count, labels = cv2.connectedComponents(
+        np.greater(small, _BOX_LEVEL / 2).view(np.uint8), connectivity=8, ltype=cv2.CV_32S
+    )  # labels: (sh, sw), 0 = background
+    if count <= 1:  # strokes too faint to survive the small copy: nothing to judge them by
         return ink
-    ids, inverse = np.unique(labels, return_inverse=True)
-    mass = np.bincount(inverse.ravel(), weights=small.ravel())
-    mass[ids == 0] = 0.0
-    keep_small = (mass >= _SPECK_FRACTION * mass.max())[inverse].reshape(labels.shape) & (labels > 0)
-    keep = Image.fromarray(keep_small.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+    mass = np.bincount(labels.ravel(), weights=small.ravel(), minlength=count)  # (count,)
+    mass[0] = 0.0
+    keep = (mass >= _SPECK_FRACTION * mass.max()).astype(np.uint8)
+    keep[0] = 0
+    kept = keep[labels]  # (sh, sw)
+    if kept.shape != ink.shape:
+        kept = cv2.resize(kept, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)  # (h, w)
     # Grow the kept region by a couple of pixels so that the soft edges of kept strokes stay.
-    grown = _rank_filter(np.asarray(keep, dtype=np.uint8), 5, np.maximum) > 0
-    return np.where(grown, ink, 0.0).astype(np.float32)
+    grown = cv2.dilate(kept, _GROW_KERNEL)
+    return np.multiply(ink, grown, out=ink)
 
 
-def _centre_of_mass(a: FloatImage) -> tuple[float, float]:
-    total = float(a.sum())
-    rows, cols = np.indices(a.shape)
-    return float((rows * a).sum() / total), float((cols * a).sum() / total)
+def _polarity(grey: FloatImage) -> bool:
+    """Whether the paper is light (dark ink), judged from the border (mostly paper) against the
+    pixels farthest from it: ink darker than the paper, even in a dim photo, is inverted."""
+    border = max(1, round(0.05 * min(grey.shape)))
+    frame = np.concatenate(
+        [grey[:border].ravel(), grey[-border:].ravel(), grey[:, :border].ravel(), grey[:, -border:].ravel()]
+    )
+    (paper,) = _quantiles(frame, (0.5,))
+    darkest, brightest = _quantiles(grey, (0.005, 0.995))
+    dark_ink, bright_ink = paper - darkest, brightest - paper
+    return dark_ink > bright_ink or (dark_ink == bright_ink and paper > 0.5)
 
 
 def to_mnist(img: Image.Image) -> FloatImage:
@@ -282,59 +326,59 @@ def to_mnist(img: Image.Image) -> FloatImage:
     Raises PreprocessError(422) when no digit stands out from the background (a blank page): a
     prediction for an empty field would be meaningless.
     """
-    grey = _grey(img, background=1.0)  # (H, W), alpha composited over white paper
-    h, w = grey.shape
-    if max(h, w) > _WORK_SIDE:  # a 12-megapixel photo needs no more detail than this
-        scale = _WORK_SIDE / max(h, w)
-        grey = _resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
-
-    # Polarity: the border is mostly paper, and the ink is the few pixels far from it. Ink darker than
-    # the paper (a photo, even a dim one) is inverted so that the ink is bright, as in MNIST.
-    border = max(1, round(0.05 * min(grey.shape)))
-    frame = np.concatenate(
-        [grey[:border].ravel(), grey[-border:].ravel(), grey[:, :border].ravel(), grey[:, -border:].ravel()]
-    )
-    paper = float(np.median(frame))
-    darkest, brightest = (float(v) for v in np.percentile(grey, [0.5, 99.5]))
-    dark_ink, bright_ink = paper - darkest, brightest - paper
-    light_paper = dark_ink > bright_ink or (dark_ink == bright_ink and paper > 0.5)
-    ink = 1.0 - grey if light_paper else grey
+    # (h, w): alpha composited over white paper; a 12-megapixel photo needs no more detail than this
+    grey = _grey(img, background=1.0, max_side=_WORK_SIDE)
+    light_paper = _polarity(grey)
+    # From here on each step writes over a buffer the steps after it no longer read: a new array
+    # of 200 KB to 800 KB costs more (the allocator maps and faults in fresh pages) than the step.
+    ink = np.subtract(np.float32(1.0), grey, out=grey) if light_paper else grey
 
     # Remove the background tone (uneven lighting included), then the noise floor; stretch the ink to 1.
     background = _background(ink)
-    residual = ink - background
+    residual = np.subtract(ink, background, out=ink)
     if light_paper:  # light falls on paper and ink alike: divide by the local paper brightness
-        residual = residual / np.maximum(1.0 - background, 0.05)
-    level = float(np.median(residual))  # the paper, now flat; noise from the median absolute deviation
-    noise = 1.4826 * float(np.median(np.abs(residual - level)))
+        paper_light = np.subtract(np.float32(1.0), background, out=background)
+        residual /= np.maximum(paper_light, np.float32(0.05), out=paper_light)
+    # The paper, now flat, is the median; the noise is the median absolute deviation from it.
+    (level,) = _quantiles(residual, (0.5,))
+    spread = np.abs(np.subtract(residual, np.float32(level), out=background), out=background)
+    (deviation,) = _quantiles(spread, (0.5,))
+    noise = 1.4826 * deviation
     floor = level + _NOISE_FLOOR * noise
     strokes = residual[residual > floor]
-    top = float(np.percentile(strokes, 95)) if strokes.size else level
+    top = _quantiles(strokes, (0.95,))[0] if strokes.size else level
     if top - level < max(_MIN_CONTRAST, _MIN_SNR * noise):
         raise PreprocessError(422, "No digit found: nothing in the image stands out from the background.")
-    ink = np.clip((residual - floor) / (top - floor), 0.0, 1.0).astype(np.float32)
+    residual -= np.float32(floor)
+    residual *= np.float32(1 / (top - floor))
+    ink = np.clip(residual, 0.0, 1.0, out=residual)
     ink = _drop_specks(ink)
 
     # Crop to the ink's bounding box and fit it into 20x20, keeping the aspect ratio.
-    rows = np.flatnonzero((ink > _BOX_LEVEL).any(axis=1))
-    cols = np.flatnonzero((ink > _BOX_LEVEL).any(axis=0))
-    if rows.size == 0:
+    left, top_row, dw, dh = cv2.boundingRect(np.greater(ink, _BOX_LEVEL).view(np.uint8))
+    if dw == 0:
         raise PreprocessError(422, "No digit found: nothing in the image stands out from the background.")
-    digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    dh, dw = digit.shape
+    digit = ink[top_row : top_row + dh, left : left + dw]
     scale = DIGIT_BOX / max(dh, dw)
     size = (max(1, min(DIGIT_BOX, round(dw * scale))), max(1, min(DIGIT_BOX, round(dh * scale))))
-    digit = np.clip(_resize(digit, size, Image.Resampling.LANCZOS), 0.0, 1.0)  # (<=20, <=20)
-    if float(digit.sum()) <= 0.0:
+    # Area interpolation: shrinking averages the ink under each target pixel (anti-aliasing, as MNIST's
+    # fit did); enlarging by a whole factor repeats pixels (a 1x10 stroke becomes exactly 2x20).
+    digit = np.clip(cv2.resize(digit, size, interpolation=cv2.INTER_AREA), 0.0, 1.0)  # (<=20, <=20)
+    peak = float(digit.max())
+    if peak <= 0.0:
         raise PreprocessError(422, "No digit found: nothing in the image stands out from the background.")
+    # Averaging dims a stroke's core a little wherever it is not a whole target pixel wide; MNIST's
+    # digits reach full white (90 % of them have a pixel at 255), so the brightest pixel is 1 here too.
+    digit /= np.float32(peak)
+    moments = cv2.moments(digit)
 
     # Paste into 28x28 so that the centre of mass lands on (14, 14), staying inside the field.
-    cy, cx = _centre_of_mass(digit)
+    cy, cx = moments["m01"] / moments["m00"], moments["m10"] / moments["m00"]
     sh, sw = digit.shape
-    top_row = min(max(round(IMAGE_SIZE / 2 - cy), 0), IMAGE_SIZE - sh)
-    left_col = min(max(round(IMAGE_SIZE / 2 - cx), 0), IMAGE_SIZE - sw)
+    paste_row = min(max(round(IMAGE_SIZE / 2 - cy), 0), IMAGE_SIZE - sh)
+    paste_col = min(max(round(IMAGE_SIZE / 2 - cx), 0), IMAGE_SIZE - sw)
     out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    out[top_row : top_row + sh, left_col : left_col + sw] = digit
+    out[paste_row : paste_row + sh, paste_col : paste_col + sw] = digit
     return out
 
 
@@ -351,7 +395,7 @@ def preprocess_bytes(data: bytes, *, mode: Literal["mnist", "none"], max_pixels:
     if mode not in ("mnist", "none"):
         raise PreprocessError(422, f"Unknown preprocess mode {_describe(mode)}: use 'mnist' or 'none'.")
     if mode == "mnist":
-        return to_mnist(decode_image(data, max_pixels=max_pixels))
+        return to_mnist(decode_image(data, max_pixels=max_pixels, work_side=_WORK_SIDE))
     img = decode_image(data, max_pixels=max_pixels, exact_size=IMAGE_SIZE)  # (EXIF keeps a square square)
     grey = _grey(img, background=0.0)
     return np.ascontiguousarray(grey, dtype=np.float32)

@@ -17,11 +17,13 @@ def render_photo(
     scale: float = 7.0,
     noise: float = 0.03,
     quality: int | None = 75,
+    tint: tuple[float, float, float] | None = None,
 ) -> bytes:
     """`digit` (28, 28) uint8 white-on-black -> encoded photo bytes (JPEG, or PNG when quality is None).
 
     canvas is (height, width). The 28x28 field is upscaled by `scale` (bicubic, like a pen stroke seen
-    by a camera) and placed at a random offset; the paper is grey with a linear lighting gradient.
+    by a camera) and placed at a random offset; the paper is grey with a linear lighting gradient, or
+    an RGB colour when `tint` (a factor per channel) is given, as phone cameras save it.
     """
     height, width = canvas
     side = round(28 * scale)
@@ -37,6 +39,8 @@ def render_photo(
     paper = tone + gy * (yy / height - 0.5) + gx * (xx / width - 0.5)
     ink_tone = rng.uniform(0.08, 0.25)
     photo = paper * (1 - ink_a) + ink_tone * ink_a + rng.normal(0.0, noise, size=ink_a.shape)
+    if tint is not None:
+        photo = photo[..., None] * np.asarray(tint)  # (height, width, 3)
     img = Image.fromarray(np.clip(photo * 255 + 0.5, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     if quality is None:

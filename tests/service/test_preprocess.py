@@ -499,72 +499,119 @@ def test_good_array_keeps_every_pixel_in_place() -> None:
     np.testing.assert_array_equal(validate_array(tuple(tuple(r) for r in values.tolist())), out)
 
 
-@pytest.mark.parametrize("shape", [(48, 47), (5, 9), (3, 3), (227, 224)])
-@pytest.mark.parametrize(
-    ("size", "pil", "op"),
-    [(15, "MinFilter", np.minimum), (15, "MaxFilter", np.maximum), (5, "MaxFilter", np.maximum)],
-)
-def test_rank_filter_equals_pil_bit_for_bit(shape: tuple[int, int], size: int, pil: str, op: object) -> None:
-    from PIL import ImageFilter
-
-    from service.preprocess import _rank_filter
-
-    rng = np.random.default_rng(sum(shape) + size)
-    for a in (rng.random(shape, dtype=np.float32), (rng.random(shape) > 0.7).astype(np.uint8) * 255):
-        expected = np.asarray(Image.fromarray(a).filter(getattr(ImageFilter, pil)(size)))
-        np.testing.assert_array_equal(_rank_filter(a, size, op), expected)  # type: ignore[arg-type]
+# ------------------------------------------------------------------------ the steps OpenCV now runs
 
 
-def _components_by_flood_fill(mask: np.ndarray) -> list[set[tuple[int, int]]]:
-    """Plain-loops reference: 8-connected components as sets of pixels."""
-    h, w = mask.shape
-    seen = np.zeros_like(mask)
-    out = []
-    for y0, x0 in zip(*np.nonzero(mask), strict=True):
-        if seen[y0, x0]:
-            continue
-        comp, stack = set(), [(int(y0), int(x0))]
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            comp.add((y, x))
-            for ny in range(max(0, y - 1), min(h, y + 2)):
-                for nx in range(max(0, x - 1), min(w, x + 2)):
-                    if mask[ny, nx] and not seen[ny, nx]:
-                        seen[ny, nx] = True
-                        stack.append((ny, nx))
-        out.append(comp)
-    return out
+@pytest.mark.parametrize("n", [1, 2, 784, 4096, 4097, 50_000, 196_608])
+def test_quantiles_are_numpys_nearest_order_statistics(n: int) -> None:
+    from service.preprocess import _quantiles
+
+    rng = np.random.default_rng(n)
+    qs = (0.0, 0.005, 0.05, 0.5, 0.95, 0.995, 1.0)
+    cases = {
+        "uniform": rng.random(n, dtype=np.float32),
+        "heavy-tailed": rng.standard_cauchy(n).astype(np.float32),
+        "ties": np.round(rng.normal(0.8, 0.05, n) * 255).astype(np.float32) / 255,  # 8-bit grey levels
+        "flat-paper": np.where(rng.random(n) < 0.97, np.float32(0.9), rng.random(n, dtype=np.float32)),
+        "constant": np.full(n, 0.25, dtype=np.float32),
+    }
+    for name, values in cases.items():
+        expected = np.quantile(values, qs, method="nearest")
+        assert _quantiles(values.reshape(1, -1), qs) == expected.tolist(), name  # exact: values that occur
 
 
-def _serpentine(side: int) -> np.ndarray:
-    m = np.zeros((side, side), dtype=bool)
-    m[::2] = True
-    for r in range(1, side, 2):
-        m[r, side - 1 if (r // 2) % 2 == 0 else 0] = True  # the turns of one long path
-    return m
+def test_background_is_the_lighting_under_the_strokes() -> None:
+    from service.preprocess import _background
+
+    h, w = 240, 320
+    yy, xx = np.mgrid[0:h, 0:w]
+    y, x = (yy + 0.5) / h * 2 - 1, (xx + 0.5) / w * 2 - 1
+    lighting = (0.3 + 0.1 * x - 0.05 * y + 0.08 * x * x - 0.04 * x * y + 0.06 * y * y).astype(np.float32)
+    ink = lighting.copy()
+    ink[60:200, 100:118] += 0.6  # strokes 18 pixels wide: under 4 pixels on the 48-pixel copy
+    ink[120:138, 60:260] += 0.6
+    background = _background(ink)
+    assert background.shape == (h, w) and background.dtype == np.float32
+    assert np.abs(background - lighting).max() < 0.02  # the strokes are not part of the background
+    assert np.abs(_background(lighting) - lighting).max() < 1e-3  # a quadratic surface is fitted exactly
 
 
-@pytest.mark.parametrize("case", ["random-sparse", "random-dense", "serpentine", "empty", "full", "diagonal"])
-def test_components_partition_the_mask_like_a_flood_fill(case: str) -> None:
-    from service.preprocess import _components
+def test_specks_go_and_strokes_stay_whatever_their_direction() -> None:
+    from service.preprocess import _drop_specks
 
-    rng = np.random.default_rng(7)
-    mask = {
-        "random-sparse": rng.random((40, 57)) > 0.7,
-        "random-dense": rng.random((96, 96)) > 0.45,
-        "serpentine": _serpentine(96),
-        "empty": np.zeros((10, 12), dtype=bool),
-        "full": np.ones((9, 7), dtype=bool),
-        "diagonal": np.eye(30, dtype=bool) | np.eye(30, k=5, dtype=bool)[::-1],
-    }[case]
-    labels = _components(mask)
-    assert ((labels > 0) == mask).all()
-    got = [set(zip(*np.nonzero(labels == k), strict=True)) for k in np.unique(labels[labels > 0])]
-    expected = _components_by_flood_fill(mask)
-    assert sorted(map(sorted, got)) == sorted(map(sorted, expected))
-    if case == "serpentine":
-        assert len(got) == 1  # one path 2,400 pixels long is one component
+    ink = np.zeros((90, 90), dtype=np.float32)
+    ink[10:30, 10:30] = 1.0  # the digit's main stroke: mass 400 (with its edges, 412)
+    ink[9, 10:30] = ink[30, 10:30] = 0.3  # its soft edges, above the level the blobs are found at
+    ink[8, 10:30] = 0.04  # ... and fainter, under it: kept within 2 pixels of a kept blob
+    ink[60, 5] = 0.04  # faint ink far from any blob
+    diagonal = np.arange(45, 85)
+    ink[diagonal, diagonal] = 1.0  # 40 pixels joined only at their corners (8-connected)
+    ink[5:8, 70:73] = 1.0  # a speck: mass 9, under 5 % of the largest blob (20.6)
+    out = _drop_specks(ink.copy())
+    assert out[5:8, 70:73].max() == 0.0 and out[60, 5] == 0.0
+    np.testing.assert_array_equal(out[diagonal, diagonal], 1.0)  # one blob, not 40 specks of mass 1
+    np.testing.assert_array_equal(out[:45, :45], ink[:45, :45])  # the stroke, soft edges and all
+
+
+def _phone_jpeg(height: int, width: int, seed: int = 0) -> bytes:
+    digit = load_split("mnist", "test")[0][seed]
+    return render_photo(
+        digit, np.random.default_rng(seed), canvas=(height, width), scale=width / 80, noise=0.01
+    )
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch) -> None:
+    from PIL import JpegImagePlugin
+
+    data = encode(Image.open(io.BytesIO(_phone_jpeg(1600, 2200))).convert("RGB"), "JPEG", quality=80)
+    decoded_at = []
+    load = JpegImagePlugin.JpegImageFile.load
+
+    def spy(self: JpegImagePlugin.JpegImageFile) -> object:
+        decoded_at.append((self.size, self.mode))
+        return load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
+    small = decode_image(data, max_pixels=MAX_PIXELS, work_side=512)
+    # 1/4: the smallest of libjpeg's scales that keeps the long side at 384 (3/4 of 512) or more (1/8: 275).
+    assert small.size == (550, 400) and small.mode == "L"
+    assert decoded_at[0] == ((550, 400), "L")  # the full-size pixels never existed
+    decoded_at.clear()
+    assert decode_image(data, max_pixels=MAX_PIXELS).size == (2200, 1600)  # without work_side: as today
+    assert decoded_at[0] == ((2200, 1600), "RGB")
+
+    # Where even 1/2 would leave under 384 pixels a JPEG decodes at full size and in its own mode.
+    medium = encode(Image.open(io.BytesIO(data)).resize((767, 558)), "JPEG", quality=80)
+    assert decode_image(medium, max_pixels=MAX_PIXELS, work_side=512).size == (767, 558)
+    assert decode_image(medium, max_pixels=MAX_PIXELS, work_side=512).mode == "RGB"
+    assert decode_image(
+        encode(Image.open(io.BytesIO(medium)).resize((768, 558)), "JPEG"),
+        max_pixels=MAX_PIXELS,
+        work_side=512,
+    ).size == (384, 279)
+    # The header check still comes first: a bomb is refused before any scale is chosen.
+    with pytest.raises(PreprocessError) as err:
+        decode_image(with_jpeg_size(data, 60_000, 60_000), max_pixels=MAX_PIXELS, work_side=512)
+    assert err.value.status_code == 413
+
+
+def test_large_jpeg_at_reduced_scale_gives_the_digit_a_full_decode_gives() -> None:
+    data = _phone_jpeg(1600, 2200, seed=3)
+    full = to_mnist(decode_image(data, max_pixels=MAX_PIXELS))  # every pixel decoded, then averaged
+    reduced = preprocess_bytes(data, mode="mnist", max_pixels=MAX_PIXELS)
+    assert aligned_correlation(reduced, full) > 0.99
+    assert np.abs(reduced - full).mean() < 0.02
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_the_brightest_pixel_is_white_as_in_mnist(mnist: tuple[np.ndarray, np.ndarray], index: int) -> None:
+    """The 20x20 fit averages the area under each pixel (Pillow's Lanczos before overshot and was
+    clipped at 1); averaging dims stroke cores by a few per cent, so the fit is scaled to reach 1."""
+    images, _ = mnist
+    photo = render_photo(images[index], np.random.default_rng(index), scale=7.0)
+    out = preprocess_bytes(photo, mode="mnist", max_pixels=MAX_PIXELS)
+    assert out.max() == 1.0
+    assert (images[index] == 255).any()  # MNIST's own digit has a pixel at full white too
 
 
 def test_preprocess_none_refuses_a_wrong_size_from_the_header_without_decoding(monkeypatch) -> None:
