@@ -332,3 +332,8 @@ def test_curl_examples_run_against_the_service(tmp_path):
     assert [len(digits), len(digits[0]), len(digits[0][0])] == [2, 28, 28]
     answer = json.loads(outputs[next(c for _, c in cmds if "@my_digits.json" in c)])
     assert [q["class_index"] for q in answer["predictions"]] == [7, 3]
+    # v2: the answer printed under the infer command is the one the service gives
+    v2 = json.loads(outputs[next(c for _, c in cmds if "/v2/models/capsnet-mnist/infer" in c)])
+    printed = re.search(r'"data":\[([\d.]+),([\d.]+),', (ROOT / "docs" / "v2-protocol.md").read_text())
+    assert printed, "docs/v2-protocol.md lost its printed v2 answer"
+    assert v2["outputs"][0]["data"][:2] == pytest.approx([float(printed[1]), float(printed[2])], abs=1e-6)
