@@ -37,6 +37,8 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "command": f"{DIGIT28}\n"
         "python -m bench.gpu --accuracy --http --http-bodies digit28.png examples/7.png "
         "--output bench/results/gpu-h200.json",
+        "note": "`digit28.png` is a 28×28 MNIST test digit as a PNG; the first line writes the test set's first "
+        "digit, which digit the stored run used is not recorded.",
     },
     "load-2core-300s.json": {
         "measured": "2026-11-27",
@@ -70,6 +72,8 @@ def _provenance(name: str, data: dict[str, Any], versions: str) -> list[str]:
     ]
     if "command" in p:
         lines += ["", "```bash", p["command"], "```"]
+    if "note" in p:
+        lines += ["", p["note"]]
     return lines
 
 
@@ -228,7 +232,45 @@ def gpu(name: str, d: dict[str, Any]) -> list[str]:
             "",
         ]
         out += [*_table(header, rows), ""]
+    out += _gpu_reading(d)
     return out
+
+
+def _best(rows: list[dict[str, Any]], key: str = "requests_per_s") -> float:
+    return max(r[key] for r in rows)
+
+
+def _gpu_reading(d: dict[str, Any]) -> list[str]:
+    """What the GPU tables say, as ratios computed from them."""
+    c = {k: {r["batch"]: r for r in v} for k, v in d["cases"].items()}
+    out = ["What these say:", ""]
+    if {"ort_fp32", "ort_fp16_cuda_graph"} <= set(c) and 1 in c["ort_fp32"]:
+        b1 = c["ort_fp32"][1]["p50_ms"] / c["ort_fp16_cuda_graph"][1]["p50_ms"]
+        out.append(
+            f"- At B = 1 the GPU waits on kernel launches: a CUDA graph replays the whole unrolled routing as one "
+            f"launch, {_f(c['ort_fp16_cuda_graph'][1]['p50_ms'], 2)} ms in fp16, {b1:.1f}× faster than the plain "
+            "fp32 session. CUDA graphs are measured here but not used by the service."
+        )
+    big = max(c.get("ort_fp32", {}) or [0])
+    if big and "ort_fp16" in c and big in c["ort_fp16"]:
+        gain = c["ort_fp16"][big]["images_per_s"] / c["ort_fp32"][big]["images_per_s"]
+        out.append(
+            f"- At B = {big} the fp16 variant gives {gain:.2f}× the fp32 throughput of onnxruntime "
+            "(`CAPSNET_PRECISION=fp16`)."
+        )
+    if "http" in d:
+        rows = [r for r in d["http"] if r["body"] == d["http"][0]["body"]]
+        one = _best([r for r in rows if r["workers"] == 1])
+        many = [r for r in rows if r["workers"] > 1]
+        if many:
+            gpu_best = max(r["images_per_s"] for v in d["cases"].values() for r in v)
+            out.append(
+                f"- The service is CPU-bound, not GPU-bound: one worker answers at most {_i(one)} requests/s "
+                f"while the GPU classifies up to {_i(gpu_best)} images/s; {many[0]['workers']} workers answer "
+                f"{_i(_best(many))} ({_best(many) / one:.1f}×). On a GPU host set `CAPSNET_WORKERS` to the "
+                "cores you can give it; every worker holds its own CUDA session."
+            )
+    return [*out, ""] if len(out) > 2 else []
 
 
 def load(name: str, d: dict[str, Any]) -> list[str]:
