@@ -337,3 +337,20 @@ def test_curl_examples_run_against_the_service(tmp_path):
     printed = re.search(r'"data":\[([\d.]+),([\d.]+),', (ROOT / "docs" / "v2-protocol.md").read_text())
     assert printed, "docs/v2-protocol.md lost its printed v2 answer"
     assert v2["outputs"][0]["data"][:2] == pytest.approx([float(printed[1]), float(printed[2])], abs=1e-6)
+
+
+def test_capsnet_predict_row_is_what_the_command_prints():
+    """docs/cli.md prints the JSON row of `capsnet predict` for examples/7.png: it is the command's."""
+    printed = next(
+        json.loads(line)
+        for line in (ROOT / "docs" / "cli.md").read_text().splitlines()
+        if line.startswith('{"file":"examples/7.png"')
+    )
+    r = subprocess.run([sys.executable, "-m", "capsnet", "predict", "examples/7.png"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[0])
+    assert {k: got[k] for k in ("file", "class_index", "label")} == {
+        k: printed[k] for k in ("file", "class_index", "label")
+    }
+    assert got["probabilities"] == pytest.approx(printed["probabilities"], abs=1e-6)
