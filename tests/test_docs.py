@@ -354,3 +354,12 @@ def test_capsnet_predict_row_is_what_the_command_prints():
         k: printed[k] for k in ("file", "class_index", "label")
     }
     assert got["probabilities"] == pytest.approx(printed["probabilities"], abs=1e-6)
+
+
+def test_every_metric_named_exists():
+    source = (ROOT / "service" / "metrics.py").read_text()
+    not_metrics = {"capsnet_models", "capsnet_service"}  # the wheel's data package and its file name
+    named = {m for text in TEXT.values() for c in code(text) for m in re.findall(r"\bcapsnet_[a-z_]+", c)}
+    named -= not_metrics
+    assert len(named) >= 8
+    assert sorted(m for m in named if f'"{m}"' not in source) == []
