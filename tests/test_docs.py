@@ -298,6 +298,9 @@ def printed_answer() -> dict[str, Any]:
         "class_index": int(re.search(r'"class_index": (\d+)', block)[1]),  # type: ignore[index]
         "probability": float(re.search(r'"probability": ([\d.]+)', block)[1]),  # type: ignore[index]
         "probabilities": json.loads(re.search(r'"probabilities": (\[[^\]]*\])', block)[1]),  # type: ignore[index]
+        "pose7": json.loads(
+            re.search(r"\.\.\., (\[-?[\d.]+, -?[\d.]+, -?[\d.]+, -?[\d.]+),", block)[1] + "]"
+        ),  # type: ignore[index]
     }
 
 
@@ -324,6 +327,7 @@ def test_curl_examples_run_against_the_service(tmp_path):
     assert got["model"] == {"name": "capsnet-mnist", "version": want["version"]}
     assert p["class_index"] == want["class_index"] and round(p["probability"], 3) == want["probability"]
     assert [round(x, 3) for x in p["probabilities"]] == want["probabilities"]
+    assert [round(x, 3) for x in p["poses"][7][:4]] == want["pose7"]
     # the files the examples write are what they say
     for png in ("reconstruction.png", "perturb.png", "routing.png", "edited.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
