@@ -1,4 +1,5 @@
-# Two commands for a fresh machine: `make serve` and `make test`. Everything else a user needs is here too.
+# `make serve` serves the shipped model (serving dependencies only). `make test` is the contributor's command:
+# it installs torch and the test tools, Debian packages when root, the datasets, and runs every test (README.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test install install-dev system-deps data lint format typecheck train export examples clean image image-cpu test-container bench screenshot dist check-wheel
+.PHONY: serve test install install-dev system-deps data lint format typecheck train export examples clean image image-cpu test-container bench screenshot dist check-wheel docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +17,8 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# training/export + test tools (torch pinned to the CPU build in pyproject.toml)
+# training/export + test tools; torch==2.13.0 comes from pip's index (PyPI alone: the CUDA build; for the CPU
+# wheels set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu in the environment)
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[train,dev]'
 	touch $@ $(VENV)/.serve-installed
@@ -93,3 +95,8 @@ bench: $(VENV)/.dev-installed system-deps
 # The README's picture of the web page, taken by its browser test (headless Chromium from system-deps)
 screenshot: $(VENV)/.dev-installed system-deps
 	CAPSNET_SCREENSHOT=docs/web-page.png $(BIN)/python -m pytest tests/service/test_web_page.py
+
+# docs/performance.md from bench/results/*.json, then the test that README.md and docs/ match the code
+docs: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.report
+	$(BIN)/python -m pytest tests/test_docs.py

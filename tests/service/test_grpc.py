@@ -557,13 +557,13 @@ def test_grpc_off_with_port_zero(tiny_model_dir):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-# -- the README's examples, as printed --------------------------------------------------------------
+# -- the docs' examples, as printed ------------------------------------------------------------------
 
 
 def readme_blocks() -> dict[str, str]:
-    """The python and bash blocks of the README's gRPC section."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Over gRPC (port 8001)", 1)[1].split("\n### ", 1)[0]
+    """The python and bash blocks of the gRPC section of docs/v2-protocol.md."""
+    text = (ROOT / "docs" / "v2-protocol.md").read_text()
+    section = text.split("## Over gRPC (port 8001)", 1)[1].split("\n## ", 1)[0]
     return dict(re.findall(r"```(python|bash)\n(.*?)```", section, re.S))
 
 

@@ -25,7 +25,7 @@ from tests.live import ready_client
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in {".png", ".jpg"})
-README = (ROOT / "README.md").read_text()
+API_DOC = (ROOT / "docs" / "api.md").read_text()  # its routing figures for examples/7.png
 TYPES, GRID = 32, 6
 # The service and the reference run the same ONNX file on the same input at batch 1; what differs is
 # float32 against float64 arithmetic in the summaries, about 1e-7 relative: checks.assert_right_not_wrong's
@@ -58,7 +58,7 @@ def reference(session, path: Path) -> dict[str, np.ndarray]:
 
 
 def summary(c: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """Per iteration [class_mass (J), mean_entropy, weighted_entropy], float64, from the README's
+    """Per iteration [class_mass (J), mean_entropy, weighted_entropy], float64, from docs/api.md's
     definitions: mass_j = Σ_i a_i c_ij / Σ_i a_i; H_i = -Σ_j c_ij ln c_ij, its mean and a-weighted mean."""
     c, a = c.astype(np.float64), a.astype(np.float64)
     w = a / a.sum()
@@ -187,16 +187,16 @@ def test_aggregates_average_the_right_axis(client, traces, name):
 
 
 def test_readme_figures_for_example_7_are_what_the_service_answers(traces):
-    """README, "What you will see with the shipped model": the numbers are parsed from it and recomputed."""
+    """docs/api.md, "What you will see with the shipped model": its numbers, parsed and recomputed."""
     t, _ = traces["7.png"]
-    text = " ".join(README.split())
+    text = " ".join(API_DOC.split())
     m = re.search(
         r"spreads from ([\d.]+) \(iteration 1\) to between ([\d.]+) and ([\d.]+) \(iteration 3\) .*?"
         r"mass sent to class 7 only goes ([\d.]+) → ([\d.]+) → ([\d.]+) and the mean entropy "
         r"([\d.]+) → ([\d.]+) → ([\d.]+) nats",
         text,
     )
-    assert m, "the README lost its routing figures for examples/7.png"
+    assert m, "docs/api.md lost its routing figures for examples/7.png"
     uniform, low, high, *rest = m.groups()
     masses, entropies = rest[:3], rest[3:]
     c7 = np.array(t["coupling"])[:, :, 7]  # (3, 1152): every capsule's coupling to class 7

@@ -1,0 +1,391 @@
+"""docs/performance.md from bench/results/*.json: `python -m bench.report` writes it, `--check` compares.
+
+Every figure on that page comes from a results file; tests/test_docs.py fails when the page is not what
+this writes, so a new or changed JSON without a regenerated page does not pass. Where a results file
+does not say when, where and how it was measured, PROVENANCE does (newer runs may carry `measured`,
+`machine_text` and `command` keys themselves, which win). A results file without a renderer below still
+gets a section: its scalar figures as a table, until someone writes a renderer for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PAGE = ROOT / "docs" / "performance.md"
+
+DIGIT28 = (
+    'python -c "from PIL import Image; from model_export.data import load_split; '
+    "Image.fromarray(load_split('mnist', 'test')[0][0]).save('digit28.png')\""
+)
+
+PROVENANCE: dict[str, dict[str, str]] = {
+    "cpu-2core.json": {
+        "measured": "2026-11-27",
+        "machine_text": "a 2-core AMD EPYC (Zen 4) VM, no GPU, nothing else running",
+        "command": "capsnet bench --output bench/results/cpu-2core.json",
+    },
+    "gpu-h200.json": {
+        "measured": "2026-11-27",
+        "machine_text": "one NVIDIA H200 (driver 580.159.04) with 16 CPU cores",
+        "command": f"{DIGIT28}\n"
+        "python -m bench.gpu --accuracy --http --http-bodies digit28.png examples/7.png "
+        "--output bench/results/gpu-h200.json",
+        "note": "`digit28.png` is a 28×28 MNIST test digit as a PNG; the first line writes the test set's first "
+        "digit, which digit the stored run used is not recorded.",
+    },
+    "load-2core-300s.json": {
+        "measured": "2026-11-27",
+        "machine_text": "a 2-core AMD EPYC (Zen 4) VM, no GPU, nothing else running",
+        "command": "capsnet load --seconds 300 --output bench/results/load-2core-300s.json",
+    },
+}
+
+
+def _f(x: float, digits: int = 1) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def _i(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _provenance(name: str, data: dict[str, Any], versions: str) -> list[str]:
+    p = {
+        **PROVENANCE.get(name, {}),
+        **{k: data[k] for k in ("measured", "machine_text", "command") if k in data},
+    }
+    lines = [
+        f"How it was measured: {p.get('measured', 'date not recorded')}, on "
+        f"{p.get('machine_text', 'a machine not recorded')}{versions}; results in `bench/results/{name}`."
+    ]
+    if "command" in p:
+        lines += ["", "```bash", p["command"], "```"]
+    if "note" in p:
+        lines += ["", p["note"]]
+    return lines
+
+
+def cpu(name: str, d: dict[str, Any]) -> list[str]:
+    m = d["machine"]
+    out = ["## CPU: raw inference, the service, the baseline", ""]
+    out += _provenance(
+        name, d, f" (Python {m['python']}, onnxruntime {m['onnxruntime']}, torch {m['torch']})"
+    )
+    out += [
+        "",
+        "One run of `capsnet bench` measures PyTorch eager against onnxruntime; a conv-only ceiling (Conv1 +",
+        "PrimaryCaps alone as an ONNX graph: the work no routing code can avoid); the service over HTTP with",
+        "the batcher on (`CAPSNET_MAX_BATCH_SIZE=64`, `CAPSNET_MAX_WAIT_MS=2`) and off (batch size 1), loaded",
+        "by `wrk` POSTing a 28×28 MNIST PNG with `?preprocess=none`; and the endpoint users would otherwise",
+        "write, a plain FastAPI endpoint running the PyTorch CapsNet per request (`bench/baseline_app.py`).",
+        "The machine is shared: repeated runs moved single figures by up to ±30 %.",
+        "",
+    ]
+    names = {
+        "onnxruntime": "onnxruntime (CPU EP)",
+        "conv_only_ceiling": "conv-only ceiling (Conv1 + PrimaryCaps in ORT)",
+        "pytorch_eager": "PyTorch eager",
+    }
+    rows = [
+        [names.get(k, k), str(r["batch"]), _f(r["p50_ms"]), _i(r["images_per_s"])]
+        for k, cases in d["raw"].items()
+        for r in cases
+    ]
+    out += [*_table(["raw inference (no HTTP)", "B", "p50 ms", "images/s"], rows), ""]
+    rows = [
+        [
+            r["case"],
+            str(r["connections"]),
+            _i(r["requests_per_s"]),
+            _f(r["p50_ms"]),
+            _f(r["p99_ms"]),
+            _f(r["server_cpu_cores"], 2),
+            _i(r["server_rss_mb"]),
+        ]
+        for r in d["http"]
+    ]
+    header = [
+        "HTTP `POST /predict`",
+        "concurrency",
+        "requests/s",
+        "p50 ms",
+        "p99 ms",
+        "server CPU (cores)",
+        "RSS MB",
+    ]
+    out += [*_table(header, rows), ""]
+    if "ratios" in d:
+        out += ["| ratio | target | measured | met |", "|---|---|---|---|"]
+        out += [
+            f"| `{k}` | {r['target']} | {_f(r['value'], 2)} | {'yes' if r['met'] else 'no'} |"
+            for k, r in d["ratios"].items()
+        ]
+        out += ["", "What each ratio is made of, from figures of the same run:", ""]
+        out += [f"- `{k}`: {r['why']}" for k, r in d["ratios"].items()]
+        out += [""]
+    if "profile" in d:
+        prof = d["profile"]
+        ops = ", ".join(f"{op} {v:.1%}" for op, v in list(prof["by_op"].items())[:6])
+        out += [
+            f"Where onnxruntime's kernel time goes at B = {prof['batch']} (`python -m bench.profile --batch "
+            f"{prof['batch']}`, {prof['runs']} runs, {_f(prof['kernel_ms_per_run'])} ms per run): {ops}.",
+            "",
+        ]
+    return out
+
+
+GPU_CASES = {
+    "pytorch_eager": "PyTorch eager, fp32",
+    "pytorch_eager_fp16": "PyTorch eager, fp16",
+    "ort_fp32": "onnxruntime CUDA, fp32",
+    "ort_fp32_iobinding": "onnxruntime CUDA, fp32, IOBinding",
+    "ort_fp32_cuda_graph": "onnxruntime CUDA, fp32, CUDA graph",
+    "ort_fp16": "onnxruntime CUDA, fp16 variant",
+    "ort_fp16_iobinding": "onnxruntime CUDA, fp16 variant, IOBinding",
+    "ort_fp16_cuda_graph": "onnxruntime CUDA, fp16 variant, CUDA graph",
+}
+
+
+def gpu(name: str, d: dict[str, Any]) -> list[str]:
+    m = d["machine"]
+    out = [f"## GPU: {m['device']}", ""]
+    out += _provenance(
+        name, d, f" (Python {m['python']}, torch {m['torch']}, onnxruntime-gpu {m['onnxruntime']})"
+    )
+    out += [
+        "",
+        "`bench.gpu` measures PyTorch eager against onnxruntime's CUDA provider plainly (numpy in and out),",
+        "with IOBinding and with CUDA graphs (one session per fixed batch size), each in fp32 and in the fp16",
+        "variant (`model_export/fp16.py`); every case copies the input from host memory and the two outputs",
+        "`/predict` needs back to it.",
+        "",
+    ]
+    batches = sorted({r["batch"] for cases in d["cases"].values() for r in cases})
+    rows = []
+    for key, label in GPU_CASES.items():
+        if key not in d["cases"]:
+            continue
+        by_batch = {r["batch"]: r for r in d["cases"][key]}
+        rows.append(
+            [label]
+            + [
+                f"{_f(by_batch[b]['p50_ms'], 2)} ({_i(by_batch[b]['images_per_s'])})"
+                if b in by_batch
+                else "–"
+                for b in batches
+            ]
+        )
+    out += [*_table(["raw inference, p50 ms (images/s)"] + [f"B = {b}" for b in batches], rows), ""]
+    if "accuracy" in d:
+        a = d["accuracy"]
+        diff = a["fp16_max_abs_diff"]["probabilities"]
+        out += [
+            f"Test accuracy through onnxruntime CUDA on {_i(a['images'])} MNIST test images: "
+            f"{a['ort_fp32']:.2%} in fp32, {a['ort_fp16']:.2%} in fp16 (largest difference of a capsule "
+            f"length between the two: {diff:.1e}).",
+            "",
+        ]
+    if "http" in d:
+        bodies = {"digit28.png": "28×28 PNG", "7.png": "227×224 scan (`examples/7.png`)"}
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in d["http"]:
+            groups.setdefault((r["body"], r["case"]), []).append(r)
+        rows = []
+        for (body, case), rs in groups.items():
+            workers = rs[0]["workers"]
+            what = f"{bodies.get(body, body)}, {workers} worker{'s' if workers > 1 else ''}, " + (
+                "batcher off" if "off" in case else "batcher on"
+            )
+            rows.append(
+                [
+                    what,
+                    " / ".join(str(r["concurrency"]) for r in rs),
+                    " / ".join(_i(r["requests_per_s"]) for r in rs),
+                    " / ".join(_f(r["p50_ms"]) for r in rs),
+                    " / ".join(_f(r["p99_ms"]) for r in rs),
+                    str(sum(r["non_200"] for r in rs)),
+                ]
+            )
+        header = [
+            "the service on that machine, `POST /predict`",
+            "concurrency",
+            "requests/s",
+            "p50 ms",
+            "p99 ms",
+            "non-200",
+        ]
+        out += [
+            "The service on the same machine (`capsnet serve`, loaded by the asyncio client of `bench/load.py`,",
+            "5 s per row after 1 s of warm-up):",
+            "",
+        ]
+        out += [*_table(header, rows), ""]
+    out += _gpu_reading(d)
+    return out
+
+
+def _best(rows: list[dict[str, Any]], key: str = "requests_per_s") -> float:
+    return max(r[key] for r in rows)
+
+
+def _gpu_reading(d: dict[str, Any]) -> list[str]:
+    """What the GPU tables say, as ratios computed from them."""
+    c = {k: {r["batch"]: r for r in v} for k, v in d["cases"].items()}
+    out = ["What these say:", ""]
+    if {"ort_fp32", "ort_fp16_cuda_graph"} <= set(c) and 1 in c["ort_fp32"]:
+        b1 = c["ort_fp32"][1]["p50_ms"] / c["ort_fp16_cuda_graph"][1]["p50_ms"]
+        out.append(
+            f"- At B = 1 the GPU waits on kernel launches: a CUDA graph replays the whole unrolled routing as one "
+            f"launch, {_f(c['ort_fp16_cuda_graph'][1]['p50_ms'], 2)} ms in fp16, {b1:.1f}× faster than the plain "
+            "fp32 session. CUDA graphs are measured here but not used by the service."
+        )
+    big = max(c.get("ort_fp32", {}) or [0])
+    if big and "ort_fp16" in c and big in c["ort_fp16"]:
+        gain = c["ort_fp16"][big]["images_per_s"] / c["ort_fp32"][big]["images_per_s"]
+        out.append(
+            f"- At B = {big} the fp16 variant gives {gain:.2f}× the fp32 throughput of onnxruntime "
+            "(`CAPSNET_PRECISION=fp16`)."
+        )
+    if "http" in d:
+        rows = [r for r in d["http"] if r["body"] == d["http"][0]["body"]]
+        one = _best([r for r in rows if r["workers"] == 1])
+        many = [r for r in rows if r["workers"] > 1]
+        if many:
+            gpu_best = max(r["images_per_s"] for v in d["cases"].values() for r in v)
+            out.append(
+                f"- The service is CPU-bound, not GPU-bound: one worker answers at most {_i(one)} requests/s "
+                f"while the GPU classifies up to {_i(gpu_best)} images/s; {many[0]['workers']} workers answer "
+                f"{_i(_best(many))} ({_best(many) / one:.1f}×). On a GPU host set `CAPSNET_WORKERS` to the "
+                "cores you can give it; every worker holds its own CUDA session."
+            )
+    return [*out, ""] if len(out) > 2 else []
+
+
+def load(name: str, d: dict[str, Any]) -> list[str]:
+    out = ["## Load, overload and shutdown (2 cores)", ""]
+    out += _provenance(name, d, "")
+    out += [
+        "",
+        "The body is `examples/7.png`, a 227×224 scan, so every request pays the full photo preprocessing.",
+        "What the scenarios are is in [reliability.md](reliability.md).",
+        "",
+    ]
+    s, o, g = d["sustained_load"], d["overload"], d["graceful_shutdown"]
+    ok, no = o["flood"]["status"]["200"], o["flood"]["status"]["503"]
+    rec = o["recovery"]["status"].get("200", {"count": 0, "p99_ms": 0.0})
+    before = g["before_sigterm"]["status"]
+    rows = [
+        [
+            f"sustained load, wrk, concurrency {s['concurrency']}, {s['seconds']:.0f} s",
+            f"{_f(s['requests_per_s'])} req/s, p50 {_i(s['p50_ms'])} ms, p99 {_i(s['p99_ms'])} ms, "
+            f"{s['non_2xx']} non-2xx, {s['socket_errors'] or 'no'} socket errors; RSS {_f(s['rss_after_warmup_mb'])} MB "
+            f"after warm-up, at most {_f(s['rss_max_mb'])} MB ({s['rss_growth']:+.1%}), {_f(s['rss_end_mb'])} MB at the end",
+        ],
+        [
+            f"overload, `CAPSNET_QUEUE_SIZE={o['queue_size']}`, `CAPSNET_MAX_IN_FLIGHT={o['max_in_flight']}`: "
+            f"capacity {_f(o['capacity_req_per_s'])} req/s, offered {_f(o['offered_req_per_s'])} req/s open-loop "
+            f"for {o['seconds']:.0f} s",
+            f"{_i(ok['count'])} × 200 (p50 {_i(ok['p50_ms'])} ms, p99 {_i(ok['p99_ms'])} ms), {_i(no['count'])} × 503, "
+            f"{_i(o['rejected_with_retry_after'])} of them with `Retry-After` (p50 {_i(no['p50_ms'])} ms, p99 "
+            f"{_i(no['p99_ms'])} ms); right after, {rec['count']} of {o['recovery']['requests']} requests 200 "
+            f"(p99 {_i(rec['p99_ms'])} ms)",
+        ],
+        [
+            f"SIGTERM during load, {g['in_flight_at_sigterm']} requests in flight",
+            f"{g['in_flight_answered_200']} of {g['in_flight_at_sigterm']} answered 200 "
+            f"({sum(v['count'] for v in before.values())} requests before the signal); of "
+            f"{g['after_sigterm_0_25_s']['requests']} tries from 0.25 s after it on, "
+            f"{g['after_sigterm_0_25_s']['status'].get('0', {'count': 0})['count']} got no answer (connection "
+            "closed or refused before any byte); a new connection 0.5 s later "
+            f"{'accepted' if g['new_connection_accepted_after_0_5_s'] else 'refused'}; exit "
+            f"{_f(g['exit_after_sigterm_s'], 2)} s after the signal, clean shutdown "
+            f"{'logged' if g['clean_shutdown_logged'] else 'not logged'}",
+        ],
+    ]
+    return out + _table(["scenario", "figures"], rows) + [""]
+
+
+def _scalars(x: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _scalars(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _scalars(v, f"{prefix}[{i}]")
+    elif isinstance(x, (int, float, str, bool)) or x is None:
+        yield prefix, x
+
+
+def generic(name: str, d: dict[str, Any]) -> list[str]:
+    out = [f"## `{name}`", "", *_provenance(name, d, ""), ""]
+    rows = [[f"`{k}`", f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in _scalars(d)]
+    return out + _table(["figure", "value"], rows) + [""]
+
+
+RENDERERS: dict[str, Callable[[str, dict[str, Any]], list[str]]] = {
+    "cpu-2core.json": cpu,
+    "gpu-h200.json": gpu,
+    "load-2core-300s.json": load,
+}
+
+# Which precision where. The rows say what the results files above show; a new precision adds its row.
+PRECISION = [
+    "## Which precision where",
+    "",
+    "<!-- precision table: one row per CAPSNET_PRECISION value, from the results above -->",
+    "| `CAPSNET_PRECISION` | file | where | why |",
+    "|---|---|---|---|",
+    "| `fp32` (default) | `capsnet.onnx` | CPU, and GPU when in doubt | the shipped file; the reference accuracy |",
+    "| `fp16` | `capsnet-fp16.onnx` (`capsnet fp16 MODEL_DIR`) | GPU | faster on the H200 at every batch size "
+    "above, the same test accuracy; the CPU gains nothing from it |",
+    "<!-- end precision table -->",
+    "",
+]
+
+
+def render(results: Path = RESULTS) -> str:
+    lines = [
+        "# Performance",
+        "",
+        "<!-- Generated by `python -m bench.report` from bench/results/*.json; do not edit by hand. -->",
+        "Every figure on this page is read from a results file in `bench/results/` by `bench/report.py`;",
+        "each section says when, on what machine and with which command it was measured. Figures from",
+        "different machines or runs are not comparable with each other.",
+        "",
+    ]
+    for path in sorted(results.glob("*.json")):
+        data = json.loads(path.read_text())
+        lines += RENDERERS.get(path.name, generic)(path.name, data)
+    lines += PRECISION
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output", type=Path, default=PAGE)
+    p.add_argument("--check", action="store_true", help="exit 1 when the page differs instead of writing it")
+    args = p.parse_args(argv)
+    text = render()
+    if args.check:
+        same = args.output.exists() and args.output.read_text() == text
+        if not same:
+            print(f"{args.output} is not what `python -m bench.report` writes; run it", file=sys.stderr)
+        return 0 if same else 1
+    args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
