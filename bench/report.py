@@ -25,11 +25,27 @@ DIGIT28 = (
     "Image.fromarray(load_split('mnist', 'test')[0][0]).save('digit28.png')\""
 )
 
+QUIET_VM = "a 2-core AMD EPYC (Zen 4, AVX-512 VNNI, no AMX) VM, no GPU, nothing else running"
+
 PROVENANCE: dict[str, dict[str, str]] = {
     "cpu-2core.json": {
-        "measured": "2026-11-27",
-        "machine_text": "a 2-core AMD EPYC (Zen 4) VM, no GPU, nothing else running",
+        "measured": "2026-12-01",
+        "machine_text": QUIET_VM,
         "command": "capsnet bench --output bench/results/cpu-2core.json",
+    },
+    "cpu-2core-before-hotpath.json": {
+        "measured": "2026-12-01, just before `cpu-2core.json`",
+        "machine_text": QUIET_VM,
+        "command": "git worktree add ../before 331dcf8 && git show d4ff82e:bench/bench.py > ../before/bench/bench.py\n"
+        "cd ../before && capsnet bench --output bench/results/cpu-2core-before-hotpath.json",
+        "note": "The service as it was before its request path was rebuilt (git 331dcf8: FastAPI routing and "
+        "dependencies on every request, an executor future per batch, onnxruntime's threads spinning), "
+        "measured by the same benchmark script as `cpu-2core.json`.",
+    },
+    "preprocess-2core.json": {
+        "measured": "2026-12-01",
+        "machine_text": "a 2-core AMD EPYC (Zen 4) VM shared with other jobs (load average in the JSON)",
+        "command": "python -m bench.preprocess --output bench/results/preprocess-2core.json",
     },
     "gpu-h200.json": {
         "measured": "2026-11-27",
@@ -77,9 +93,15 @@ def _provenance(name: str, data: dict[str, Any], versions: str) -> list[str]:
     return lines
 
 
+CPU_TITLES = {
+    "cpu-2core.json": "CPU: raw inference, the service, the baseline",
+    "cpu-2core-before-hotpath.json": "CPU, the service before its request path was rebuilt",
+}
+
+
 def cpu(name: str, d: dict[str, Any]) -> list[str]:
     m = d["machine"]
-    out = ["## CPU: raw inference, the service, the baseline", ""]
+    out = [f"## {CPU_TITLES.get(name, f'CPU: `{name}`')}", ""]
     out += _provenance(
         name, d, f" (Python {m['python']}, onnxruntime {m['onnxruntime']}, torch {m['torch']})"
     )
@@ -90,7 +112,7 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         "the batcher on (`CAPSNET_MAX_BATCH_SIZE=64`, `CAPSNET_MAX_WAIT_MS=2`) and off (batch size 1), loaded",
         "by `wrk` POSTing a 28×28 MNIST PNG with `?preprocess=none`; and the endpoint users would otherwise",
         "write, a plain FastAPI endpoint running the PyTorch CapsNet per request (`bench/baseline_app.py`).",
-        "The machine is shared: repeated runs moved single figures by up to ±30 %.",
+        "On this VM repeated runs move single figures by up to ±30 %: compare within one run.",
         "",
     ]
     names = {
@@ -98,12 +120,15 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         "conv_only_ceiling": "conv-only ceiling (Conv1 + PrimaryCaps in ORT)",
         "pytorch_eager": "PyTorch eager",
     }
+    names["onnxruntime_int8"] = "onnxruntime (CPU EP), `capsnet-int8.onnx`"
     rows = [
-        [names.get(k, k), str(r["batch"]), _f(r["p50_ms"]), _i(r["images_per_s"])]
+        [names.get(k, k), str(r["batch"]), _f(r["p50_ms"]), _i(r["images_per_s"]),
+         _f(r["core_ms_per_image"], 2) if "core_ms_per_image" in r else "—"]
         for k, cases in d["raw"].items()
         for r in cases
-    ]
-    out += [*_table(["raw inference (no HTTP)", "B", "p50 ms", "images/s"], rows), ""]
+    ]  # fmt: skip
+    header = ["raw inference (no HTTP)", "B", "p50 ms", "images/s", "core ms per image"]
+    out += [*_table(header, rows), ""]
     rows = [
         [
             r["case"],
@@ -112,6 +137,8 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
             _f(r["p50_ms"]),
             _f(r["p99_ms"]),
             _f(r["server_cpu_cores"], 2),
+            _f(r["server_core_ms_per_request"], 2) if "server_core_ms_per_request" in r else "—",
+            _f(r["event_loop_core_ms_per_request"], 2) if "event_loop_core_ms_per_request" in r else "—",
             _i(r["server_rss_mb"]),
         ]
         for r in d["http"]
@@ -123,9 +150,18 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         "p50 ms",
         "p99 ms",
         "server CPU (cores)",
+        "core ms per request",
+        "of it, the event loop's",
         "RSS MB",
     ]
     out += [*_table(header, rows), ""]
+    if "grpc" in d:
+        g = d["grpc"]
+        header = ["gRPC `ModelInfer` (tritonclient.grpc)", "B", "streams", "images/s", "p50 ms",
+                  "onnxruntime B = 64, images/s"]  # fmt: skip
+        row = ["raw tensors", str(g["batch"]), str(g["streams"]), _i(g["images_per_s"]), _f(g["p50_ms"]),
+               _i(g["onnxruntime_b64"]["images_per_s"])]  # fmt: skip
+        out += [*_table(header, [row]), ""]
     if "ratios" in d:
         out += ["| ratio | target | measured | met |", "|---|---|---|---|"]
         out += [
@@ -334,10 +370,56 @@ def generic(name: str, d: dict[str, Any]) -> list[str]:
     return out + _table(["figure", "value"], rows) + [""]
 
 
+def preprocess(name: str, d: dict[str, Any]) -> list[str]:
+    out = [
+        "## Photo preprocessing (`preprocess_bytes`), before and after OpenCV",
+        "",
+        *_provenance(name, d, ""),
+        "",
+    ]
+    out += [
+        f"Median per image; before = git {d['baseline']} (Pillow and numpy), after = Pillow for decoding, "
+        "OpenCV for the image analysis; both in one run, in turns.",
+        "",
+    ]
+    targets = d.get("targets", {})
+    rows = [
+        [c["what"], _f(c["before_ms"], 3), _f(c["after_ms"], 3), f"{c['speedup']:.1f}×",
+         str(targets.get(key, {}).get("target", "—"))]
+        for key, c in d["cases"].items()
+    ]  # fmt: skip
+    return out + _table(["image", "before ms", "after ms", "speed-up", "target"], rows) + [""]
+
+
+def before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The request path before and after, from two runs of one benchmark script on one machine."""
+
+    def row(d: dict[str, Any], c: int) -> dict[str, Any]:
+        return next(h for h in d["http"] if h["case"] == "service, batcher on" and h["connections"] == c)
+
+    figures = [
+        ("requests/s at concurrency 32", lambda d: _i(row(d, 32)["requests_per_s"])),
+        ("of raw onnxruntime at its best batch", lambda d: _f(d["ratios"]["service_c32_vs_ort_best"]["value"], 3)),
+        ("server core ms per request beyond onnxruntime's per image (`overhead_ms_per_request`)",
+         lambda d: _f(d["ratios"]["overhead_ms_per_request"]["value"], 2)),
+        ("the event loop's core ms per request at concurrency 32",
+         lambda d: _f(row(d, 32)["event_loop_core_ms_per_request"], 2)),
+        ("p50 at concurrency 1, ms", lambda d: _f(row(d, 1)["p50_ms"], 2)),
+        ("p50 at concurrency 1 minus onnxruntime B = 1, ms",
+         lambda d: _f(d["ratios"]["service_c1_p50_minus_ort_b1_ms"]["value"], 2)),
+    ]  # fmt: skip
+    out = ["## The request path, before and after", "",
+           "`cpu-2core-before-hotpath.json` and `cpu-2core.json` side by side (same machine, same benchmark "
+           "script, one run after the other; 28×28 PNG, `?preprocess=none`):", ""]  # fmt: skip
+    return out + _table(["figure", "before", "after"], [[n, f(before), f(after)] for n, f in figures]) + [""]
+
+
 RENDERERS: dict[str, Callable[[str, dict[str, Any]], list[str]]] = {
     "cpu-2core.json": cpu,
+    "cpu-2core-before-hotpath.json": cpu,
     "gpu-h200.json": gpu,
     "load-2core-300s.json": load,
+    "preprocess-2core.json": preprocess,
 }
 
 # Which precision where. The rows say what the results files above show; a new precision adds its row.
@@ -350,9 +432,19 @@ PRECISION = [
     "| `fp32` (default) | `capsnet.onnx` | CPU, and GPU when in doubt | the shipped file; the reference accuracy |",
     "| `fp16` | `capsnet-fp16.onnx` (`capsnet fp16 MODEL_DIR`) | GPU | faster on the H200 at every batch size "
     "above, the same test accuracy; the CPU gains nothing from it |",
-    "<!-- end precision table -->",
-    "",
 ]
+
+
+def int8_row(cpu_run: dict[str, Any], card: dict[str, Any]) -> str:
+    r = cpu_run["ratios"]
+    q = card["int8"]
+    return (
+        "| `int8` | `capsnet-int8.onnx` (shipped; `capsnet quantize MODEL_DIR`) | CPU-only hosts with AVX-512 VNNI "
+        f"or AVX-VNNI | {_f(r['int8_best_vs_fp32_best']['value'], 2)}× raw fp32's images/s at the best batch and "
+        f"{_f(r['service_int8_c32_vs_baseline_c32']['value'], 1)}× the PyTorch baseline through the service "
+        f"(`cpu-2core.json`); {q['test_accuracy']:.2%} test accuracy against fp32's {q['fp32_test_accuracy']:.2%} "
+        "(model card); calibrate on the kind of CPU you serve from |"
+    )
 
 
 def render(results: Path = RESULTS) -> str:
@@ -365,10 +457,16 @@ def render(results: Path = RESULTS) -> str:
         "different machines or runs are not comparable with each other.",
         "",
     ]
-    for path in sorted(results.glob("*.json")):
-        data = json.loads(path.read_text())
-        lines += RENDERERS.get(path.name, generic)(path.name, data)
+    runs = {path.name: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))}
+    if {"cpu-2core.json", "cpu-2core-before-hotpath.json"} <= set(runs):
+        lines += before_after(runs["cpu-2core-before-hotpath.json"], runs["cpu-2core.json"])
+    for name, data in runs.items():
+        lines += RENDERERS.get(name, generic)(name, data)
     lines += PRECISION
+    card = json.loads((ROOT / "models" / "capsnet-mnist" / "model_card.json").read_text())
+    if "int8" in card and "int8_best_vs_fp32_best" in runs.get("cpu-2core.json", {}).get("ratios", {}):
+        lines += [int8_row(runs["cpu-2core.json"], card)]
+    lines += ["<!-- end precision table -->", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
