@@ -202,7 +202,14 @@ def test_access_line_and_log_lines_carry_the_request_id(client, images, caplog):
         lambda: client.infer("nine", [image_input(images[:1])], headers={"x-request-id": "grpc-bad"})
     )
     assert code(exc) == "StatusCode.NOT_FOUND"
-    access = {r.request_id: r for r in caplog.records if r.name == "capsnet.access"}
+    # a failed call's access line is written as its handler unwinds, which can be just after the client
+    # has its status: wait for it (a bounded poll, not a sleep)
+    deadline = time.monotonic() + 10
+    while True:
+        access = {r.request_id: r for r in caplog.records if r.name == "capsnet.access"}
+        if {"grpc-trace-1", "grpc-bad"} <= set(access) or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     ok, bad = access["grpc-trace-1"], access["grpc-bad"]
     assert ok.access["route"] == "/inference.GRPCInferenceService/ModelInfer" and ok.access["status"] == 0
     assert (ok.access["model"], ok.access["images"]) == ("tiny", 3) and ok.access["bytes"] > 120
