@@ -1,5 +1,5 @@
 """/routing-trace on the shipped model, where routing visibly moves the coupling (examples/7.png: c_i7 goes
-from 0.1 to 0.074-0.822), so its numbers can be told right from wrong.
+from 0.1 to 0.074-0.820), so its numbers can be told right from wrong.
 
 Every number is checked against onnxruntime's raw outputs for the same input and against plain numpy
 written here (not the service's helpers), every iteration, both entropies, both aggregations. Each check
