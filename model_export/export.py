@@ -1,9 +1,11 @@
 """Export a trained CapsNet to ONNX: `capsnet.onnx` (routing unrolled r times) and `decoder.onnx`.
 
-Exporter choice: the TorchScript tracer (`dynamo=False`). Routing is a Python `for` over an int r, so
-tracing records exactly r copies of the iteration and no Loop/Scan/If can appear; it needs no extra
-package (the dynamo exporter pulls in onnxscript) and with `dynamic_axes` it emits Shape ops for the
-batch size, which we check by running B = 1 and B = 33 after export.
+Exporter: torch.export (`torch.onnx.export(..., dynamo=True)`, which needs onnxscript, in the
+`train` extra), the exporter PyTorch supports; the TorchScript tracer (`dynamo=False`) is deprecated.
+Routing is a Python `for` over an int r, so torch.export records exactly r copies of the iteration
+and no Loop/Scan/If can appear (checked below); the batch axis is a `torch.export.Dim`, and parity
+is checked at several batch sizes after export. torch.export's lowest opset is 18 (the converter
+down to 17 fails on ReduceSum's axes input), so the graphs are opset 18.
 
 The export is verified before anything is written to its destination: checker (full_check), then
 onnxruntime (CPU) against PyTorch on real test images for several batch sizes; any output off by more
@@ -34,7 +36,7 @@ from model_export.train import build_model, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
+OPSET = 18  # torch.export's lowest
 PARITY_ATOL = 1e-5
 PARITY_BATCHES = (1, 7, 64)
 # The issue's three outputs, plus the primary capsules' lengths that weight the routing summaries.
@@ -63,32 +65,36 @@ class _DecoderGraph(nn.Module):
         return self.decoder(poses, mask)
 
 
-def trace_to_onnx(
+def to_onnx(
     module: nn.Module,
     args: tuple[Tensor, ...],
     path: Path,
     inputs: list[str],
     outputs: list[str],
-    dynamic: dict[str, dict[int, str]],
 ) -> None:
+    """torch.export -> ONNX, dim 0 of every input one shared dynamic `batch` axis."""
+    batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's deprecation and shape notes
-        torch.onnx.export(
-            module,
+        warnings.simplefilter("ignore")  # torch.export's notes on pytree and training mode
+        program = torch.onnx.export(
+            module.eval(),
             args,
-            str(path),
-            dynamo=False,
+            dynamo=True,
             opset_version=OPSET,
             input_names=inputs,
             output_names=outputs,
-            dynamic_axes=dynamic,
-            do_constant_folding=True,
+            dynamic_shapes={name: {0: batch} for name in inputs},
+            optimize=True,  # onnxscript's constant folding and dead-code removal
+            verbose=False,
         )
+    assert program is not None
+    onnx.save(program.model_proto, str(path))
 
 
 def _pin_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Write the known non-batch dims of each input/output into the graph (the tracer leaves some
-    symbolic); check_model(full_check=True) then verifies them against shape inference."""
+    """Write the known non-batch dims of each input/output into the graph and name the batch axis
+    `batch` (torch.export names it after the Dim, but the contract should not hang on that);
+    check_model(full_check=True) then verifies them against shape inference."""
     for vi in (*proto.graph.input, *proto.graph.output):
         if vi.name in shapes:
             dims = vi.type.tensor_type.shape.dim
@@ -173,34 +179,40 @@ def export(
     """
     state = load_checkpoint(checkpoint)
     model = build_model(state).eval()
-    cfg = model.config
     if images is None:
         x, _ = load_split(state["dataset"], "test")
         images = (x[: sum(batches)].astype(np.float32) / 255.0)[:, None]
     images = np.ascontiguousarray(images, dtype=np.float32)
     meta = metadata_for(state, file_sha256(checkpoint), name)
+    report = export_model(model, output, meta, images, batches, source=str(checkpoint))
+    log.info("exported %s -> %s; parity %s", checkpoint, output, report["parity_max_abs_diff"])
+    return report
 
+
+def export_model(
+    model: CapsNet,
+    output: Path,
+    meta: dict[str, str],
+    images: np.ndarray,
+    batches: tuple[int, ...] = PARITY_BATCHES,
+    *,
+    source: str,
+) -> dict[str, Any]:
+    """The export of `model` (weights already loaded) with metadata `meta`, verified, into `output`.
+
+    `export` builds the model and metadata from a checkpoint; a shipped model can be re-exported from
+    its own files (`train.weights_from_export` and its metadata) with the same call.
+    """
+    model = model.eval()
+    cfg = model.config
+    images = np.ascontiguousarray(images, dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         cls_path, dec_path = Path(tmp) / "capsnet.onnx", Path(tmp) / "decoder.onnx"
         example = torch.from_numpy(images[:2])
-        trace_to_onnx(
-            _ClassifierGraph(model),
-            (example,),
-            cls_path,
-            ["image"],
-            list(MODEL_OUTPUTS),
-            {"image": {0: "batch"}, **{o: {0: "batch"} for o in MODEL_OUTPUTS}},
-        )
+        to_onnx(_ClassifierGraph(model), (example,), cls_path, ["image"], list(MODEL_OUTPUTS))
         poses = torch.zeros(2, cfg.num_classes, cfg.digit_dim)
         mask = torch.zeros(2, cfg.num_classes)
-        trace_to_onnx(
-            _DecoderGraph(model),
-            (poses, mask),
-            dec_path,
-            ["poses", "mask"],
-            ["reconstruction"],
-            {"poses": {0: "batch"}, "mask": {0: "batch"}, "reconstruction": {0: "batch"}},
-        )
+        to_onnx(_DecoderGraph(model), (poses, mask), dec_path, ["poses", "mask"], ["reconstruction"])
         J, D, r, N = cfg.num_classes, cfg.digit_dim, cfg.routing_iterations, cfg.num_primary
         img = (cfg.in_channels, cfg.image_size, cfg.image_size)
         cls_shapes = {
@@ -229,13 +241,12 @@ def export(
             "parity_max_abs_diff": parity,
             "parity_batches": list(batches),
             "metadata": meta,
-            "checkpoint": str(checkpoint),
+            "checkpoint": source,
         }
         (Path(tmp) / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         output.mkdir(parents=True, exist_ok=True)
         for f in ("capsnet.onnx", "decoder.onnx", "export.json"):
             shutil.move(str(Path(tmp) / f), output / f)
-    log.info("exported %s -> %s; parity %s", checkpoint, output, parity)
     return report
 
 

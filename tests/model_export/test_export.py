@@ -6,7 +6,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model_export.export import MODEL_OUTPUTS, PARITY_BATCHES, ExportError, export, graph_control_flow
+from model_export.export import (
+    MODEL_OUTPUTS,
+    OPSET,
+    PARITY_BATCHES,
+    ExportError,
+    export,
+    graph_control_flow,
+)
 from tests.checks import assert_right_not_wrong, skip_last_update, transposed
 from tests.factories import make_checkpoint, mnist_test_images
 
@@ -96,6 +103,11 @@ def test_report_parity_and_metadata_readable_without_torch(exported, real_images
     }
     assert float(meta["test_accuracy"]) == 0.5 and len(meta["checkpoint_sha256"]) == 64
     assert meta["dataset"] == "mnist" and meta["exported_at"].endswith("Z")
+    assert meta["opset"] == str(proto_opset(out / "capsnet.onnx")) == "18"
+
+
+def proto_opset(path):
+    return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
 
 
 @pytest.mark.parametrize("r", [1, 5])
@@ -108,6 +120,27 @@ def test_routing_iterations_are_visible_in_the_graph(tmp_path, real_images, r):
     assert softmaxes == r  # one c_i = softmax(b_i) per routing iteration, r = 3 gives 3
     sess = ort.InferenceSession(str(tmp_path / "out" / "capsnet.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(["coupling"], {"image": real_images[:2]})[0].shape == (2, r, 144, 10)
+
+
+def test_torch_export_keeps_the_export_layout_of_the_votes(exported):
+    """torch.export (under which torch.jit.is_tracing() is False) must still take DigitCaps' export
+    layout: one batched MatMul over the children and two moves of whole rows, not the training einsum
+    nor a single (3, 1, 0, 2)-like transpose, which onnxruntime runs slowly."""
+    _, out, _ = exported
+    proto = onnx.load(str(out / "capsnet.onnx"))
+    assert proto.opset_import[0].version == OPSET == 18  # torch.export's lowest opset
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Einsum" not in ops and ops.count("Conv") == 2
+    perms = sorted(
+        tuple(a.ints)
+        for n in proto.graph.node
+        if n.op_type == "Transpose"
+        for a in n.attribute
+        if a.name == "perm"
+    )
+    r = 3  # per iteration c^T for the weighted sum; r - 1 agreements transposed back to (B, N, J)
+    layout = [(0, 1, 3, 4, 2), (1, 0, 2), (0, 2, 1), (1, 0, 2), (0, 2, 1, 3)]
+    assert perms == sorted(layout + [(0, 2, 1)] * (2 * r - 1))
 
 
 def test_default_r_has_three_softmaxes(exported):
