@@ -1,11 +1,20 @@
 """Export a trained CapsNet to ONNX: `capsnet.onnx` (routing unrolled r times) and `decoder.onnx`.
 
-Exporter: torch.export (`torch.onnx.export(..., dynamo=True)`, which needs onnxscript, in the
-`train` extra), the exporter PyTorch supports; the TorchScript tracer (`dynamo=False`) is deprecated.
-Routing is a Python `for` over an int r, so torch.export records exactly r copies of the iteration
-and no Loop/Scan/If can appear (checked below); the batch axis is a `torch.export.Dim`, and parity
-is checked at several batch sizes after export. torch.export's lowest opset is 18 (the converter
-down to 17 fails on ReduceSum's axes input), so the graphs are opset 18.
+Exporters. The decoder always goes through torch.export (`torch.onnx.export(..., dynamo=True)`, which
+needs onnxscript, in the `train` extra), the exporter PyTorch supports. The classifier can go through
+either (`exporter=`, `capsnet export --exporter`); the default stays the deprecated TorchScript tracer
+(`dynamo=False`) because its graph of the shipped weights ran faster at B = 1: 0.94x, 0.94x and 0.96x
+the images per second of CPU time at 1 intra-op thread in three runs of `bench.profile --core-time`
+(2-core AMD EPYC, 2026-12-01), wall clock 0.93-0.99x at 1 and 2 threads; at B = 32 and 128 the two
+were equal within noise (0.99-1.06x). Both graphs have the same operators and the same votes layout;
+the B = 1 gap sat in the votes' FusedMatMul, whose two forms timed alike in isolation, so its cause is
+not known. Switch the default to "dynamo" when a measurement says it is at least as fast.
+
+Either way routing is a Python `for` over an int r, so the recorded graph holds exactly r copies of
+the iteration and no Loop/Scan/If can appear (checked below); dim 0 is a dynamic `batch` axis, and
+parity is checked at several batch sizes after export. torch.export's lowest opset is 18 (its
+converter down to 17 fails on ReduceSum's axes input); the tracer's graph stays at opset 17. Each
+file's `opset` metadata says its own.
 
 The export is verified before anything is written to its destination: checker (full_check), then
 onnxruntime (CPU) against PyTorch on real test images for several batch sizes; any output off by more
@@ -37,6 +46,9 @@ from model_export.train import build_model, load_checkpoint
 log = logging.getLogger(__name__)
 
 OPSET = 18  # torch.export's lowest
+TRACER_OPSET = 17
+EXPORTERS = ("torchscript", "dynamo")
+CLASSIFIER_EXPORTER = "torchscript"  # faster graph at B = 1, see the module docstring
 PARITY_ATOL = 1e-5
 PARITY_BATCHES = (1, 7, 64)
 # The issue's three outputs, plus the primary capsules' lengths that weight the routing summaries.
@@ -71,13 +83,31 @@ def to_onnx(
     path: Path,
     inputs: list[str],
     outputs: list[str],
-) -> None:
-    """torch.export -> ONNX, dim 0 of every input one shared dynamic `batch` axis."""
-    batch = torch.export.Dim("batch")
+    exporter: str = "dynamo",
+) -> int:
+    """`module` -> ONNX at `path`, dim 0 of every input and output one dynamic `batch` axis; returns
+    the graph's opset."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
+    module = module.eval()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.export's notes on pytree and training mode
+        warnings.simplefilter("ignore")  # deprecation, pytree and shape notes of both exporters
+        if exporter == "torchscript":
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=TRACER_OPSET,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)},
+                do_constant_folding=True,
+            )
+            return TRACER_OPSET
+        batch = torch.export.Dim("batch")
         program = torch.onnx.export(
-            module.eval(),
+            module,
             args,
             dynamo=True,
             opset_version=OPSET,
@@ -89,6 +119,7 @@ def to_onnx(
         )
     assert program is not None
     onnx.save(program.model_proto, str(path))
+    return OPSET
 
 
 def _pin_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -132,7 +163,7 @@ def metadata_for(state: dict[str, Any], checkpoint_hash: str, name: str) -> dict
                 "order": ["type", "row", "col"],
             }
         ),
-        "opset": str(OPSET),
+        "opset": str(OPSET),  # each file gets its own graph's opset at export
     }
 
 
@@ -171,8 +202,10 @@ def export(
     name: str = "capsnet",
     images: np.ndarray | None = None,
     batches: tuple[int, ...] = PARITY_BATCHES,
+    exporter: str = CLASSIFIER_EXPORTER,
 ) -> dict[str, Any]:
     """Export `checkpoint` into directory `output` (capsnet.onnx, decoder.onnx, export.json).
+    `exporter`: the classifier's ("torchscript" or "dynamo"); the decoder's is always "dynamo".
 
     `images`: float32 (N, 1, 28, 28) parity inputs; default: the real test images of the checkpoint's
     dataset. Returns the report (parity errors, metadata). Nothing is written when a check fails.
@@ -184,7 +217,7 @@ def export(
         images = (x[: sum(batches)].astype(np.float32) / 255.0)[:, None]
     images = np.ascontiguousarray(images, dtype=np.float32)
     meta = metadata_for(state, file_sha256(checkpoint), name)
-    report = export_model(model, output, meta, images, batches, source=str(checkpoint))
+    report = export_model(model, output, meta, images, batches, source=str(checkpoint), exporter=exporter)
     log.info("exported %s -> %s; parity %s", checkpoint, output, report["parity_max_abs_diff"])
     return report
 
@@ -197,6 +230,7 @@ def export_model(
     batches: tuple[int, ...] = PARITY_BATCHES,
     *,
     source: str,
+    exporter: str = CLASSIFIER_EXPORTER,
 ) -> dict[str, Any]:
     """The export of `model` (weights already loaded) with metadata `meta`, verified, into `output`.
 
@@ -209,10 +243,16 @@ def export_model(
     with tempfile.TemporaryDirectory() as tmp:
         cls_path, dec_path = Path(tmp) / "capsnet.onnx", Path(tmp) / "decoder.onnx"
         example = torch.from_numpy(images[:2])
-        to_onnx(_ClassifierGraph(model), (example,), cls_path, ["image"], list(MODEL_OUTPUTS))
+        opsets = {
+            cls_path: to_onnx(
+                _ClassifierGraph(model), (example,), cls_path, ["image"], list(MODEL_OUTPUTS), exporter
+            )
+        }
         poses = torch.zeros(2, cfg.num_classes, cfg.digit_dim)
         mask = torch.zeros(2, cfg.num_classes)
-        to_onnx(_DecoderGraph(model), (poses, mask), dec_path, ["poses", "mask"], ["reconstruction"])
+        opsets[dec_path] = to_onnx(
+            _DecoderGraph(model), (poses, mask), dec_path, ["poses", "mask"], ["reconstruction"], "dynamo"
+        )
         J, D, r, N = cfg.num_classes, cfg.digit_dim, cfg.routing_iterations, cfg.num_primary
         img = (cfg.in_channels, cfg.image_size, cfg.image_size)
         cls_shapes = {
@@ -230,7 +270,7 @@ def export_model(
             proto = onnx.load(str(path))
             _pin_shapes(proto, shapes)
             proto.doc_string = doc
-            onnx.helper.set_model_props(proto, meta)
+            onnx.helper.set_model_props(proto, {**meta, "opset": str(opsets[path])})
             onnx.checker.check_model(proto, full_check=True)
             onnx.save(proto, str(path))
         loops = graph_control_flow(onnx.load(str(cls_path)))
@@ -240,7 +280,8 @@ def export_model(
         report = {
             "parity_max_abs_diff": parity,
             "parity_batches": list(batches),
-            "metadata": meta,
+            "metadata": {**meta, "opset": str(opsets[cls_path])},
+            "exporters": {"capsnet.onnx": exporter, "decoder.onnx": "dynamo"},
             "checkpoint": source,
         }
         (Path(tmp) / "export.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -258,7 +299,12 @@ def run(args: argparse.Namespace) -> None:
     from model_export.card import write_card
 
     try:
-        report = export(args.checkpoint, args.output, name=args.name)
+        report = export(
+            args.checkpoint,
+            args.output,
+            name=args.name,
+            exporter=getattr(args, "exporter", CLASSIFIER_EXPORTER),
+        )
     except (ExportError, ValueError) as exc:
         raise SystemExit(f"export failed: {exc}") from None
     summary: dict[str, Any] = {
