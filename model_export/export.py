@@ -7,8 +7,12 @@ either (`exporter=`, `capsnet export --exporter`); the default stays the depreca
 the images per second of CPU time at 1 intra-op thread in three runs of `bench.profile --core-time`
 (2-core AMD EPYC, 2026-12-01), wall clock 0.93-0.99x at 1 and 2 threads; at B = 32 and 128 the two
 were equal within noise (0.99-1.06x). Both graphs have the same operators and the same votes layout;
-the B = 1 gap sat in the votes' FusedMatMul, whose two forms timed alike in isolation, so its cause is
-not known. Switch the default to "dynamo" when a measurement says it is at least as fast.
+the one difference onnxruntime sees: torch.export's shapes are static, so W's Reshape + Transpose is
+folded into an (N, K, J*D) constant at load and the votes run as FusedMatMul(transB=0), where the
+tracer's Reshape takes its shape from Shape ops and runs as FusedMatMul(transB=1) on W itself. The
+B = 1 profiles put the gap in that FusedMatMul (1.07 against 0.67 ms, 1.5 against 1.0 ms per run),
+yet the two forms timed alike in isolation, so the cause is not known. Switch the default to
+"dynamo" when a measurement says it is at least as fast.
 
 Either way routing is a Python `for` over an int r, so the recorded graph holds exactly r copies of
 the iteration and no Loop/Scan/If can appear (checked below); dim 0 is a dynamic `batch` axis, and

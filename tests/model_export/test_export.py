@@ -155,6 +155,18 @@ def test_both_exporters_keep_the_export_layout_of_the_votes(exported):
     assert perms == sorted(layout + [(0, 2, 1)] * (2 * r - 1))
 
 
+def test_weights_come_back_from_the_files(exported):
+    """`capsnet train --init-from` reads the weights back by initializer name, from either exporter."""
+    from model_export.train import weights_from_export
+
+    model, out, _ = exported
+    weights, meta = weights_from_export(out)
+    state = model.state_dict()
+    assert sorted(weights) == sorted(state) and meta["name"] == "tiny"
+    for k, v in state.items():
+        assert torch.equal(weights[k], v), k
+
+
 def test_default_r_has_three_softmaxes(exported):
     _, out, _ = exported
     proto = onnx.load(str(out / "capsnet.onnx"))
