@@ -6,7 +6,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model_export.export import MODEL_OUTPUTS, PARITY_BATCHES, ExportError, export, graph_control_flow
+from model_export.export import (
+    CLASSIFIER_EXPORTER,
+    EXPORTERS,
+    MODEL_OUTPUTS,
+    OPSET,
+    PARITY_BATCHES,
+    TRACER_OPSET,
+    ExportError,
+    export,
+    graph_control_flow,
+)
 from tests.checks import assert_right_not_wrong, skip_last_update, transposed
 from tests.factories import make_checkpoint, mnist_test_images
 
@@ -16,11 +26,13 @@ def real_images():
     return mnist_test_images(80)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, real_images):
+@pytest.fixture(scope="module", params=EXPORTERS)
+def exported(tmp_path_factory, real_images, request):
+    """The tiny model exported with each of the classifier's exporters (the decoder: torch.export)."""
     d = tmp_path_factory.mktemp("export")
     model = make_checkpoint(d / "ckpt.pt")
-    report = export(d / "ckpt.pt", d / "out", name="tiny", images=real_images)
+    report = export(d / "ckpt.pt", d / "out", name="tiny", images=real_images, exporter=request.param)
+    assert report["exporters"] == {"capsnet.onnx": request.param, "decoder.onnx": "dynamo"}
     return model, d / "out", report
 
 
@@ -96,12 +108,25 @@ def test_report_parity_and_metadata_readable_without_torch(exported, real_images
     }
     assert float(meta["test_accuracy"]) == 0.5 and len(meta["checkpoint_sha256"]) == 64
     assert meta["dataset"] == "mnist" and meta["exported_at"].endswith("Z")
+    want = {"torchscript": TRACER_OPSET, "dynamo": OPSET}[report["exporters"]["capsnet.onnx"]]
+    assert meta["opset"] == str(proto_opset(out / "capsnet.onnx")) == str(want) == report["metadata"]["opset"]
+    dec = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    dec_meta = dec.get_modelmeta().custom_metadata_map
+    assert dec_meta["opset"] == str(proto_opset(out / "decoder.onnx")) == "18"  # torch.export's lowest
+    assert {k: v for k, v in dec_meta.items() if k != "opset"} == {
+        k: v for k, v in meta.items() if k != "opset"
+    }
 
 
+def proto_opset(path):
+    return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("r", [1, 5])
-def test_routing_iterations_are_visible_in_the_graph(tmp_path, real_images, r):
+def test_routing_iterations_are_visible_in_the_graph(tmp_path, real_images, r, exporter):
     make_checkpoint(tmp_path / "ckpt.pt", r=r)
-    export(tmp_path / "ckpt.pt", tmp_path / "out", images=real_images, batches=(1, 7))
+    export(tmp_path / "ckpt.pt", tmp_path / "out", images=real_images, batches=(1, 7), exporter=exporter)
     proto = onnx.load(str(tmp_path / "out" / "capsnet.onnx"))
     assert graph_control_flow(proto) == []
     softmaxes = sum(n.op_type == "Softmax" for n in proto.graph.node)
@@ -110,10 +135,69 @@ def test_routing_iterations_are_visible_in_the_graph(tmp_path, real_images, r):
     assert sess.run(["coupling"], {"image": real_images[:2]})[0].shape == (2, r, 144, 10)
 
 
+def test_both_exporters_keep_the_export_layout_of_the_votes(exported):
+    """torch.export (under which torch.jit.is_tracing() is False) and the tracer must both take
+    DigitCaps' export layout: one batched MatMul over the children and two moves of whole rows, not
+    the training einsum nor a single (3, 1, 0, 2)-like transpose, which onnxruntime runs slowly."""
+    _, out, _ = exported
+    proto = onnx.load(str(out / "capsnet.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Einsum" not in ops and ops.count("Conv") == 2
+    perms = sorted(
+        tuple(a.ints)
+        for n in proto.graph.node
+        if n.op_type == "Transpose"
+        for a in n.attribute
+        if a.name == "perm"
+    )
+    r = 3  # per iteration c^T for the weighted sum; r - 1 agreements transposed back to (B, N, J)
+    layout = [(0, 1, 3, 4, 2), (1, 0, 2), (0, 2, 1), (1, 0, 2), (0, 2, 1, 3)]
+    assert perms == sorted(layout + [(0, 2, 1)] * (2 * r - 1))
+
+
+def test_weights_come_back_from_the_files(exported):
+    """`capsnet train --init-from` reads the weights back by initializer name, from either exporter."""
+    from model_export.train import weights_from_export
+
+    model, out, _ = exported
+    weights, meta = weights_from_export(out)
+    state = model.state_dict()
+    assert sorted(weights) == sorted(state) and meta["name"] == "tiny"
+    for k, v in state.items():
+        assert torch.equal(weights[k], v), k
+
+
 def test_default_r_has_three_softmaxes(exported):
     _, out, _ = exported
     proto = onnx.load(str(out / "capsnet.onnx"))
     assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 3
+
+
+def test_the_default_exporter_and_an_unknown_one(tmp_path, real_images):
+    # the tracer stays the classifier's default while its graph is faster at B = 1 (export.py's docstring)
+    assert CLASSIFIER_EXPORTER == "torchscript" and EXPORTERS == ("torchscript", "dynamo")
+    make_checkpoint(tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="exporter must be one of"):
+        export(tmp_path / "ckpt.pt", tmp_path / "out", images=real_images, exporter="jit")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("argv", "want"), [([], "torchscript"), (["--exporter", "dynamo"], "dynamo")])
+def test_cli_passes_the_exporter(tmp_path, monkeypatch, argv, want):
+    import model_export.export as ex
+    from capsnet.cli import main
+
+    seen = []
+
+    def fake_export(checkpoint, output, *, name, exporter):
+        seen.append(exporter)
+        return {"parity_max_abs_diff": {}, "metadata": {}}
+
+    monkeypatch.setattr(ex, "export", fake_export)
+    main(["export", "ckpt.pt", "--output", str(tmp_path / "out"), "--no-card", *argv])
+    assert seen == [want]
+    with pytest.raises(SystemExit):
+        main(["export", "ckpt.pt", "--no-card", "--exporter", "jit"])
 
 
 def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, real_images):
