@@ -302,16 +302,18 @@ def _drop_specks(ink: FloatImage) -> FloatImage:
     place."""
     h, w = ink.shape
     small = _area(ink, 96 / max(h, w)) if max(h, w) > 96 else ink  # small: fast, strokes stay joined
-    count, labels = cv2.connectedComponents(
-        np.greater(small, _BOX_LEVEL / 2).view(np.uint8), connectivity=8, ltype=cv2.CV_32S
-    )  # labels: (sh, sw), 0 = background
+    inked = np.greater(small, _BOX_LEVEL / 2).view(np.uint8)  # (sh, sw)
+    count, labels = cv2.connectedComponents(inked, connectivity=8, ltype=cv2.CV_32S)  # 0 = background
     if count <= 1:  # strokes too faint to survive the small copy: nothing to judge them by
         return ink
-    mass = np.bincount(labels.ravel(), weights=small.ravel(), minlength=count)  # (count,)
-    mass[0] = 0.0
-    keep = (mass >= _SPECK_FRACTION * mass.max()).astype(np.uint8)
-    keep[0] = 0
-    kept = keep[labels]  # (sh, sw)
+    kept = inked  # one blob (a digit in one stroke) is the largest one and stays: no masses needed
+    if count > 2:
+        mass = np.bincount(labels.ravel(), weights=small.ravel(), minlength=count)  # (count,)
+        mass[0] = 0.0
+        keep = (mass >= _SPECK_FRACTION * mass.max()).astype(np.uint8)
+        keep[0] = 0
+        if not keep[1:].all():
+            kept = keep[labels]  # (sh, sw)
     if kept.shape != ink.shape:
         kept = cv2.resize(kept, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)  # (h, w)
     # Grow the kept region by a couple of pixels so that the soft edges of kept strokes stay.
