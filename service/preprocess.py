@@ -242,7 +242,7 @@ def _order_statistics(values: FloatImage, ranks: list[int], depth: int = 0) -> l
     if values.size <= 4096 or depth == 4:
         ordered = np.sort(values)
         return [float(ordered[k]) for k in ranks]
-    if depth == 0 and values.size >= 16384:
+    if depth == 0:
         found = [_bracketed(values, k) for k in ranks]
         if all(v is not None for v in found):
             return [v for v in found if v is not None]
