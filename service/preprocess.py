@@ -68,9 +68,6 @@ _SPECK_FRACTION = 0.05  # ink blobs lighter than this fraction of the largest on
 _BOX_LEVEL = 0.1  # the crop is the bounding box of the ink above this level
 _BACKGROUND_KERNEL = np.ones((_BACKGROUND_WINDOW, _BACKGROUND_WINDOW), dtype=np.uint8)
 _GROW_KERNEL = np.ones((5, 5), dtype=np.uint8)  # kept strokes keep this much of their soft edges
-# The float32 grey level of each 8-bit level, as `_to_float` computes it, and its ink on light paper.
-_GREY_TABLE = np.arange(256, dtype=np.float32) / np.float32(255.0)  # (256,)
-_INK_TABLE = np.float32(1.0) - _GREY_TABLE  # (256,)
 
 
 class PreprocessError(ValueError):
@@ -397,12 +394,8 @@ def to_mnist(img: Image.Image) -> FloatImage:
     light_paper = _polarity(levels, full)
     # From here on each step writes over a buffer the steps after it no longer read: a new array
     # of 200 KB to 800 KB costs more (the allocator maps and faults in fresh pages) than the step.
-    ink: FloatImage
-    if levels.dtype == np.uint8:  # one table look-up a pixel (OpenCV) for the same float32 steps
-        ink = np.asarray(cv2.LUT(levels, _INK_TABLE if light_paper else _GREY_TABLE), dtype=np.float32)
-    else:
-        grey = _to_float(levels, full)
-        ink = np.subtract(np.float32(1.0), grey, out=grey) if light_paper else grey
+    grey = _to_float(levels, full)
+    ink = np.subtract(np.float32(1.0), grey, out=grey) if light_paper else grey
 
     # Remove the background tone (uneven lighting included), then the noise floor; stretch the ink to 1.
     background = _background(ink)
