@@ -168,7 +168,16 @@ def _draft_scale(side: int, work_side: int) -> int:
 
 def _grey(img: Image.Image, *, background: float, max_side: int | None = None) -> FloatImage:
     """Luminance in [0, 1] as float32: 8-bit levels / 255, 16-bit / 65535; alpha is composited over a
-    uniform `background` (1.0: white paper; 0.0: MNIST's black).
+    uniform `background` (1.0: white paper; 0.0: MNIST's black). See `_levels`."""
+    return _to_float(*_levels(img, background=background, max_side=max_side))
+
+
+def _levels(
+    img: Image.Image, *, background: float, max_side: int | None = None
+) -> tuple[npt.NDArray[Any], float]:
+    """The grey levels as stored, and the level of full white: uint8 and 255, uint16 and 65535, or
+    float32 in [0, 1] and 1.0 (32-bit integer and float modes); alpha is composited over a uniform
+    `background` (1.0: white paper; 0.0: MNIST's black).
 
     An image with a side over `max_side` is first reduced to it by area averaging (OpenCV), on its
     integer levels where it has them: a uniform paper then stays uniform to the bit, as the paper and
@@ -194,6 +203,10 @@ def _grey(img: Image.Image, *, background: float, max_side: int | None = None) -
         levels, full = np.asarray(img), 255.0
     if max_side is not None and max(levels.shape) > max_side:
         levels = _area(levels, max_side / max(levels.shape))
+    return levels, full
+
+
+def _to_float(levels: npt.NDArray[Any], full: float) -> FloatImage:
     grey: FloatImage = levels.astype(np.float32)  # a new array, which the caller may change
     return np.divide(grey, np.float32(full), out=grey)
 
@@ -226,6 +239,10 @@ def _order_statistics(values: FloatImage, ranks: list[int], depth: int = 0) -> l
     if values.size <= 4096 or depth == 4:
         ordered = np.sort(values)
         return [float(ordered[k]) for k in ranks]
+    if depth == 0:
+        found = [_bracketed(values, k) for k in ranks]
+        if all(v is not None for v in found):
+            return [v for v in found if v is not None]
     lo, hi, _, _ = cv2.minMaxLoc(values)
     if not hi > lo:
         return [float(lo)] * len(ranks)
@@ -239,6 +256,25 @@ def _order_statistics(values: FloatImage, ranks: list[int], depth: int = 0) -> l
         k = rank - int(below[b] - counts[b])
         picked += _order_statistics(values[bins == b], [k], depth + 1)
     return picked
+
+
+def _bracketed(values: FloatImage, rank: int) -> float | None:
+    """The value of this rank in sorted order, from the few values between two bounds that every
+    eighth value places around it: exactly `below` values lie under the lower bound and the rank is
+    among the `inside` ones, or the bounds missed it (None: the histograms find it instead)."""
+    n = values.size
+    sample = values[::8]  # (m,) a strided view: np.partition copies it
+    m = sample.size
+    q = rank / (n - 1)
+    centre, margin = q * (m - 1), 4.0 * math.sqrt(m * q * (1.0 - q)) + 4.0  # 4 binomial deviations
+    r1, r2 = max(0, math.floor(centre - margin)), min(m - 1, math.ceil(centre + margin))
+    ends = np.partition(sample, (r1, r2))
+    lo, hi = ends[r1], ends[r2]
+    below = int(np.count_nonzero(values < lo))
+    inside = values[(values >= lo) & (values <= hi)]  # (k,) in the order they come, a few per cent
+    if not (below <= rank < below + inside.size) or inside.size > n // 4:
+        return None
+    return float(np.partition(inside, rank - below)[rank - below])
 
 
 @functools.lru_cache(maxsize=64)
@@ -289,16 +325,18 @@ def _drop_specks(ink: FloatImage) -> FloatImage:
     place."""
     h, w = ink.shape
     small = _area(ink, 96 / max(h, w)) if max(h, w) > 96 else ink  # small: fast, strokes stay joined
-    count, labels = cv2.connectedComponents(
-        np.greater(small, _BOX_LEVEL / 2).view(np.uint8), connectivity=8, ltype=cv2.CV_32S
-    )  # labels: (sh, sw), 0 = background
+    inked = np.greater(small, _BOX_LEVEL / 2).view(np.uint8)  # (sh, sw)
+    count, labels = cv2.connectedComponents(inked, connectivity=8, ltype=cv2.CV_32S)  # 0 = background
     if count <= 1:  # strokes too faint to survive the small copy: nothing to judge them by
         return ink
-    mass = np.bincount(labels.ravel(), weights=small.ravel(), minlength=count)  # (count,)
-    mass[0] = 0.0
-    keep = (mass >= _SPECK_FRACTION * mass.max()).astype(np.uint8)
-    keep[0] = 0
-    kept = keep[labels]  # (sh, sw)
+    kept = inked  # one blob (a digit in one stroke) is the largest one and stays: no masses needed
+    if count > 2:
+        mass = np.bincount(labels.ravel(), weights=small.ravel(), minlength=count)  # (count,)
+        mass[0] = 0.0
+        keep = (mass >= _SPECK_FRACTION * mass.max()).astype(np.uint8)
+        keep[0] = 0
+        if not keep[1:].all():
+            kept = keep[labels]  # (sh, sw)
     if kept.shape != ink.shape:
         kept = cv2.resize(kept, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)  # (h, w)
     # Grow the kept region by a couple of pixels so that the soft edges of kept strokes stay.
@@ -306,17 +344,42 @@ def _drop_specks(ink: FloatImage) -> FloatImage:
     return np.multiply(ink, grown, out=ink)
 
 
-def _polarity(grey: FloatImage) -> bool:
+def _polarity(levels: npt.NDArray[Any], full: float) -> bool:
     """Whether the paper is light (dark ink), judged from the border (mostly paper) against the
-    pixels farthest from it: ink darker than the paper, even in a dim photo, is inverted."""
-    border = max(1, round(0.05 * min(grey.shape)))
+    pixels farthest from it: ink darker than the paper, even in a dim photo, is inverted.
+
+    `levels`, `full`: as `_levels` returns them. Integer levels are ranked by a histogram of them:
+    dividing by `full` keeps their order, so the order statistics are those of the grey image."""
+    border = max(1, round(0.05 * min(levels.shape)))
     frame = np.concatenate(
-        [grey[:border].ravel(), grey[-border:].ravel(), grey[:, :border].ravel(), grey[:, -border:].ravel()]
+        [
+            levels[:border].ravel(),
+            levels[-border:].ravel(),
+            levels[:, :border].ravel(),
+            levels[:, -border:].ravel(),
+        ]
     )
-    (paper,) = _quantiles(frame, (0.5,))
-    darkest, brightest = _quantiles(grey, (0.005, 0.995))
+    if levels.dtype.kind == "u":
+        (paper,) = _level_quantiles(frame, (0.5,), full)
+        darkest, brightest = _level_quantiles(levels, (0.005, 0.995), full)
+    else:  # float32 in [0, 1] already
+        (paper,) = _quantiles(frame, (0.5,))
+        darkest, brightest = _quantiles(levels, (0.005, 0.995))
     dark_ink, bright_ink = paper - darkest, brightest - paper
     return dark_ink > bright_ink or (dark_ink == bright_ink and paper > 0.5)
+
+
+def _level_quantiles(levels: npt.NDArray[Any], qs: tuple[float, ...], full: float) -> list[float]:
+    """`_quantiles` of `levels / full` (as float32, as `_to_float` makes them) for unsigned integer
+    levels, read from their histogram: the same ranks, the same values, no float image needed."""
+    values = levels.reshape(-1)
+    if values.dtype == np.uint8:
+        counts = cv2.calcHist([values], [0], None, [256], [0, 256]).reshape(-1)  # (256,)
+    else:
+        counts = np.bincount(values, minlength=1)  # (max + 1,)
+    below = np.cumsum(counts, dtype=np.float64)  # levels up to and including each level
+    ranks = [round(q * (values.size - 1)) for q in qs]
+    return [float(np.float32(np.searchsorted(below, k, side="right")) / np.float32(full)) for k in ranks]
 
 
 def to_mnist(img: Image.Image) -> FloatImage:
@@ -327,10 +390,11 @@ def to_mnist(img: Image.Image) -> FloatImage:
     prediction for an empty field would be meaningless.
     """
     # (h, w): alpha composited over white paper; a 12-megapixel photo needs no more detail than this
-    grey = _grey(img, background=1.0, max_side=_WORK_SIDE)
-    light_paper = _polarity(grey)
+    levels, full = _levels(img, background=1.0, max_side=_WORK_SIDE)
+    light_paper = _polarity(levels, full)
     # From here on each step writes over a buffer the steps after it no longer read: a new array
     # of 200 KB to 800 KB costs more (the allocator maps and faults in fresh pages) than the step.
+    grey = _to_float(levels, full)
     ink = np.subtract(np.float32(1.0), grey, out=grey) if light_paper else grey
 
     # Remove the background tone (uneven lighting included), then the noise floor; stretch the ink to 1.

@@ -520,6 +520,23 @@ def test_quantiles_are_numpys_nearest_order_statistics(n: int) -> None:
         assert _quantiles(values.reshape(1, -1), qs) == expected.tolist(), name  # exact: values that occur
 
 
+@pytest.mark.parametrize(("dtype", "full"), [(np.uint8, 255.0), (np.uint16, 65535.0)])
+def test_level_quantiles_are_those_of_the_grey_image(dtype: type, full: float) -> None:
+    # The polarity rule reads its order statistics from a histogram of the integer levels: they must
+    # be, bit for bit, those of the float32 grey image the levels become.
+    from service.preprocess import _level_quantiles, _quantiles, _to_float
+
+    rng = np.random.default_rng(17)
+    qs = (0.0, 0.005, 0.5, 0.995, 1.0)
+    top = int(full)
+    for levels in (
+        rng.integers(0, top + 1, size=(224, 227)).astype(dtype),
+        np.round(rng.normal(0.8, 0.05, (300, 200)).clip(0, 1) * top).astype(dtype),  # paper and ties
+        np.full((31, 17), top // 3, dtype=dtype),
+    ):
+        assert _level_quantiles(levels, qs, full) == _quantiles(_to_float(levels, full), qs)
+
+
 def test_background_is_the_lighting_under_the_strokes() -> None:
     from service.preprocess import _background
 
