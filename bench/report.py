@@ -384,11 +384,14 @@ def preprocess(name: str, d: dict[str, Any]) -> list[str]:
     ]
     targets = d.get("targets", {})
     rows = [
-        [c["what"], _f(c["before_ms"], 3), _f(c["after_ms"], 3), f"{c['speedup']:.1f}×",
-         str(targets.get(key, {}).get("target", "—"))]
+        [c["what"], _f(c["before_ms"], 3), _f(c["after_ms"], 3), f"{c['speedup']:.1f}×", _target(targets.get(key))]
         for key, c in d["cases"].items()
     ]  # fmt: skip
-    return out + _table(["image", "before ms", "after ms", "speed-up", "target"], rows) + [""]
+    return out + _table(["image", "before ms", "after ms", "speed-up", "target ms"], rows) + [""]
+
+
+def _target(t: dict[str, Any] | None) -> str:
+    return "—" if t is None else f"≤ {t['target_ms']:g}: {'met' if t['met'] else 'not met'}"
 
 
 def before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
