@@ -175,19 +175,13 @@ def export_conv_only(path: Path) -> None:
     """Conv1 + ReLU + PrimaryCaps convolution alone: the part no routing code can avoid."""
     import torch
 
-    from model_export.export import trace_to_onnx
+    from model_export.export import CLASSIFIER_EXPORTER, to_onnx
     from model_export.model import CapsNet
 
     m = CapsNet().eval()
     conv = torch.nn.Sequential(m.conv1, torch.nn.ReLU(), m.primary.conv)
-    trace_to_onnx(
-        conv,
-        (torch.zeros(2, 1, 28, 28),),
-        path,
-        ["image"],
-        ["features"],
-        {"image": {0: "batch"}, "features": {0: "batch"}},
-    )
+    # exported like the classifier it is compared with
+    to_onnx(conv, (torch.zeros(2, 1, 28, 28),), path, ["image"], ["features"], exporter=CLASSIFIER_EXPORTER)
 
 
 def raw_cases(
