@@ -19,7 +19,6 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
-import onnxruntime as ort
 import orjson
 import pytest
 import tritonclient.grpc as grpcclient
@@ -35,7 +34,6 @@ from service.grpc import server as grpc_server
 from service.settings import SHIPPED_MODEL, Settings
 from service.state import State
 from tests import live
-from tests.factories import mnist_test_images
 
 OUTPUTS = ["probabilities", "poses", "coupling", "primary_activations"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,20 +78,6 @@ def stub(server):
     """The generated stub itself, for what tritonclient does not expose (typed contents, metadata)."""
     with grpc.insecure_channel(server[1]) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def sessions(tiny_model_dir):
-    paths = {"capsnet-mnist": SHIPPED_MODEL, "tiny": tiny_model_dir}
-    return {
-        name: ort.InferenceSession(str(d / "capsnet.onnx"), providers=["CPUExecutionProvider"])
-        for name, d in paths.items()
-    }
-
-
-@pytest.fixture(scope="module")
-def images():
-    return mnist_test_images(5)  # (5, 1, 28, 28) float32 in [0, 1]
 
 
 def direct(session, x):

@@ -7,7 +7,6 @@ import time
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import orjson
 import pytest
 import tritonclient.http as httpclient
@@ -19,7 +18,6 @@ from service.engine import EngineError
 from service.settings import SHIPPED_MODEL, Settings
 from tests import live
 from tests.checks import assert_right_not_wrong, transposed
-from tests.factories import mnist_test_images
 
 OUTPUTS = ["probabilities", "poses", "coupling", "primary_activations"]
 
@@ -41,21 +39,6 @@ def client(url):
     c = httpclient.InferenceServerClient(url=url)
     yield c
     c.close()
-
-
-@pytest.fixture(scope="module")
-def sessions(tiny_model_dir):
-    """The ONNX files themselves, by model name: the reference for metadata and numbers."""
-    paths = {"capsnet-mnist": SHIPPED_MODEL, "tiny": tiny_model_dir}
-    return {
-        name: ort.InferenceSession(str(d / "capsnet.onnx"), providers=["CPUExecutionProvider"])
-        for name, d in paths.items()
-    }
-
-
-@pytest.fixture(scope="module")
-def images():
-    return mnist_test_images(5)
 
 
 def direct(session, x):
