@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +132,7 @@ class State:
         self.settings = settings
         self.metrics = Metrics()
         self.models: Repository | None = None  # set while the lifespan runs
-        self.sync = WorkerSync.from_environment(int(os.environ.get("CAPSNET_WORKERS", "1")))
+        self.sync = WorkerSync.from_environment(settings.workers)  # capsnet serve sets CAPSNET_WORKERS
 
     @property
     def ready(self) -> bool:
