@@ -134,6 +134,12 @@ class State:
         self.models: Repository | None = None  # set while the lifespan runs
         self.sync = WorkerSync.from_environment(settings.workers)  # capsnet serve sets CAPSNET_WORKERS
 
+    def repository(self) -> Repository:
+        """The models, once the lifespan has loaded them; 503 before (and while shutting down)."""
+        if self.models is None:
+            raise APIError(503, "the models are not loaded yet", {"Retry-After": "1"})
+        return self.models
+
     @property
     def ready(self) -> bool:
         """The default model is loaded and warmed up (what /health/ready answers)."""
@@ -211,9 +217,7 @@ class State:
             await self.sync.publish(name, False)
 
     async def _apply(self, name: str, loaded: bool) -> None:
-        if self.models is None:
-            raise APIError(503, "the models are not loaded yet", {"Retry-After": "1"})
-        slot = self.models.slot(name)
+        slot = self.repository().slot(name)
         async with slot.lock:  # one change at a time per model
             if not loaded:
                 old, slot.model, slot.reason = slot.model, None, "unloaded"

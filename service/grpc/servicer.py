@@ -131,9 +131,7 @@ class InferenceServicer:
             raise APIError(401, "missing or wrong API key: send the metadata `authorization: Bearer <key>`")
 
     def _model(self, name: str, version: str) -> ServedModel:
-        if self.state.models is None:
-            raise APIError(503, "the models are not loaded yet", {"Retry-After": "1"})
-        return self.state.models.get(name, version or None)
+        return self.state.repository().get(name, version or None)
 
     # -- the RPCs ---------------------------------------------------------------------------------
 
@@ -190,9 +188,7 @@ class InferenceServicer:
     # -- Triton's model repository extension
 
     async def repository_index(self, request: Message, context: Context) -> Message:
-        if self.state.models is None:
-            raise APIError(503, "the models are not loaded yet", {"Retry-After": "1"})
-        entries = self.state.models.index()
+        entries = self.state.repository().index()
         if request.ready:
             entries = [e for e in entries if e["state"] == "READY"]
         return pb.RepositoryIndexResponse(

@@ -73,9 +73,7 @@ class V2Route(APIRoute):
 
 
 async def repository_dep(state: StateDep) -> Repository:
-    if state.models is None:
-        raise APIError(503, "the models are not loaded yet", {"Retry-After": "1"})
-    return state.models
+    return state.repository()
 
 
 RepositoryDep = Annotated[Repository, Depends(repository_dep)]
@@ -229,10 +227,8 @@ INFER_PREFIX, INFER_SUFFIX = "/v2/models/", "/infer"
 
 
 async def _fast_infer(request: Request, state: State) -> Response:
-    if state.models is None:
-        raise APIError(503, "the models are not loaded yet", {"Retry-After": "1"})
     name = request.scope["path"][len(INFER_PREFIX) : -len(INFER_SUFFIX)]
-    return await answer(request, state, state.models.get(name))
+    return await answer(request, state, state.repository().get(name))
 
 
 FAST_INFER: FastRoute = (_fast_infer, "/v2/models/{name}/infer")
