@@ -126,6 +126,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--max-shift", type=int, default=2, help="random shift augmentation, pixels")
+    p.add_argument(
+        "--hflip", action="store_true", help="also mirror half the images left-right (clothes, not digits)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--data-dir", type=Path, default=None, help="a directory holding the IDX files")
     p.add_argument(

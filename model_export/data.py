@@ -254,6 +254,13 @@ def load_split(
     return images, labels.astype(np.int64)
 
 
+def random_hflip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mirror each image (B, H, W) left-right with probability 1/2: a shirt seen from the other side is
+    still a shirt (used for Fashion-MNIST; digits are not mirror-symmetric, so never for MNIST)."""
+    flip = rng.random(len(images)) < 0.5
+    return np.where(flip[:, None, None], images[:, :, ::-1], images)
+
+
 def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
     """Shift each image (B, H, W) by up to max_shift pixels in each direction, zero-filled (paper §5)."""
     if max_shift == 0:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from model_export.config import CapsNetConfig
-from model_export.data import dataset_checksum, get_spec, load_split, random_shift
+from model_export.data import dataset_checksum, get_spec, load_split, random_hflip, random_shift
 from model_export.model import CapsNet, capsnet_loss
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def train(
     limit: int | None = None,
     eval_limit: int | None = None,
     max_shift: int = 2,
+    hflip: bool = False,
     threads: int | None = None,
     config_overrides: dict[str, Any] | None = None,
     data_dir: Path | None = None,
@@ -234,7 +235,8 @@ def train(
         )
         for step in bar:
             idx = order[step * batch_size : (step + 1) * batch_size]
-            images = to_tensor(random_shift(x_train[idx], max_shift, rng), dev)
+            batch = random_hflip(x_train[idx], rng) if hflip else x_train[idx]
+            images = to_tensor(random_shift(batch, max_shift, rng), dev)
             targets = torch.from_numpy(y_train[idx]).to(dev)
             loss, lengths = capsnet_loss(model, images, targets)
             opt.zero_grad(set_to_none=True)
@@ -284,6 +286,7 @@ def train(
                 "lr_decay": lr_decay,
                 "seed": seed,
                 "max_shift": max_shift,
+                "hflip": hflip,
                 "limit": limit,
                 "eval_limit": eval_limit,
                 "device": str(dev),
@@ -344,6 +347,7 @@ def run(args: argparse.Namespace) -> None:
         limit=args.limit,
         eval_limit=args.eval_limit,
         max_shift=args.max_shift,
+        hflip=args.hflip,
         threads=args.threads,
         config_overrides=parse_overrides(args.set),
         data_dir=args.data_dir,

@@ -79,6 +79,18 @@ def test_random_shift_moves_content_by_at_most_two_pixels():
     assert data.random_shift(img, 0, rng) is img
 
 
+def test_random_hflip_mirrors_about_half_the_images_and_nothing_else():
+    rng = np.random.default_rng(0)
+    img = np.zeros((1000, 28, 28), np.uint8)
+    img[:, 5:20, 2:6] = 255  # a bar on the left: mirrored it lands on columns 22..25
+    img[:, 0, 0] = np.arange(1000) % 251  # tags each image so a shuffle would show
+    out = data.random_hflip(img, rng)
+    mirrored = out[:, 10, 23] == 255
+    assert 430 < mirrored.sum() < 570
+    np.testing.assert_array_equal(out[mirrored], img[mirrored][:, :, ::-1])
+    np.testing.assert_array_equal(out[~mirrored], img[~mirrored])
+
+
 def test_dataset_checksum_is_stable():
     assert data.dataset_checksum("mnist") == data.dataset_checksum("mnist")
     assert data.dataset_checksum("mnist") != data.dataset_checksum("fashion-mnist")
