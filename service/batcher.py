@@ -1,9 +1,14 @@
 """Dynamic batching: concurrent requests gathered into one inference, over a queue bounded in images.
 
-One inference thread of its own does the gathering and runs onnxruntime, so the event loop never
-blocks, ORT gets the cores for one batch at a time, and the loop's share of a request is small: a
-request puts its images on a thread-safe queue and awaits a future; each batch comes back to the loop
-as one callback that resolves its futures (no executor future, no asyncio task per batch).
+Inference threads of its own do the gathering and run onnxruntime, so the event loop never blocks
+and the loop's share of a request is small: a request puts its images on a thread-safe queue and
+awaits a future; each batch comes back to the loop as one callback that resolves its futures (no
+executor future, no asyncio task per batch).
+
+With `workers` > 1 (the engine's `parallel_batches`: one per core on the CPU), one thread at a time
+gathers a batch while the others run theirs. A batch that starts while none runs gets every core
+(the engine's main session); one that starts beside another runs on one core (its narrow session):
+a lone request is as fast as before, and under load the cores run whole batches side by side.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ class Classifier(Protocol):
     @property
     def output_names(self) -> list[str]: ...
 
-    def classify(self, images: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
+    def classify(
+        self, images: np.ndarray, outputs: list[str] | None = None, narrow: bool = False
+    ) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -63,7 +70,7 @@ class BatchStats:
     pending: Callable[[float], None] | None = None
 
 
-_STOP = None  # put on the queue by close(): the thread finishes what it holds, then ends
+_STOP = None  # put on the queue by close(), once per thread: each finishes what it holds, then ends
 
 
 class Batcher:
@@ -77,8 +84,10 @@ class Batcher:
         max_wait_ms: float,
         queue_size: int,
         stats: BatchStats | None = None,
+        workers: int = 1,
     ) -> None:
         self.engine = engine
+        self.workers = workers
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.queue_size = queue_size
         self.stats = stats or BatchStats()
@@ -87,7 +96,11 @@ class Batcher:
         self._arriving = 0  # requests still being read or decoded: worth waiting for (read by the thread)
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._gathering = threading.Lock()  # one thread gathers at a time: batches stay whole
+        self._held: _Item | None = None  # an item that did not fit the last batch: it opens the next one
+        self._running = 0  # batches being inferred (under _count)
+        self._count = threading.Lock()
 
     @property
     def pending(self) -> int:
@@ -95,8 +108,12 @@ class Batcher:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._work, name="capsnet-infer", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"capsnet-infer-{k}", daemon=True)
+            for k in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -132,16 +149,23 @@ class Batcher:
         finally:
             timer.cancel()
 
-    # -- the inference thread ---------------------------------------------------------------------
+    # -- the inference threads --------------------------------------------------------------------
 
     def _work(self) -> None:
-        held: _Item | None = None  # an item that did not fit the last batch: it opens the next one
         while True:
-            first = held if held is not None else self._queue.get()
-            if first is _STOP:
-                return
-            batch, held, stop = self._gather(first)
-            self._run(batch)
+            with self._gathering:
+                first: _Item | None = self._held
+                if first is not None:
+                    self._held = None
+                else:
+                    first = self._queue.get()
+                if first is _STOP:
+                    return
+                batch, self._held, stop = self._gather(first)
+                with self._count:
+                    beside = self._running > 0  # another batch has the cores: take one of them
+                    self._running += 1
+            self._run(batch, beside)
             if stop:
                 return
 
@@ -169,7 +193,9 @@ class Batcher:
             n += len(item.images)
         return batch, None, False
 
-    def _run(self, batch: list[_Item]) -> None:
+    def _run(self, batch: list[_Item], narrow: bool) -> None:
+        """Infer one batch (its `_running` count taken by the caller, given back here) and hand the
+        answers to the event loop."""
         live = [it for it in batch if not it.future.done()]  # callers may have timed out
         answers: list[Outputs] | BaseException = []
         try:
@@ -178,7 +204,7 @@ class Batcher:
                 coupling = any(it.coupling for it in live)
                 names = [n for n in self.engine.output_names if coupling or n != "coupling"]
                 started = time.perf_counter()
-                out = self.engine.classify(images, names)
+                out = self.engine.classify(images, names, narrow)
                 seconds = time.perf_counter() - started
                 answers, start = [], 0
                 for it in live:
@@ -192,6 +218,10 @@ class Batcher:
         except Exception as exc:  # an inference error fails this batch, never the batcher
             log.exception("inference failed for a batch of %d requests", len(live))
             answers = exc
+        finally:
+            # before the answers go out: the next request they bring finds the cores free
+            with self._count:
+                self._running -= 1
         assert self._loop is not None
         images_done = sum(len(it.images) for it in batch)
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
@@ -217,9 +247,10 @@ class Batcher:
         deadline = loop.time() + grace_s
         while self._pending and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        if self._thread is not None:
+        for _ in self._threads:
             self._queue.put(_STOP)
-            await asyncio.to_thread(self._thread.join, grace_s)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, grace_s)
 
 
 def _expire(future: asyncio.Future[Outputs]) -> None:

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         description="CUDA provider: how its memory arena grows (kSameAsRequested: no slack)",
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads, 0 = one per core")
+    parallel_batches: int = Field(
+        0,
+        ge=0,
+        description="CPU provider: batches run at once, each on one core while another runs (0 = one per "
+        "core; 1 = one batch at a time on all cores)",
+    )
     intra_op_spinning: bool = Field(
         False, description="ORT intra-op threads spin-wait between runs (burns the cores the HTTP side needs)"
     )

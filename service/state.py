@@ -194,7 +194,10 @@ class State:
     def _serve(self, engine: Engine) -> ServedModel:
         s = self.settings
         observe, pending = self.metrics.observer(engine.info.name)
-        batcher = Batcher(engine, s.max_batch_size, s.max_wait_ms, s.queue_size, BatchStats(observe, pending))
+        stats = BatchStats(observe, pending)
+        batcher = Batcher(
+            engine, s.max_batch_size, s.max_wait_ms, s.queue_size, stats, workers=engine.parallel_batches
+        )
         model = ServedModel(engine, batcher)
         batcher.start()
         return model

@@ -1,6 +1,7 @@
 """The dynamic batcher alone, with a recording fake engine: grouping, order, limits, shutdown."""
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ class FakeEngine:
     def __init__(self):
         self.batches = []
 
-    def classify(self, images, outputs=None):
+    def classify(self, images, outputs=None, narrow=False):
         self.batches.append(len(images))
         ids = images[:, 0, 0, 0]
         return {name: ids.copy() for name in (outputs or self.output_names)}
@@ -78,3 +79,69 @@ def test_queue_limit_and_closed_batcher_refuse_work():
             await b.submit(images(0, 1))
 
     asyncio.run(main())
+
+
+class HeldEngine(FakeEngine):
+    """Holds each batch until the test releases it; records the batches as they start, which session
+    each ran on and how many ran at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.started, self.narrow, self.running, self.most_at_once = [], [], 0, 0
+        self._lock = threading.Lock()
+
+    def classify(self, images, outputs=None, narrow=False):
+        with self._lock:
+            self.started.append(len(images))
+            self.narrow.append(narrow)
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        self.release.wait(5)
+        with self._lock:
+            self.running -= 1
+        return super().classify(images, outputs)
+
+
+def test_with_two_workers_a_batch_runs_beside_a_running_one_on_the_narrow_session():
+    async def main():
+        engine = HeldEngine()
+        b = Batcher(engine, 4, 0.0, 100, workers=2)
+        b.start()
+        first = asyncio.ensure_future(b.submit(images(0, 1)))
+        while not engine.narrow:  # the first batch is running (and held)
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(b.submit(images(1 + k, 1))) for k in range(3)]
+        while len(engine.narrow) < 2:  # the second thread took the three behind it as one batch
+            await asyncio.sleep(0.001)
+        engine.release.set()
+        results = await asyncio.gather(first, *rest)
+        alone = await b.submit(images(9, 1))  # nothing running now: the main session again
+        await b.close()
+        return engine, results, alone, b
+
+    engine, results, alone, b = asyncio.run(main())
+    assert engine.started == [1, 3, 1] and engine.most_at_once == 2
+    assert engine.narrow == [False, True, False]
+    assert [float(r["probabilities"][0]) for r in results] == [0.0, 1.0, 2.0, 3.0]
+    assert float(alone["probabilities"][0]) == 9.0 and alone.batch == 1
+    assert not any(t.is_alive() for t in b._threads)  # close() stopped both threads
+
+
+def test_one_worker_runs_one_batch_at_a_time_on_the_main_session():
+    async def main():
+        engine = HeldEngine()
+        b = Batcher(engine, 4, 0.0, 100)
+        b.start()
+        first = asyncio.ensure_future(b.submit(images(0, 1)))
+        while not engine.narrow:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(b.submit(images(1 + k, 1))) for k in range(3)]
+        await asyncio.sleep(0.05)  # time enough for a second batch to start, if one could
+        engine.release.set()
+        await asyncio.gather(first, *rest)
+        await b.close()
+        return engine
+
+    engine = asyncio.run(main())
+    assert engine.started == [1, 3] and engine.most_at_once == 1 and engine.narrow == [False, False]

@@ -311,14 +311,14 @@ def gate_classify(monkeypatch, release: threading.Event, seen: list[int] | None 
     real = Engine.classify
     first = threading.Event()
 
-    def gated(self, images, outputs=None):
+    def gated(self, images, outputs=None, narrow=False):
         if images.any():
             if seen is not None:
                 seen.append(len(images))
             if not first.is_set():
                 first.set()
                 release.wait(10)
-        return real(self, images, outputs)
+        return real(self, images, outputs, narrow)
 
     monkeypatch.setattr(Engine, "classify", gated)
     return first
@@ -485,10 +485,11 @@ def test_health_not_serving_until_warm(tiny_model_dir, monkeypatch):
 
 def test_rest_and_grpc_requests_share_a_batch(tiny_model_dir, images, sessions, monkeypatch):
     """While a first batch is held in inference, a REST (3 images) and a gRPC (2 images) request queue
-    up; the next batch holds both, and each gets its own answer."""
+    up (one batch at a time: with two, the second would run beside the held one); the next batch
+    holds both, and each gets its own answer."""
     release, seen = threading.Event(), []
     started = gate_classify(monkeypatch, release, seen)
-    with serve(tiny_model_dir, shipped=False, max_wait_ms=0) as (http_url, grpc_url):
+    with serve(tiny_model_dir, shipped=False, max_wait_ms=0, parallel_batches=1) as (http_url, grpc_url):
         c = grpcclient.InferenceServerClient(url=grpc_url)
         before = metric(http_url, "capsnet_batch_images_count")
         with ThreadPoolExecutor(3) as pool, httpx.Client(base_url=f"http://{http_url}", timeout=20) as http:

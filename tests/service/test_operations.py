@@ -241,11 +241,36 @@ def test_intra_op_spinning_reaches_the_sessions(tiny_model_dir, monkeypatch, set
     monkeypatch.setattr(ort, "InferenceSession", spy)
     from service.engine import Engine
 
-    Engine.from_settings(Settings(model_dir=tiny_model_dir, intra_op_spinning=setting))
-    assert len(seen) == 2  # classifier and decoder
+    Engine.from_settings(Settings(model_dir=tiny_model_dir, intra_op_spinning=setting, parallel_batches=2))
+    assert len(seen) == 3  # classifier, its one-core twin for parallel batches, decoder
     for options in seen:
         if setting:  # onnxruntime's own default: spinning, no entry of ours
             with pytest.raises(RuntimeError, match="allow_spinning"):
                 options.get_session_config_entry("session.intra_op.allow_spinning")
         else:
             assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_parallel_batches_add_a_one_core_session_that_answers_bit_for_bit_alike(tiny_model_dir, monkeypatch):
+    threads = []
+    real = ort.InferenceSession
+
+    def spy(path, options, providers):
+        threads.append(options.intra_op_num_threads)
+        return real(path, options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    from service.engine import Engine, available_cores
+
+    engine = Engine.from_settings(Settings(model_dir=tiny_model_dir, parallel_batches=2))
+    assert engine.parallel_batches == 2 and threads == [0, 1, 0]  # classifier, its twin, decoder
+    images = np.random.default_rng(0).random((7, 1, 28, 28), dtype=np.float32)
+    wide, narrow = engine.classify(images), engine.classify(images, narrow=True)
+    assert wide.keys() == narrow.keys() and wide["probabilities"].shape == (7, 10)
+    for name in wide:
+        np.testing.assert_array_equal(narrow[name], wide[name])
+    one = Engine.from_settings(Settings(model_dir=tiny_model_dir, parallel_batches=1))
+    assert one.narrow is None and one.parallel_batches == 1
+    np.testing.assert_array_equal(one.classify(images, narrow=True)["poses"], wide["poses"])
+    auto = Engine.from_settings(Settings(model_dir=tiny_model_dir))  # 0: one batch per core
+    assert auto.parallel_batches == available_cores() and (auto.narrow is None) == (available_cores() == 1)
