@@ -112,8 +112,10 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         "the batcher on (`CAPSNET_MAX_BATCH_SIZE=64`, `CAPSNET_MAX_WAIT_MS=2`) and off (batch size 1), loaded",
         "by `wrk` POSTing a 28×28 MNIST PNG with `?preprocess=none`; and the endpoint users would otherwise",
         "write, a plain FastAPI endpoint running the PyTorch CapsNet per request (`bench/baseline_app.py`).",
-        "(The service's ratios are taken against raw onnxruntime's best row, whether one batch on all cores",
-        "or one batch per core side by side, which the service does under load: `CAPSNET_PARALLEL_BATCHES`.)",
+        "Raw onnxruntime runs in two forms: one session on all cores, and one batch per core side by side",
+        "(one-thread sessions), which the service does under load (`CAPSNET_PARALLEL_BATCHES`). The ratios",
+        "take the first at its best batch; `overhead_ms_per_request` takes onnxruntime's core time per image",
+        "at its cheapest in either form.",
         "On this VM repeated runs move single figures by up to ±30 %: compare within one run.",
         "",
     ]

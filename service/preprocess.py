@@ -11,10 +11,13 @@ Which library does which step:
   reduced-scale decoding of large JPEGs (libjpeg's DCT scaling, `Image.draft`, before any pixel is
   decoded), the first frame, EXIF orientation, and grey levels from every mode (16-bit, palette,
   alpha, CMYK).
-- OpenCV (opencv-python-headless): area resizing (to the working size, to the small copies the
-  background and the specks are judged on, and into the 20x20 box), the morphological opening under
-  the background estimate, connected components for the specks, the dilation that keeps their soft
-  edges, the histograms the quantiles are read from, the ink's bounding box and its moments.
+- OpenCV (opencv-python-headless): the decoding of the one common form of `preprocess=none`, a 28x28
+  8-bit grey PNG without chunks that change what a pixel means (after its structure, CRCs and
+  row filters are checked here; anything else goes to Pillow), area resizing (to the working size,
+  to the small copies the background and the specks are judged on, and into the 20x20 box), the
+  morphological opening under the background estimate, connected components for the specks, the
+  dilation that keeps their soft edges, the histograms the quantiles are read from, the ink's
+  bounding box and its moments.
 - numpy: what only this module knows: the polarity, contrast and noise rules, the quadratic lighting
   surface, the speck rule and MNIST's centring convention.
 
@@ -35,6 +38,8 @@ import functools
 import io
 import logging
 import math
+import struct
+import zlib
 from typing import Any, Literal
 
 import cv2
@@ -51,7 +56,7 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # phones' MPO
 # File signatures of the supported formats: bytes that start like one of them but do not decode are
 # corrupt (400); bytes that start like none of them are an unsupported media type (415).
 _SIGNATURES: tuple[tuple[str, tuple[bytes, ...]], ...] = (
-    ("PNG", (b"\x89PNG\r\n\x1a\n",)),
+    ("PNG", (b"\x89PNG\r\n\x1a\n",)),  # _PNG_SIGNATURE
     ("JPEG", (b"\xff\xd8\xff",)),
     ("GIF", (b"GIF87a", b"GIF89a")),
     ("BMP", (b"BM",)),
@@ -460,9 +465,67 @@ def preprocess_bytes(data: bytes, *, mode: Literal["mnist", "none"], max_pixels:
         raise PreprocessError(422, f"Unknown preprocess mode {_describe(mode)}: use 'mnist' or 'none'.")
     if mode == "mnist":
         return to_mnist(decode_image(data, max_pixels=max_pixels, work_side=_WORK_SIDE))
+    plain = _plain_grey_png(data, IMAGE_SIZE)
+    if plain is not None:
+        return _to_float(plain, 255.0)
     img = decode_image(data, max_pixels=max_pixels, exact_size=IMAGE_SIZE)  # (EXIF keeps a square square)
     grey = _grey(img, background=0.0)
     return np.ascontiguousarray(grey, dtype=np.float32)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks that carry no pixel information: a PNG with any other (transparency, palette, gamma,
+# significant bits, EXIF orientation ...) takes Pillow's path, which knows what they mean.
+_PNG_TEXT_CHUNKS = frozenset((b"tEXt", b"zTXt", b"iTXt", b"pHYs", b"tIME"))
+
+
+def _plain_grey_png(data: bytes, side: int) -> npt.NDArray[np.uint8] | None:
+    """The pixels of a `side` x `side` PNG in the form MNIST digits are usually sent (8-bit grey, not
+    interlaced, no chunk that changes what a pixel means), decoded by OpenCV; None for any other
+    input, which Pillow's path then decodes or refuses.
+
+    For the 28x28 digits of `preprocess=none` Pillow's open, load, copy and EXIF look-up cost 44 us
+    and OpenCV's decode 8 us. The structure, every chunk's CRC, the inflated size and the row
+    filters are checked here first, so libpng is only handed files it decodes without complaint
+    (on a corrupt file it would print to stderr, past our logging); the pixels are the same either
+    way (lossless, tested bit for bit)."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, end, idat = len(_PNG_SIGNATURE), len(data), []
+    while pos + 12 <= end:
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4 : pos + 8]
+        body_end = pos + 8 + length
+        if body_end + 4 > end:
+            return None
+        (crc,) = struct.unpack_from(">I", data, body_end)
+        if zlib.crc32(memoryview(data)[pos + 4 : body_end]) != crc:
+            return None
+        if pos == len(_PNG_SIGNATURE):  # IHDR first: the size and the pixel format
+            if kind != b"IHDR" or length != 13:
+                return None
+            if struct.unpack_from(">IIBBBBB", data, pos + 8) != (side, side, 8, 0, 0, 0, 0):
+                return None
+        elif kind == b"IDAT":
+            idat.append(memoryview(data)[pos + 8 : body_end])
+        elif kind == b"IEND":
+            break
+        elif kind not in _PNG_TEXT_CHUNKS:
+            return None
+        pos = body_end + 4
+    else:
+        return None  # no IEND
+    inflate = zlib.decompressobj()
+    try:
+        rows = inflate.decompress(b"".join(idat), side * (side + 1) + 1)
+    except zlib.error:
+        return None
+    if not inflate.eof or len(rows) != side * (side + 1) or max(rows[:: side + 1]) > 4:
+        return None  # short, long or trailing data, or a row filter that does not exist
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.shape != (side, side) or pixels.dtype != np.uint8:
+        return None
+    return np.asarray(pixels, dtype=np.uint8)
 
 
 def _describe(value: object) -> str:

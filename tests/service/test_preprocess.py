@@ -14,6 +14,8 @@ from PIL import Image
 from model_export.data import load_split
 from service.preprocess import (
     PreprocessError,
+    _grey,
+    _plain_grey_png,
     decode_image,
     preprocess_bytes,
     to_mnist,
@@ -245,6 +247,113 @@ def test_mode_none_takes_28x28_grey_levels_as_they_are(mnist: tuple[np.ndarray, 
     rgba[..., 3] = digit  # white ink on a transparent canvas: transparent means MNIST's black
     out_a = preprocess_bytes(encode(Image.fromarray(rgba), "PNG"), mode="none", max_pixels=MAX_PIXELS)
     np.testing.assert_allclose(out_a, digit / 255, atol=1 / 255)
+
+
+def pillow_none(data: bytes) -> np.ndarray:
+    """Mode "none" through Pillow alone: what the OpenCV path for plain grey PNGs must equal."""
+    return _grey(decode_image(data, max_pixels=MAX_PIXELS, exact_size=28), background=0.0)
+
+
+def grey_png(pixels: np.ndarray, *chunks: bytes, filters: bytes | None = None, level: int = 6) -> bytes:
+    """An 8-bit grey PNG of `pixels` built by hand: `chunks` go between IHDR and IDAT, `filters` are
+    the row filter bytes (default: none), whose pixel bytes stay raw (a filter of 0 is the only one
+    that needs no arithmetic, so a wrong filter byte is a corrupt file here, not a different image)."""
+    h, w = pixels.shape
+    flags = filters if filters is not None else bytes(h)
+    raw = b"".join(bytes([flags[y]]) + pixels[y].tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + b"".join(chunks)
+        + png_chunk(b"IDAT", zlib.compress(raw, level))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def test_plain_grey_pngs_decode_through_opencv_bit_for_bit_as_through_pillow(
+    mnist: tuple[np.ndarray, np.ndarray], monkeypatch
+) -> None:
+    images = mnist[0][:40]
+    files = [encode(Image.fromarray(d), "PNG", optimize=k % 2 == 0, compress_level=k % 10) for k, d in
+             enumerate(images)]  # fmt: skip
+    files += [grey_png(images[0], png_chunk(b"tEXt", b"Comment\x00a seven"), png_chunk(b"pHYs", bytes(9)))]
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    outs = [preprocess_bytes(f, mode="none", max_pixels=MAX_PIXELS) for f in files]
+    assert opened == []  # not one of them went through Pillow
+    monkeypatch.undo()
+    for f, out, digit in zip(files, outs, [*images, images[0]], strict=True):
+        assert out.dtype == np.float32 and out.shape == (28, 28)
+        np.testing.assert_array_equal(out, pillow_none(f))
+        np.testing.assert_array_equal(out, digit.astype(np.float32) / 255)
+
+
+def outcome(fn, data: bytes) -> np.ndarray | tuple[int, str]:
+    try:
+        return fn(data)
+    except PreprocessError as err:
+        return err.status_code, err.detail
+
+
+def raw_png(raw: bytes, *, side: int = 28) -> bytes:
+    """A 28x28 grey PNG whose IDAT inflates to `raw` (filter bytes and pixels, right or wrong)."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["transparency", "gamma", "16-bit", "interlaced", "palette", "rgb", "exif orientation", "bad filter",
+     "short rows", "long rows", "no IEND", "bad CRC", "not zlib"],
+)  # fmt: skip
+def test_other_pngs_take_pillows_path_and_corrupt_ones_are_refused_quietly(
+    mnist: tuple[np.ndarray, np.ndarray], kind: str, capfd
+) -> None:
+    """Whatever the OpenCV path declines gets Pillow's answer, pixels or refusal, as before it existed;
+    and libpng, which prints to stderr about a corrupt file, is never handed one."""
+    digit = mnist[0][0]
+    good = grey_png(digit)
+    rows = b"".join(b"\x00" + digit[y].tobytes() for y in range(28))
+    turned = Image.Exif()
+    turned[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display
+    interlaced = bytearray(encode(Image.fromarray(digit), "PNG"))
+    interlaced[28] = 1  # Adam7; its header CRC made right again below
+    interlaced[29:33] = struct.pack(">I", zlib.crc32(bytes(interlaced[12:29])))
+    data = {
+        "transparency": grey_png(digit, png_chunk(b"tRNS", b"\x00\x00")),  # black is transparent
+        "gamma": grey_png(digit, png_chunk(b"gAMA", struct.pack(">I", 45455))),
+        "16-bit": encode(Image.fromarray(digit.astype(np.uint16) * 257), "PNG"),
+        "interlaced": bytes(interlaced),
+        "palette": encode(Image.fromarray(digit).convert("P"), "PNG"),
+        "rgb": encode(Image.fromarray(digit).convert("RGB"), "PNG"),
+        "exif orientation": encode(Image.fromarray(digit), "PNG", exif=turned),
+        "bad filter": grey_png(digit, filters=bytes([7] * 28)),
+        "short rows": raw_png(rows[:-1]),
+        "long rows": raw_png(rows + b"\x00" * 29),
+        "no IEND": good[:-12],
+        "bad CRC": good[:-16] + bytes([good[-16] ^ 1]) + good[-15:],
+        "not zlib": good[:33] + png_chunk(b"IDAT", b"\x00" * 40) + png_chunk(b"IEND", b""),
+    }[kind]
+    assert _plain_grey_png(data, 28) is None
+    got = outcome(lambda d: preprocess_bytes(d, mode="none", max_pixels=MAX_PIXELS), data)
+    want = outcome(pillow_none, data)
+    if isinstance(want, tuple):
+        assert got == want and want[0] == 400
+    else:
+        np.testing.assert_array_equal(got, want)
+    if kind == "exif orientation":
+        np.testing.assert_array_equal(got, np.rot90(digit, -1).astype(np.float32) / 255)
+    if kind == "transparency":  # black is transparent, composited over MNIST's black: unchanged
+        np.testing.assert_array_equal(got, digit.astype(np.float32) / 255)
+    out, err_text = capfd.readouterr()
+    assert out == "" and err_text == ""
 
 
 @pytest.mark.parametrize("size", [(27, 28), (28, 29), (56, 56), (1, 1)])
