@@ -211,8 +211,9 @@ def test_cuda_memory_settings_reach_the_provider(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(ort, "InferenceSession", spy)
     from service.engine import Engine
 
+    # parallel_batches=1: no one-core CPU twin of the classifier (on a CPU fall-back) among `seen`
     s = Settings(model_dir=tiny_model_dir, providers="CUDAExecutionProvider,CPUExecutionProvider",
-                 gpu_mem_limit_mb=512, gpu_arena_extend="kNextPowerOfTwo")  # fmt: skip
+                 gpu_mem_limit_mb=512, gpu_arena_extend="kNextPowerOfTwo", parallel_batches=1)  # fmt: skip
     engine = Engine.from_settings(s)
 
     def cuda_options(providers):
@@ -224,7 +225,7 @@ def test_cuda_memory_settings_reach_the_provider(tiny_model_dir, monkeypatch):
     assert cuda["gpu_mem_limit"] == str(512 * 2**20) and cuda["arena_extend_strategy"] == "kNextPowerOfTwo"
     assert engine.cuda_options == {}  # onnxruntime fell back to the CPU here: nothing to report
     both = "CUDAExecutionProvider,CPUExecutionProvider"
-    default = Engine.from_settings(Settings(model_dir=tiny_model_dir, providers=both))
+    default = Engine.from_settings(Settings(model_dir=tiny_model_dir, providers=both, parallel_batches=1))
     assert default is not None and "gpu_mem_limit" not in cuda_options(seen[-2])  # the classifier's
     assert cuda_options(seen[-2])["arena_extend_strategy"] == "kSameAsRequested"
 
