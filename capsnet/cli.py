@@ -239,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files, or folders (recursive)")
     p.add_argument(
         "--preprocess",
-        choices=["mnist", "none"],
-        default="mnist",
-        help="mnist: photos and scans, as the service does; none: 28x28 MNIST-like images",
+        choices=["mnist", "fashion", "none"],
+        default=None,
+        help="as the service does: mnist for photos and scans of digits, fashion for product photos, none "
+        "for 28x28 images as they are; default: the model's own (mnist for the shipped one)",
     )
     p.add_argument(
         "--output", type=Path, default=None, help="a .jsonl or .csv file (default: JSON lines on stdout)"
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads decoding images while the previous batch is inferred (default 0: decode, then infer)",
     )
     p.add_argument("--url", default=None, help="send the files to the service at this URL instead")
+    p.add_argument("--model", default=None, help="with --url: the served model to ask (default: its default)")
     p.add_argument("--concurrency", type=int, default=8, help="with --url: requests at once")
     p.add_argument("--api-key", default=None, help="with --url: bearer key (default: $CAPSNET_API_KEY)")
     p.set_defaults(func=_predict)

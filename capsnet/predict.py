@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import orjson
@@ -74,7 +74,7 @@ class LocalClassifier:
     def __init__(
         self,
         model_dir: Path | None,
-        preprocess: Literal["mnist", "none"],
+        preprocess: Literal["mnist", "fashion", "none"] | None,
         batch_size: int,
         decode_threads: int,
     ) -> None:
@@ -88,7 +88,8 @@ class LocalClassifier:
         except EngineError as exc:
             raise PredictError(str(exc)) from None
         self.labels = self.engine.info.labels
-        self.preprocess, self.batch_size, self.decode_threads = preprocess, batch_size, decode_threads
+        self.preprocess = preprocess or self.engine.info.preprocess  # default: the model's own
+        self.batch_size, self.decode_threads = batch_size, decode_threads
 
     def _load(self, path: Path) -> np.ndarray | str:
         from service.preprocess import PreprocessError, preprocess_bytes
@@ -225,14 +226,25 @@ def _error_text(status: int, body: bytes) -> str:
 class RemoteClassifier:
     """A running service: one POST /predict per file (the raw bytes), `concurrency` at once."""
 
-    def __init__(self, url: str, preprocess: str, concurrency: int, api_key: str | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        preprocess: str | None,
+        concurrency: int,
+        api_key: str | None,
+        model: str | None = None,
+    ) -> None:
         self.client = _Client(url, api_key)
+        # the service's own defaults (its default model, that model's preprocessing) for what is not given
+        params = {k: v for k, v in (("model", model), ("preprocess", preprocess)) if v is not None}
+        self.query = f"?{urlencode(params)}" if params else ""
+        model_query = f"?{urlencode({'model': model})}" if model is not None else ""
         try:
             self.client.get_json("/health/ready")
-            self.labels: list[str] = self.client.get_json("/metadata")["labels"]
+            self.labels: list[str] = self.client.get_json(f"/metadata{model_query}")["labels"]
         finally:
             self.client.close()
-        self.preprocess, self.concurrency = preprocess, concurrency
+        self.concurrency = concurrency
 
     def _one(self, path: Path) -> Row:
         try:
@@ -240,7 +252,7 @@ class RemoteClassifier:
         except OSError as exc:
             return {"file": str(path), "error": f"cannot read the file: {exc.strerror or exc}"}
         try:
-            status, body = self.client.request("POST", f"/predict?preprocess={self.preprocess}", data)
+            status, body = self.client.request("POST", f"/predict{self.query}", data)
         except OSError as exc:
             return {"file": str(path), "error": f"request failed: {exc}"}
         if status != 200:
@@ -347,7 +359,9 @@ def predict(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
     classifier: LocalClassifier | RemoteClassifier
     if args.url:
         api_key = args.api_key or os.environ.get("CAPSNET_API_KEY") or None
-        classifier = RemoteClassifier(args.url, args.preprocess, args.concurrency, api_key)
+        classifier = RemoteClassifier(args.url, args.preprocess, args.concurrency, api_key, args.model)
+    elif args.model is not None:
+        raise PredictError("--model names a model of the service at --url; offline, use --model-dir")
     else:
         classifier = LocalClassifier(args.model_dir, args.preprocess, args.batch_size, args.decode_threads)
     try:

@@ -37,6 +37,9 @@ class DatasetSpec:
     system_dirs: tuple[str, ...]  # directories a system package installs the files into
     npm_package: str | None
     mirrors: tuple[str, ...]  # base URLs serving `<file>.gz`
+    # the service's preprocessing for this dataset's photos, written into the export's metadata
+    # (`preprocess`): "mnist" (digits: threshold, 20x20 box, centre of mass) or "fashion" (products)
+    preprocess: str
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -55,6 +58,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "https://storage.googleapis.com/cvdf-datasets/mnist/",
         ),
+        preprocess="mnist",
     ),
     "fashion-mnist": DatasetSpec(
         name="fashion-mnist",
@@ -79,6 +83,7 @@ DATASETS: dict[str, DatasetSpec] = {
         system_dirs=("/usr/share/datasets/fashion-mnist",),
         npm_package=None,
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        preprocess="fashion",
     ),
 }
 

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from model_export.config import CapsNetConfig
-from model_export.data import file_sha256, load_split
+from model_export.data import file_sha256, get_spec, load_split
 from model_export.model import CapsNet
 from model_export.train import build_model, load_checkpoint
 
@@ -155,6 +155,7 @@ def metadata_for(state: dict[str, Any], checkpoint_hash: str, name: str) -> dict
         "config": json.dumps(cfg.to_dict()),
         "dataset": state["dataset"],
         "dataset_sha256": state["dataset_sha256"],
+        "preprocess": get_spec(state["dataset"]).preprocess,  # the service's default for this model
         "test_accuracy": repr(float(state["test_accuracy"])),
         "epochs": str(state["epoch"]),
         "checkpoint_sha256": checkpoint_hash,

@@ -9,11 +9,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
 
+from service.preprocess import MODES, Mode
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class ModelInfo:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     card: dict[str, Any] = field(default_factory=dict)
+    # the preprocessing of a request that names none (service.preprocess.MODES); the metadata key
+    # `preprocess` that `capsnet export` writes, "mnist" for models exported before it existed
+    preprocess: Mode = "mnist"
 
 
 def _io(args: list[Any]) -> list[dict[str, Any]]:
@@ -237,6 +241,9 @@ class Engine:
             r = int(meta["routing_iterations"])
         except (KeyError, ValueError) as exc:
             raise EngineError(f"capsnet.onnx lacks the CapsNet metadata ({exc})") from exc
+        preprocess = meta.get("preprocess", "mnist")
+        if preprocess not in MODES:
+            raise EngineError(f"capsnet.onnx names an unknown preprocessing {preprocess!r}; known: {MODES}")
         card_path = model_dir / "model_card.json"
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
         return ModelInfo(
@@ -252,6 +259,7 @@ class Engine:
             inputs=_io(sess.get_inputs()),
             outputs=_io(sess.get_outputs()),
             card=card,
+            preprocess=cast(Mode, preprocess),
         )
 
     @property

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import orjson
@@ -16,11 +15,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from service.errors import APIError
-from service.preprocess import PreprocessError, preprocess_bytes, validate_array
+from service.preprocess import Mode, PreprocessError, preprocess_bytes, validate_array
 from service.settings import Settings
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
-Preprocess = Literal["mnist", "none"]
+Preprocess = Mode
 
 
 def content_type(request: Request) -> str:

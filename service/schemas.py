@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.preprocess import Mode
+
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong, for a human")
@@ -94,10 +96,25 @@ class Health(BaseModel):
     detail: str | None = None
 
 
+class ModelSummary(BaseModel):
+    name: str = Field(description="what `?model=` takes")
+    version: str
+    labels: list[str] = Field(description="the class names, in class order")
+    preprocess: Mode = Field(description="the model's default `preprocess`")
+    routing_iterations: int
+    decoder: bool = Field(description="whether /reconstruct and /perturb can draw for it")
+    default: bool = Field(description="the model of requests without `?model=`")
+    ready: bool = Field(description="warmed up (else its requests answer 503)")
+
+
 class Metadata(BaseModel):
     name: str
     version: str
     labels: list[str]
+    preprocess: Mode = Field(
+        description="the preprocessing of a request that names none: the metadata key `preprocess` "
+        "of the ONNX file, `mnist` when it has none"
+    )
     routing_iterations: int
     primary_capsules: PrimaryCapsules
     inputs: list[dict[str, object]]
@@ -112,6 +129,7 @@ class Metadata(BaseModel):
     model_card: dict[str, object]
     onnx_metadata: dict[str, str]
     batching: dict[str, float]
+    models: list[ModelSummary] = Field(description="every model served, the default one first")
 
 
 def error_responses(model: type[BaseModel], texts: dict[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -132,6 +150,9 @@ REST_ERRORS = error_responses(
         504: "inference timed out",
     },
 )
+
+# the answer of the routes that take `?model=` (ModelDep) to a name the server does not serve
+UNKNOWN_MODEL = error_responses(ErrorResponse, {404: "unknown model: `?model=` names no model served"})
 
 IMAGE_BODY_DOC: dict[str, Any] = {
     "requestBody": {

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(SHIPPED_MODEL, description="directory holding capsnet.onnx (+ decoder.onnx)")
     model_dirs: str = Field(
-        "", description="comma list of more model directories, served by name on the /v2 paths"
+        "", description="comma list of more model directories, served by name (`?model=`, the /v2 paths)"
     )
     providers: str = Field(
         "auto", description="'auto' (CUDA when usable, else CPU) or a comma list of ORT providers"

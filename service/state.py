@@ -2,8 +2,9 @@
 Inference Protocol) import: the settings, the metrics and the model repository, each model with its
 engine, batcher and readiness; and the one way a request's images reach a model (`State.infer`).
 
-The first model directory is the default (CAPSNET_MODEL_DIR, also behind /predict); CAPSNET_MODEL_DIRS
-adds more, each served under the `name` in its ONNX metadata.
+The first model directory is the default (CAPSNET_MODEL_DIR, behind /predict and the other REST
+endpoints when a request names no `?model=`); CAPSNET_MODEL_DIRS adds more, each served under the `name`
+in its ONNX metadata, by that name on the REST endpoints (`?model=`) and the /v2 paths.
 
 Reload without downtime (`State.load`): the directory's files are opened and warmed up in a new engine
 and batcher beside the old ones, then swapped in with one assignment on the event loop. Requests that
@@ -58,6 +59,11 @@ class ServedModel:
     @property
     def version(self) -> str:
         return self.engine.info.version
+
+    def check_ready(self) -> None:
+        """503 until the warm-up ran (and after the version was retired)."""
+        if not self.ready:
+            raise APIError(503, f"model {self.name!r} is loading or warming up", {"Retry-After": "1"})
 
 
 @dataclass
@@ -151,6 +157,15 @@ class State:
         model = self.models.default if self.models is not None else None
         if model is None or not model.ready:
             raise APIError(503, "the model is not loaded yet", {"Retry-After": "1"})
+        return model
+
+    def model(self, name: str | None) -> ServedModel:
+        """The model a REST request names (`?model=`), warm, or the default one when it names none:
+        404 for a name not served, 503 while it is unloaded or warming up, as on the /v2 paths."""
+        if name is None:
+            return self.default_model()
+        model = self.repository().get(name)
+        model.check_ready()
         return model
 
     def busy(self, model: ServedModel, why: str) -> APIError:

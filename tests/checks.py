@@ -42,3 +42,12 @@ def predicted_classes(model, images_uint8: np.ndarray, batch: int = 1000) -> np.
     x = (images_uint8.astype(np.float32) / 255.0)[:, None]
     runs = [sess.run(["probabilities"], {"image": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
     return np.concatenate(runs).argmax(axis=1)
+
+
+def sample(metrics: str, series: str) -> float:
+    """The value of one series (`name{labels}` as exposed) in a Prometheus text scrape; 0 when absent."""
+    for line in metrics.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return 0.0

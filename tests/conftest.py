@@ -31,3 +31,16 @@ def tiny_model_dir(tmp_path_factory):
     make_checkpoint(d / "ckpt.pt")
     export(d / "ckpt.pt", d / "model", name="tiny", images=mnist_test_images(16), batches=(1, 7))
     return d / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_fashion_model_dir(tmp_path_factory):
+    """The same tiny CapsNet (other seed) as if trained on Fashion-MNIST: its class names as labels and
+    `preprocess=fashion` in its metadata, exported under the name `tiny-fashion`."""
+    from model_export.export import export
+    from tests.factories import make_checkpoint, mnist_test_images
+
+    d = tmp_path_factory.mktemp("tiny-fashion-model")
+    make_checkpoint(d / "ckpt.pt", seed=1, dataset="fashion-mnist")
+    export(d / "ckpt.pt", d / "model", name="tiny-fashion", images=mnist_test_images(16), batches=(1, 7))
+    return d / "model"

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from model_export.config import CapsNetConfig
+from model_export.data import get_spec
 from model_export.model import CapsNet
 from model_export.train import CHECKPOINT_FORMAT, save_checkpoint
 
@@ -19,8 +20,9 @@ TINY = {"conv1_channels": 16, "primary_types": 4}
 CONV_GAIN, W_GAIN = 3.0, 30.0
 
 
-def make_checkpoint(path: Path, r: int = 3, seed: int = 0) -> CapsNet:
-    """A seeded, untrained tiny CapsNet saved as a `capsnet train` checkpoint (weights scaled: above)."""
+def make_checkpoint(path: Path, r: int = 3, seed: int = 0, dataset: str = "mnist") -> CapsNet:
+    """A seeded, untrained tiny CapsNet saved as a `capsnet train` checkpoint (weights scaled: above),
+    as if trained on `dataset` (its name and labels; its export gets the dataset's preprocessing)."""
     torch.manual_seed(seed)
     cfg = CapsNetConfig(routing_iterations=r, **TINY)
     model = CapsNet(cfg)
@@ -35,9 +37,9 @@ def make_checkpoint(path: Path, r: int = 3, seed: int = 0) -> CapsNet:
             "config": cfg.to_dict(),
             "model": model.state_dict(),
             "epoch": 1,
-            "dataset": "mnist",
+            "dataset": dataset,
             "dataset_sha256": "d" * 64,
-            "labels": [str(i) for i in range(10)],
+            "labels": list(get_spec(dataset).labels),
             "test_accuracy": 0.5,
             "history": [],
         },

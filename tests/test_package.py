@@ -25,9 +25,10 @@ from PIL import Image
 
 from capsnet.cli import main
 from capsnet.predict import Progress
-from model_export.data import load_split
+from model_export.data import DATASETS, load_split
 from service.settings import SHIPPED_MODEL, Settings
 from tests import live
+from tests.service.photos import render_product
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in {".png", ".jpg"})
@@ -175,6 +176,31 @@ def test_predict_through_a_running_service_gives_the_same_rows(
             np.testing.assert_allclose(r["probabilities"], o["probabilities"], atol=1e-5)
 
 
+def test_predict_preprocesses_as_the_models_metadata_says_offline_and_through_the_service(
+    tiny_fashion_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for seed in range(3):
+        (tmp_path / f"product-{seed}.png").write_bytes(render_product(np.random.default_rng(seed)))
+
+    def rows(*argv: str) -> list[dict[str, object]]:
+        assert predict(str(tmp_path), *argv) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    fashion = ("--model-dir", str(tiny_fashion_model_dir))
+    default = rows(*fashion)
+    assert rows(*fashion, "--preprocess", "fashion") == default  # the model's own: `fashion`
+    as_digits = rows(*fashion, "--preprocess", "mnist")
+    assert [r["probabilities"] for r in as_digits] != [r["probabilities"] for r in default]
+    clothes = list(DATASETS["fashion-mnist"].labels)
+    assert all(r["label"] == clothes[r["class_index"]] for r in default)  # type: ignore[index]
+    settings = Settings(model_dir=SHIPPED_MODEL, model_dirs=str(tiny_fashion_model_dir), max_batch_size=8)
+    with live.serve(settings, ready_path="/v2/health/ready") as host_port:
+        remote = rows("--url", f"http://{host_port}", "--model", "tiny-fashion")
+    assert [(r["file"], r["label"]) for r in remote] == [(r["file"], r["label"]) for r in default]
+    for r, o in zip(remote, default, strict=True):
+        np.testing.assert_allclose(r["probabilities"], o["probabilities"], atol=1e-5)  # type: ignore[arg-type]
+
+
 def test_predict_fails_with_one_line_when_it_cannot_start(tmp_path: Path) -> None:
     image = str(ROOT / "examples" / "7.png")
     cases = {
@@ -182,6 +208,7 @@ def test_predict_fails_with_one_line_when_it_cannot_start(tmp_path: Path) -> Non
         ("--output", str(tmp_path / "out.txt")): f"capsnet predict: --output {tmp_path / 'out.txt'}: use a",
         ("--url", "http://127.0.0.1:9"): "capsnet predict: cannot reach the service at http://127.0.0.1:9: ",
         ("--batch-size", "0"): "capsnet predict: --batch-size must be at least 1",
+        ("--model", "tiny"): "capsnet predict: --model names a model of the service at --url; offline, use",
         (
             "--output",
             str(tmp_path / "no" / "o.csv"),

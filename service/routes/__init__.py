@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from service.state import ServedModel, State, get_state
 
@@ -21,9 +21,17 @@ async def state_dep(request: Request) -> State:
 
 StateDep = Annotated[State, Depends(state_dep)]
 
+ModelQ = Annotated[
+    str | None,
+    Query(
+        description="the model to ask, by the name in its metadata (`/metadata` lists them under "
+        "`models`); default: the default model (CAPSNET_MODEL_DIR). 404 for a name not served"
+    ),
+]
 
-async def default_model_dep(state: StateDep) -> ServedModel:
-    return state.default_model()
+
+async def model_dep(state: StateDep, model: ModelQ = None) -> ServedModel:
+    return state.model(model)
 
 
-ModelDep = Annotated[ServedModel, Depends(default_model_dep)]
+ModelDep = Annotated[ServedModel, Depends(model_dep)]

@@ -21,6 +21,7 @@ from service.routes.predict import PreprocessQ, prediction_items, read_request_i
 from service.schemas import (
     IMAGE_BODY_DOC,
     RECONSTRUCT_BODY_DOC,
+    UNKNOWN_MODEL,
     PerturbResponse,
     ReconstructResponse,
     RoutingTraceResponse,
@@ -46,7 +47,7 @@ def png_bytes(image01: np.ndarray, scale: int = 1) -> bytes:
     return buf.getvalue()
 
 
-async def request_poses(request: Request, state: State, model: ServedModel, preprocess: Preprocess,
+async def request_poses(request: Request, state: State, model: ServedModel, preprocess: Preprocess | None,
                         class_index: int | None) -> tuple[np.ndarray, int]:  # fmt: skip
     """The poses (J, D) to decode, from `{"poses": ...}` JSON or from one image, and the class k."""
     engine = model.engine
@@ -117,14 +118,14 @@ def aggregate_coupling(coupling: np.ndarray, types: int, grid: list[int], how: s
     "/routing-trace",
     response_model=RoutingTraceResponse,
     openapi_extra=IMAGE_BODY_DOC,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {"image/png": {}}}, **UNKNOWN_MODEL},
     summary="The coupling coefficients c_ij of every routing iteration for one image",
 )
 async def routing_trace(
     request: Request,
     state: StateDep,
     model: ModelDep,
-    preprocess: PreprocessQ = "mnist",
+    preprocess: PreprocessQ = None,
     iterations: Annotated[
         Literal["all", "last"], Query(description="every iteration or only the last")
     ] = "all",
@@ -181,13 +182,13 @@ async def routing_trace(
 
 
 @router.post("/reconstruct", response_model=ReconstructResponse, openapi_extra=RECONSTRUCT_BODY_DOC,
-             responses={200: {"content": {"image/png": {}}}},
+             responses={200: {"content": {"image/png": {}}}, **UNKNOWN_MODEL},
              summary="The decoder's reconstruction from the pose of one class")  # fmt: skip
 async def reconstruct(
     request: Request,
     state: StateDep,
     model: ModelDep,
-    preprocess: PreprocessQ = "mnist",
+    preprocess: PreprocessQ = None,
     class_index: ClassQ = None,
     format: FormatQ = None,
     scale: ScaleQ = 1,
@@ -214,14 +215,14 @@ async def reconstruct(
     "/perturb",
     response_model=PerturbResponse,
     openapi_extra=RECONSTRUCT_BODY_DOC,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {"image/png": {}}}, **UNKNOWN_MODEL},
     summary="Pose-dimension sweeps (paper Fig. 4): reconstructions with one dimension tweaked",
 )
 async def perturb(
     request: Request,
     state: StateDep,
     model: ModelDep,
-    preprocess: PreprocessQ = "mnist",
+    preprocess: PreprocessQ = None,
     class_index: ClassQ = None,
     dims: Annotated[str | None, Query(description="comma list of pose dimensions; default: all")] = None,
     low: Annotated[float, Query(ge=-5, le=5)] = -0.25,

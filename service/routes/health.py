@@ -1,6 +1,8 @@
-"""Health (liveness, readiness), the model's metadata and the Prometheus metrics."""
+"""Health (liveness, readiness), the models' metadata and the Prometheus metrics."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -8,7 +10,8 @@ from starlette.responses import Response
 
 from service.errors import json_response
 from service.routes import ModelDep, StateDep
-from service.schemas import Health, Metadata
+from service.schemas import UNKNOWN_MODEL, Health, Metadata
+from service.state import ServedModel
 
 router = APIRouter()
 
@@ -27,16 +30,33 @@ async def ready(state: StateDep) -> Response:
     )
 
 
-@router.get("/metadata", response_model=Metadata)
+def model_entry(model: ServedModel, default: ServedModel | None) -> dict[str, Any]:
+    """What the web page's model picker needs of one served model."""
+    info = model.engine.info
+    return {
+        "name": info.name,
+        "version": info.version,
+        "labels": info.labels,
+        "preprocess": info.preprocess,
+        "routing_iterations": info.routing_iterations,
+        "decoder": model.engine.decoder is not None,
+        "default": model is default,
+        "ready": model.ready,
+    }
+
+
+@router.get("/metadata", response_model=Metadata, responses=UNKNOWN_MODEL)
 async def metadata(state: StateDep, model: ModelDep) -> Response:
     engine = model.engine
     info = engine.info
     s = state.settings
+    repo = state.repository()
     return json_response(
         {
             "name": info.name,
             "version": info.version,
             "labels": info.labels,
+            "preprocess": info.preprocess,
             "routing_iterations": info.routing_iterations,
             "primary_capsules": {
                 "count": info.num_primary,
@@ -58,6 +78,7 @@ async def metadata(state: StateDep, model: ModelDep) -> Response:
                 "max_wait_ms": s.max_wait_ms,
                 "queue_size": s.queue_size,
             },
+            "models": [model_entry(m, repo.default) for m in repo.models.values()],
         }
     )
 

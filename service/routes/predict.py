@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import numpy as np
@@ -13,27 +14,36 @@ from service.engine import Engine
 from service.errors import json_response
 from service.inputs import Preprocess, read_images
 from service.middleware import FastRoute
+from service.preprocess import MODES
 from service.routes import ModelDep, StateDep
-from service.schemas import IMAGE_BODY_DOC, PredictResponse
+from service.schemas import IMAGE_BODY_DOC, UNKNOWN_MODEL, PredictResponse
 from service.state import ServedModel, State
 
 router = APIRouter()
 
 PreprocessQ = Annotated[
-    Preprocess,
+    Preprocess | None,
     Query(
-        description="`mnist`: bring a photo/scan to MNIST form; `none`: the image already is 28x28 MNIST-like"
+        description="how an uploaded image becomes the model's 28x28 input (JSON `images` are taken as "
+        "they are). `mnist`: a photo or scan of a digit brought to MNIST form (inverted when the paper is "
+        "light, background and specks removed, the digit fitted into 20x20 and centred by its centre of "
+        "mass); `fashion`: a product photo brought to Fashion-MNIST form (Zalando's procedure: the edges "
+        "close to the corners' grey trimmed, the longest side resized to 28, the short side extended to 28 "
+        "centred, negated to bright on black, 8-bit grey); `none`: a 28x28 image taken as it is. Default: "
+        "the model's own (`preprocess` in /metadata): `fashion` for Fashion-MNIST exports, `mnist` for "
+        "MNIST exports and models whose metadata names none, such as the shipped capsnet-mnist"
     ),
 ]
 
 
 async def read_request_images(
-    request: Request, state: State, model: ServedModel, preprocess: Preprocess
+    request: Request, state: State, model: ServedModel, preprocess: Preprocess | None
 ) -> np.ndarray:
-    """The request's images (k, 1, 28, 28) for `model`; refused first if its queue is full."""
+    """The request's images (k, 1, 28, 28) for `model` (`preprocess`: default the model's own);
+    refused first if its queue is full."""
     state.admit(model)
     with model.batcher.arriving():
-        return await read_images(request, state.settings, preprocess)
+        return await read_images(request, state.settings, preprocess or model.engine.info.preprocess)
 
 
 def prediction_items(engine: Engine, out: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -53,7 +63,9 @@ def prediction_items(engine: Engine, out: dict[str, np.ndarray]) -> list[dict[st
     ]
 
 
-async def answer(request: Request, state: State, model: ServedModel, preprocess: Preprocess) -> Response:
+async def answer(
+    request: Request, state: State, model: ServedModel, preprocess: Preprocess | None
+) -> Response:
     images = await read_request_images(request, state, model, preprocess)
     out = await state.infer(model, images)
     return json_response(
@@ -68,24 +80,49 @@ async def answer(request: Request, state: State, model: ServedModel, preprocess:
     "/predict",
     response_model=PredictResponse,
     openapi_extra=IMAGE_BODY_DOC,
+    responses=UNKNOWN_MODEL,
     summary="Classify one or more images",
 )
 async def predict(
-    request: Request, state: StateDep, model: ModelDep, preprocess: PreprocessQ = "mnist"
+    request: Request, state: StateDep, model: ModelDep, preprocess: PreprocessQ = None
 ) -> Response:
     return await answer(request, state, model, preprocess)
 
 
-def _fast(preprocess: Preprocess) -> FastRoute:
-    async def handler(request: Request, state: State) -> Response:
-        return await answer(request, state, state.default_model(), preprocess)
+# -- the fast lane: the query strings made of `model=NAME` and `preprocess=MODE`, each at most once, in
+# either order; any other (an escaped name, an unknown mode, another parameter) goes through FastAPI's
+# validation of `predict`. The handler answers the same: the same model lookup, the same `answer`.
 
-    return handler, "/predict"
+FAST_PARAMS = {b"model", b"preprocess"}
+FAST_MODES: dict[bytes, Preprocess] = {m.encode(): m for m in MODES}
+FAST_NAME = re.compile(rb"[A-Za-z0-9._-]+")  # a name that needs no percent-decoding
 
 
-# The query strings the fast lane takes; any other goes through FastAPI's validation of `predict`.
-FAST = {b"": _fast("mnist"), b"preprocess=mnist": _fast("mnist"), b"preprocess=none": _fast("none")}
+def fast_query(query: bytes) -> tuple[str | None, Preprocess | None] | None:
+    """(model, preprocess) of a query string the fast lane takes, else None."""
+    if not query:
+        return None, None
+    found: dict[bytes, bytes] = {}
+    for part in query.split(b"&"):
+        key, eq, value = part.partition(b"=")
+        if not eq or key not in FAST_PARAMS or key in found:
+            return None
+        found[key] = value
+    mode = found.get(b"preprocess")
+    if mode is not None and mode not in FAST_MODES:
+        return None
+    name = found.get(b"model")
+    if name is not None and not FAST_NAME.fullmatch(name):
+        return None
+    return (name.decode() if name is not None else None), (FAST_MODES[mode] if mode is not None else None)
 
 
 def fast_route(scope: Scope) -> FastRoute | None:
-    return FAST.get(scope["query_string"]) if scope["path"] == "/predict" else None
+    if scope["path"] != "/predict" or (query := fast_query(scope["query_string"])) is None:
+        return None
+    name, preprocess = query
+
+    async def handler(request: Request, state: State) -> Response:
+        return await answer(request, state, state.model(name), preprocess)
+
+    return handler, "/predict"

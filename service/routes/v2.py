@@ -118,22 +118,17 @@ async def model_version_metadata(repo: RepositoryDep, name: str, version: str) -
     return json_response(repo.get(name, version).signature.metadata())
 
 
-def _check_ready(model: ServedModel) -> None:
-    if not model.ready:
-        raise APIError(503, f"model {model.name!r} is loading or warming up", {"Retry-After": "1"})
-
-
 @router.get("/models/{name}/ready", summary="200 once the model is warmed up, 503 before",
             response_class=Response, responses=EMPTY_200)  # fmt: skip
 async def model_ready(repo: RepositoryDep, name: str) -> Response:
-    _check_ready(repo.get(name))
+    repo.get(name).check_ready()
     return Response(status_code=200)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (one version)",
             response_class=Response, responses=EMPTY_200)  # fmt: skip
 async def model_version_ready(repo: RepositoryDep, name: str, version: str) -> Response:
-    _check_ready(repo.get(name, version))
+    repo.get(name, version).check_ready()
     return Response(status_code=200)
 
 
@@ -152,7 +147,7 @@ async def infer_version(
 
 
 async def answer(request: Request, state: State, model: ServedModel) -> Response:
-    _check_ready(model)
+    model.check_ready()
     s = state.settings
     with model.batcher.arriving():
         body = await read_body(request, s.max_upload_bytes)

@@ -1,6 +1,8 @@
 // The CapsNet page. Every number and picture on it is an answer of this service's API: /predict (the
 // capsule lengths and poses), /reconstruct?format=png (the decoder's picture of a pose, edited or not) and
 // /routing-trace?format=png (the coupling heatmaps). The page itself only draws the ink and the bars.
+// With several models served, a picker (from /metadata's `models`) chooses the one every call names
+// (`?model=`); the default model is chosen first.
 "use strict";
 
 (() => {
@@ -14,6 +16,8 @@
 
   const state = {
     key: sessionStorage.getItem("capsnet-api-key") || "",
+    model: null, // the model every call names; null until /metadata said which one is the default
+    preprocess: "mnist", // that model's default preprocessing, for the texts
     labels: [],
     file: null, // a chosen or dropped file, sent as it is until the user draws again
     sent: null, // {blob, type} of the last analysed input, for the heatmap's re-draws
@@ -27,11 +31,17 @@
 
   class ApiError extends Error {}
 
+  function withModel(path) {
+    if (state.model === null) return path;
+    return `${path}${path.includes("?") ? "&" : "?"}model=${encodeURIComponent(state.model)}`;
+  }
+
   async function api(path, body, type) {
     const headers = {};
     if (state.key) headers.Authorization = `Bearer ${state.key}`;
     if (type) headers["Content-Type"] = type;
-    const response = await fetch(path, { method: body === undefined ? "GET" : "POST", body, headers });
+    const method = body === undefined ? "GET" : "POST";
+    const response = await fetch(withModel(path), { method, body, headers });
     if (response.ok) return response;
     let detail = response.statusText;
     try {
@@ -63,16 +73,35 @@
     });
   });
 
+  const PREPROCESSING = {
+    mnist: "brings them to MNIST form (crop, fit into 20×20, centre of mass in 28×28)",
+    fashion: "brings them to Fashion-MNIST form (trim, longest side 28, centred, bright on black)",
+    none: "takes them as the 28×28 images they must be",
+  };
+
+  function prompt() {
+    return state.preprocess === "mnist"
+      ? "Draw a digit on the black pad, or drop an image file on it."
+      : "Draw on the black pad, or drop an image file on it.";
+  }
+
+  // /metadata of the chosen model (the default one first): its labels, and the picker of every model
   async function loadMetadata() {
     try {
       const meta = await (await api("/metadata")).json();
+      state.model = meta.name;
+      state.preprocess = meta.preprocess;
       state.labels = meta.labels;
       $("model").textContent =
         `model ${meta.name} ${meta.version} · r = ${meta.routing_iterations} routing iterations · ` +
         `${meta.providers.join(", ")}`;
+      fillPicker(meta.models);
+      $("preprocess-note").textContent = PREPROCESSING[meta.preprocess] || PREPROCESSING.mnist;
+      $("input-title").textContent = meta.preprocess === "mnist" ? "Digit" : "Image";
       buildBars(meta.labels);
       document.body.dataset.needsKey = "0";
-      say("Draw a digit on the black pad, or drop an image file on it.");
+      document.body.dataset.model = meta.name;
+      say(prompt());
       return true;
     } catch (err) {
       say(err instanceof ApiError && err.message.includes(" 401 ")
@@ -81,6 +110,24 @@
       return false;
     }
   }
+
+  function fillPicker(models) {
+    const picker = $("model-picker");
+    picker.replaceChildren(...models.map((m) => {
+      const option = document.createElement("option");
+      option.value = m.name;
+      option.textContent = `${m.name} (${m.labels.length} classes)`;
+      option.selected = m.name === state.model;
+      return option;
+    }));
+    $("model-pick").hidden = models.length < 2;
+  }
+
+  $("model-picker").addEventListener("change", async (event) => {
+    state.model = event.target.value;
+    state.seq++; // an analysis on its way for the other model is not shown
+    if (await loadMetadata() && state.sent) analyse(state.sent);
+  });
 
   // ------------------------------------------------------------------------------------------------
   // The drawing pad: pointer events cover the mouse, touch and pens
@@ -132,7 +179,7 @@
   $("clear").addEventListener("click", () => {
     clearPad();
     state.file = null;
-    say("Draw a digit on the black pad, or drop an image file on it.");
+    say(prompt());
   });
 
   // files: chosen, or dropped anywhere on the page
@@ -195,10 +242,12 @@
   function buildBars(labels) {
     const bars = $("bars");
     bars.replaceChildren();
+    bars.classList.toggle("names", labels.some((label) => label.length > 2)); // class names, not digits
     labels.forEach((label, j) => {
       const col = document.createElement("div");
       col.className = "col";
       col.dataset.class = String(j);
+      col.title = `class ${label}`;
       col.innerHTML = `<div class="track"><div class="bar"><span></span></div></div>` +
         `<div class="label"></div>`;
       col.querySelector(".label").textContent = label;

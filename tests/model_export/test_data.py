@@ -37,6 +37,7 @@ def test_bad_checksum_names_every_source(tmp_path, monkeypatch):
         system_dirs=(str(tmp_path / "system"),),
         npm_package=None,
         mirrors=("http://127.0.0.1:9/",),
+        preprocess="mnist",
     )
     monkeypatch.setitem(data.DATASETS, "fake", spec)
     user = tmp_path / "user"

@@ -108,6 +108,7 @@ def test_report_parity_and_metadata_readable_without_torch(exported, real_images
     }
     assert float(meta["test_accuracy"]) == 0.5 and len(meta["checkpoint_sha256"]) == 64
     assert meta["dataset"] == "mnist" and meta["exported_at"].endswith("Z")
+    assert meta["preprocess"] == "mnist"  # the dataset's: the service's default preprocessing for the model
     want = {"torchscript": TRACER_OPSET, "dynamo": OPSET}[report["exporters"]["capsnet.onnx"]]
     assert meta["opset"] == str(proto_opset(out / "capsnet.onnx")) == str(want) == report["metadata"]["opset"]
     dec = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])

@@ -1,5 +1,6 @@
 """Render MNIST digits as the photos users send: dark ink on uneven grey paper, upscaled, off-centre,
-noisy, JPEG-compressed. Shared by the preprocessing tests."""
+noisy, JPEG-compressed; and product photos as a shop takes them (a dark garment on a light background).
+Shared by the preprocessing tests."""
 
 from __future__ import annotations
 
@@ -47,4 +48,31 @@ def render_photo(
         img.save(buf, "PNG")
     else:
         img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def render_product(
+    rng: np.random.Generator,
+    *,
+    canvas: tuple[int, int] = (420, 330),
+    box: tuple[int, int, int, int] = (60, 90, 380, 250),
+    background: int = 236,
+    garment: int = 60,
+    noise: float = 1.5,
+    fmt: str = "PNG",
+) -> bytes:
+    """A product photo: a pair of trousers (waistband, two legs, the gap between them), grey level
+    `garment`, filling `box` (top, left, bottom, right; non-square, off-centre) on a `background` of
+    `canvas` (height, width), with camera noise of `noise` grey levels (well within the 5 % trim)."""
+    height, width = canvas
+    top, left, bottom, right = box
+    photo = np.full((height, width), float(background))
+    photo[top:bottom, left:right] = garment
+    gap = slice(left + (right - left) * 2 // 5, right - (right - left) * 2 // 5)
+    photo[top + (bottom - top) // 4 : bottom, gap] = background  # between the legs
+    photo[top : top + (bottom - top) // 10, left:right] = garment / 2  # the darker waistband
+    photo += rng.normal(0.0, noise, size=photo.shape)
+    img = Image.fromarray(np.clip(photo + 0.5, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, fmt)
     return buf.getvalue()

@@ -61,6 +61,8 @@ def fuzz(operation, real: dict, calls: Counter, statuses: Counter, failures: dic
     def check(case, real_name):
         if real_name and "name" in (case.path_parameters or {}):  # reach past the 404 half the time
             case.path_parameters.update({k: v for k, v in real.items() if k in case.path_parameters})
+        if real_name and "model" in (case.query or {}):  # the REST routes' `?model=`, the same way
+            case.query["model"] = real["name"]
         response = case.call()
         calls[operation.label] += 1
         statuses[response.status_code] += 1

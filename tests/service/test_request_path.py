@@ -1,9 +1,11 @@
-"""The request path itself: the fast lane answers exactly as FastAPI's routes do, and a client that goes
-away mid-request is counted as 499 without an error or a traceback in the log."""
+"""The request path itself: the fast lane answers exactly as FastAPI's routes do (for the default model
+and for one named by `?model=`), and a client that goes away mid-request is counted as 499 without an
+error or a traceback in the log."""
 
 from __future__ import annotations
 
 import io
+import re
 import socket
 import time
 
@@ -12,10 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model_export.data import DATASETS
+from service.routes.predict import fast_query, fast_route
 from service.settings import Settings
+from tests.checks import sample
 from tests.factories import mnist_test_images
 from tests.live import ready_client
 from tests.servers import capsnet_serve
+from tests.service.photos import render_product
+
+DIGITS, CLOTHES = [str(d) for d in range(10)], list(DATASETS["fashion-mnist"].labels)
 
 
 def _png(array01: np.ndarray) -> bytes:
@@ -61,6 +69,68 @@ def test_fast_lane_answers_byte_for_byte_like_the_route(client, query, body_kind
     assert (
         f'capsnet_requests_total{{endpoint="/predict",method="POST",status="{fast.status_code}"}}' in metrics
     )
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_model_dir, tiny_fashion_model_dir):
+    """The tiny model as the default and the tiny Fashion-MNIST one beside it."""
+    settings = Settings(model_dir=tiny_model_dir, model_dirs=str(tiny_fashion_model_dir))
+    with ready_client(settings, ready_path="/v2/health/ready") as c:
+        yield c
+
+
+def _batches(client, model):
+    """How many inference batches the model ran (the metrics, labelled by model)."""
+    return sample(client.get("/metrics").text, f'capsnet_batch_images_count{{model="{model}"}}')
+
+
+@pytest.mark.parametrize(
+    ("query", "body_kind", "status"),
+    [("?model=tiny-fashion", "png", 200), ("?model=tiny-fashion", "photo", 200),
+     ("?preprocess=none&model=tiny-fashion", "png", 200),
+     ("?model=tiny-fashion&preprocess=mnist", "png", 200),
+     ("?model=tiny-fashion&preprocess=fashion", "photo", 200), ("?model=tiny", "png", 200),
+     ("?model=tiny-fashion", "json", 200), ("?model=tiny-fashion", "bad", 400),
+     ("?model=nope", "png", 404), ("?model=nope&preprocess=none", "bad", 404)],
+)  # fmt: skip
+def test_fast_lane_answers_a_named_model_byte_for_byte_like_the_route(two_models, query, body_kind, status):
+    digit = mnist_test_images(1)[0, 0]
+    png = {"Content-Type": "image/png"}
+    kw = {
+        "png": {"content": _png(digit), "headers": png},
+        "photo": {"content": render_product(np.random.default_rng(0)), "headers": png},
+        "json": {"json": {"images": [digit.tolist()]}},
+        "bad": {"content": b"\x89PNG\r\n\x1a\n broken", "headers": {"Content-Type": "image/png"}},
+    }[body_kind]
+    assert fast_route({"path": "/predict", "query_string": query[1:].encode()}) is not None
+    general = f"/predict{query}&unused=1"
+    assert fast_route({"path": "/predict", "query_string": general.split("?")[1].encode()}) is None
+    name = re.search(r"model=([\w-]+)", query)[1]
+    before = _batches(two_models, name)
+    fast, slow = _lanes(two_models, "POST", f"/predict{query}", general, **kw)
+    assert fast.status_code == slow.status_code == status, fast.text
+    assert fast.content == slow.content
+    assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+    if status == 200:
+        assert fast.json()["model"]["name"] == name
+        labels = fast.json()["predictions"][0]["label"]
+        assert labels in (CLOTHES if name == "tiny-fashion" else DIGITS)
+        assert _batches(two_models, name) == before + 2  # both lanes' inferences, under the model asked for
+    elif status == 404:
+        assert fast.json() == {"detail": "unknown model 'nope'; this server has ['tiny', 'tiny-fashion']"}
+
+
+@pytest.mark.parametrize(
+    ("query", "taken"),
+    [(b"", (None, None)), (b"model=a", ("a", None)), (b"preprocess=fashion", (None, "fashion")),
+     (b"preprocess=none&model=m.1_x-y", ("m.1_x-y", "none")), (b"model=a&preprocess=mnist", ("a", "mnist")),
+     (b"model=a&model=b", None), (b"model=a%20b", None), (b"model=a+b", None), (b"model=", None),
+     (b"preprocess=mnist&preprocess=none", None), (b"preprocess=fancy", None), (b"preprocess=", None),
+     (b"model=a&", None), (b"&model=a", None), (b"model", None), (b"Model=a", None), (b"x=1", None)],
+)  # fmt: skip
+def test_the_query_strings_the_fast_lane_takes(query, taken):
+    """Anything else is FastAPI's to parse (decoding, repeats, validation)."""
+    assert fast_query(query) == taken
 
 
 def test_fast_lane_of_v2_infer_equals_the_version_route(client):

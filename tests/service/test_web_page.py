@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
 
+from model_export.data import DATASETS
 from service.settings import SHIPPED_MODEL, Settings
 from service.web import STATIC_DIR
 from tests import live
@@ -109,6 +110,11 @@ def wait_analysed(page: Page, n: int) -> None:
     )
 
 
+def bar_values(page: Page) -> np.ndarray:
+    """The capsule lengths the bars show (each bar's data-value)."""
+    return np.array(page.locator("#bars .bar").evaluate_all("bs => bs.map(b => Number(b.dataset.value))"))
+
+
 def canvas_png(page: Page, selector: str) -> bytes:
     data_url = page.evaluate(f"document.querySelector('{selector}').toDataURL('image/png')")
     return base64.b64decode(data_url.split(",", 1)[1])
@@ -136,17 +142,17 @@ def heatmap_pixels(page: Page) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
 
 
-def routing_png(api: httpx.Client, image_png: bytes, weighted: bool = False) -> np.ndarray:
+def routing_png(api: httpx.Client, image_png: bytes, weighted: bool = False, **model: str) -> np.ndarray:
     """/routing-trace?format=png of one image, decoded: (H, W, 3) uint8."""
-    params = {"format": "png", "weighted": str(weighted).lower()}
+    params = {"format": "png", "weighted": str(weighted).lower(), **model}
     r = api.post("/routing-trace", params=params, content=image_png, headers={"content-type": "image/png"})
     assert r.status_code == 200, r.text
     return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
 
 
-def decoded(api: httpx.Client, poses: np.ndarray, k: int) -> np.ndarray:
+def decoded(api: httpx.Client, poses: np.ndarray, k: int, **model: str) -> np.ndarray:
     """The service's reconstruction of `poses` for class k, as the PNG's 0..255 values."""
-    r = api.post("/reconstruct", params={"class_index": k}, json={"poses": poses.tolist()})
+    r = api.post("/reconstruct", params={"class_index": k, **model}, json={"poses": poses.tolist()})
     assert r.status_code == 200, r.text
     return np.clip(np.rint(np.asarray(r.json()["reconstruction"]) * 255), 0, 255).astype(int)
 
@@ -157,6 +163,7 @@ def test_page_draw_predict_reconstruct_route_and_edit_the_pose(browser: Browser,
         page.wait_for_function("() => document.querySelectorAll('#bars .col').length === 10")
         assert "capsnet-mnist" in page.locator("#model").inner_text()
         assert not page.locator("#key-form").is_visible()  # no key set: nothing to ask
+        assert not page.locator("#model-pick").is_visible()  # one model: nothing to choose
 
         draw(page, SEVEN)
         wait_analysed(page, 1)
@@ -171,7 +178,7 @@ def test_page_draw_predict_reconstruct_route_and_edit_the_pose(browser: Browser,
         assert page.locator("#predicted").inner_text() == "7"
         bars = page.locator("#bars .bar")
         assert bars.count() == 10
-        values = np.array(bars.evaluate_all("bs => bs.map(b => Number(b.dataset.value))"))
+        values = bar_values(page)
         np.testing.assert_allclose(values, pred["probabilities"], rtol=1e-12)
         assert ((values >= 0) & (values < 1)).all() and int(values.argmax()) == k
         heights = np.array(bars.evaluate_all(
@@ -229,6 +236,49 @@ def test_page_draw_predict_reconstruct_route_and_edit_the_pose(browser: Browser,
         if target := os.environ.get("CAPSNET_SCREENSHOT"):
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             Image.open(shot).save(target, optimize=True)  # ~150 KB
+        assert problems == []
+
+
+def test_page_picks_a_model_shows_its_classes_and_asks_it(browser: Browser, tiny_fashion_model_dir) -> None:
+    """Two models served: the picker lists both, the default first and chosen; choosing the Fashion-MNIST
+    one shows its class names and every call then names it."""
+    clothes = list(DATASETS["fashion-mnist"].labels)
+    with serve(model_dirs=str(tiny_fashion_model_dir)) as url, httpx.Client(base_url=url, timeout=30) as api:
+        page, problems = open_page(browser, url)
+        calls: list[str] = []
+        page.on("request", lambda req: calls.append(req.url) if req.url.startswith(url) else None)
+        page.wait_for_function("() => document.querySelectorAll('#model-picker option').length === 2")
+        assert page.locator("#model-pick").is_visible()
+        assert page.locator("#model-picker").input_value() == "capsnet-mnist"
+        options = page.locator("#model-picker option").evaluate_all("os => os.map(o => o.value)")
+        assert options == ["capsnet-mnist", "tiny-fashion"]
+        draw(page, SEVEN)
+        wait_analysed(page, 1)
+        assert page.locator("#predicted").inner_text() == "7"
+        asked = [c for c in calls if "/predict" in c or "/routing-trace" in c or "/reconstruct" in c]
+        assert asked and all("model=capsnet-mnist" in c for c in asked), asked
+
+        calls.clear()
+        page.select_option("#model-picker", "tiny-fashion")
+        page.wait_for_function("() => document.body.dataset.model === 'tiny-fashion'")
+        wait_analysed(page, 3)  # the drawing again, now to the other model
+        labels = page.locator("#bars .label").evaluate_all("ls => ls.map(l => l.textContent)")
+        assert labels == clothes
+        assert "tiny-fashion" in page.locator("#model").inner_text()
+        assert "Fashion-MNIST form" in page.locator("#preprocess-note").inner_text()
+        assert calls and all("model=tiny-fashion" in c for c in calls), calls
+
+        drawing = canvas_png(page, "#pad")
+        model = {"model": "tiny-fashion"}
+        r = api.post("/predict", params=model, content=drawing, headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        pred = r.json()["predictions"][0]
+        assert page.locator("#predicted").inner_text() == pred["label"] == clothes[pred["class_index"]]
+        np.testing.assert_allclose(bar_values(page), pred["probabilities"], rtol=1e-12)
+        np.testing.assert_allclose(
+            recon_pixels(page), decoded(api, np.asarray(pred["poses"]), pred["class_index"], **model), atol=1
+        )
+        np.testing.assert_array_equal(heatmap_pixels(page), routing_png(api, drawing, **model))
         assert problems == []
 
 
