@@ -88,13 +88,14 @@ class HeldEngine(FakeEngine):
     def __init__(self):
         super().__init__()
         self.release = threading.Event()
-        self.started, self.narrow, self.running, self.most_at_once = [], [], 0, 0
+        self.started, self.narrow, self.threads, self.running, self.most_at_once = [], [], [], 0, 0
         self._lock = threading.Lock()
 
     def classify(self, images, outputs=None, narrow=False):
         with self._lock:
             self.started.append(len(images))
             self.narrow.append(narrow)
+            self.threads.append(threading.current_thread().name)
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
         self.release.wait(5)
@@ -123,6 +124,8 @@ def test_with_two_workers_a_batch_runs_beside_a_running_one_on_the_narrow_sessio
     engine, results, alone, b = asyncio.run(main())
     assert engine.started == [1, 3, 1] and engine.most_at_once == 2
     assert engine.narrow == [False, True, False]
+    # the main session only ever from the first thread (onnxruntime is slower from alternating ones)
+    assert engine.threads == ["capsnet-infer-0", "capsnet-infer-1", "capsnet-infer-0"]
     assert [float(r["probabilities"][0]) for r in results] == [0.0, 1.0, 2.0, 3.0]
     assert float(alone["probabilities"][0]) == 9.0 and alone.batch == 1
     assert not any(t.is_alive() for t in b._threads)  # close() stopped both threads
@@ -145,3 +148,37 @@ def test_one_worker_runs_one_batch_at_a_time_on_the_main_session():
 
     engine = asyncio.run(main())
     assert engine.started == [1, 3] and engine.most_at_once == 1 and engine.narrow == [False, False]
+
+
+def test_a_thread_waiting_beside_lets_go_when_the_first_is_free_again():
+    async def main():
+        engine = HeldEngine()
+        b = Batcher(engine, 4, 0.0, 100, workers=2)
+        b.start()
+        first = asyncio.ensure_future(b.submit(images(0, 1)))
+        while not engine.narrow:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # the second thread now waits on the queue for a batch to run beside
+        engine.release.set()
+        await first
+        await asyncio.sleep(0.05)
+        second = await b.submit(images(1, 1))  # the first thread is free: it takes this, on every core
+        await b.close()
+        return engine, second
+
+    engine, second = asyncio.run(main())
+    assert engine.threads == ["capsnet-infer-0", "capsnet-infer-0"] and engine.narrow == [False, False]
+    assert float(second["probabilities"][0]) == 1.0
+
+
+def test_close_stops_every_thread_of_a_four_core_batcher():
+    async def main():
+        b = Batcher(FakeEngine(), 4, 0.0, 100, workers=4)
+        b.start()
+        answers = await asyncio.gather(*(b.submit(images(k, 1)) for k in range(12)))
+        await b.close(grace_s=5)
+        return b, answers
+
+    b, answers = asyncio.run(main())
+    assert [float(a["probabilities"][0]) for a in answers] == list(range(12))
+    assert len(b._threads) == 4 and not any(t.is_alive() for t in b._threads)
