@@ -34,7 +34,7 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "command": "capsnet bench --output bench/results/cpu-2core.json",
     },
     "cpu-2core-before-hotpath.json": {
-        "measured": "2026-12-01, just before `cpu-2core.json`",
+        "measured": "2026-12-01, right after `cpu-2core.json`",
         "machine_text": QUIET_VM,
         "command": "git worktree add ../before 331dcf8 && git show d4ff82e:bench/bench.py > ../before/bench/bench.py\n"
         "cd ../before && capsnet bench --output bench/results/cpu-2core-before-hotpath.json",
