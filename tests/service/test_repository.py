@@ -152,6 +152,10 @@ def test_two_workers_agree_on_unload_and_load_and_report_metrics_for_the_whole_s
             # new connections land on either worker: ask often enough to reach both
             return {httpx.get(f"{server.url}/v2/models/tiny/ready").status_code for _ in range(24)}
 
+        deadline = time.monotonic() + 60  # each worker warms up on its own: wait until both are ready
+        while ready_everywhere() != {200}:
+            assert time.monotonic() < deadline, "the second worker did not become ready"
+            time.sleep(0.2)
         body = {"images": mnist_test_images(1)[:, 0].tolist()}
         answered = [httpx.post(f"{server.url}/predict", json=body).status_code for _ in range(30)]
         assert answered == [200] * 30
