@@ -110,8 +110,8 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._gathering = threading.Lock()  # one thread gathers at a time: batches stay whole
         self._held: _Item | None = None  # an item that did not fit the last batch: it opens the next one
-        self._count = threading.Lock()  # guards the three below
-        self._first_busy = threading.Event()  # the first thread is running a batch: others may gather
+        self._count = threading.Lock()  # guards _first_running, _beside, _waiting_beside, _stopping
+        self._first_running = False  # the first thread is running a batch: others may gather
         self._arrival = threading.Event()  # work came while it was: wakes the others
         self._beside = 0  # batches running beside the first thread's
         self._waiting_beside = False  # another thread waits on the queue while the first runs
@@ -158,7 +158,7 @@ class Batcher:
         if self.stats.pending:
             self.stats.pending(self._pending)
         self._queue.put(_Item(images, coupling, future, time.perf_counter()))
-        if self._first_busy.is_set():  # (at concurrency 1 the others never wake)
+        if self._first_running:  # (at concurrency 1 the others never wake)
             self._arrival.set()
         if timeout is None:
             return await future
@@ -180,15 +180,14 @@ class Batcher:
                 batch, self._held, stop = self._gather(first)
                 with self._count:
                     narrow = self._beside > 0  # a batch has one of the cores: take the other
-                    self._first_busy.set()
+                    self._first_running = True
             self._run(batch, narrow, self._first_done)
             if stop:
                 return
 
     def _first_done(self) -> None:
         with self._count:
-            if not self._stopping:  # (once stopping, the others must not wait for it again)
-                self._first_busy.clear()
+            self._first_running = False
             if self._waiting_beside:  # it waits for work the first thread can take now: let it go
                 self._queue.put(_NUDGE)
 
@@ -200,7 +199,7 @@ class Batcher:
                 self._arrival.clear()
             with self._gathering:
                 with self._count:
-                    if not (self._first_busy.is_set() or self._stopping):
+                    if not (self._first_running or self._stopping):
                         continue  # the first thread is free again: it gathers
                     self._waiting_beside = True
                 first = self._take(skip_nudges=False)
@@ -311,8 +310,7 @@ class Batcher:
             await asyncio.sleep(0.01)
         with self._count:
             self._stopping = True
-            self._first_busy.set()  # the other threads wait for these: let them reach their _STOP
-            self._arrival.set()
+            self._arrival.set()  # the other threads wait for it: let them reach their _STOP
         for _ in self._threads:
             self._queue.put(_STOP)
         for thread in self._threads:
