@@ -104,14 +104,20 @@ class HeldEngine(FakeEngine):
         return super().classify(images, outputs)
 
 
+async def held_first_batch(workers: int) -> tuple[HeldEngine, Batcher, asyncio.Future]:
+    """A started batcher whose first batch (image 0) is running and held by its engine."""
+    engine = HeldEngine()
+    b = Batcher(engine, 4, 0.0, 100, workers=workers)
+    b.start()
+    first = asyncio.ensure_future(b.submit(images(0, 1)))
+    while not engine.narrow:
+        await asyncio.sleep(0.001)
+    return engine, b, first
+
+
 def test_with_two_workers_a_batch_runs_beside_a_running_one_on_the_narrow_session():
     async def main():
-        engine = HeldEngine()
-        b = Batcher(engine, 4, 0.0, 100, workers=2)
-        b.start()
-        first = asyncio.ensure_future(b.submit(images(0, 1)))
-        while not engine.narrow:  # the first batch is running (and held)
-            await asyncio.sleep(0.001)
+        engine, b, first = await held_first_batch(workers=2)
         rest = [asyncio.ensure_future(b.submit(images(1 + k, 1))) for k in range(3)]
         while len(engine.narrow) < 2:  # the second thread took the three behind it as one batch
             await asyncio.sleep(0.001)
@@ -133,12 +139,7 @@ def test_with_two_workers_a_batch_runs_beside_a_running_one_on_the_narrow_sessio
 
 def test_one_worker_runs_one_batch_at_a_time_on_the_main_session():
     async def main():
-        engine = HeldEngine()
-        b = Batcher(engine, 4, 0.0, 100)
-        b.start()
-        first = asyncio.ensure_future(b.submit(images(0, 1)))
-        while not engine.narrow:
-            await asyncio.sleep(0.001)
+        engine, b, first = await held_first_batch(workers=1)
         rest = [asyncio.ensure_future(b.submit(images(1 + k, 1))) for k in range(3)]
         await asyncio.sleep(0.05)  # time enough for a second batch to start, if one could
         engine.release.set()
@@ -152,13 +153,15 @@ def test_one_worker_runs_one_batch_at_a_time_on_the_main_session():
 
 def test_a_thread_waiting_beside_lets_go_when_the_first_is_free_again():
     async def main():
-        engine = HeldEngine()
-        b = Batcher(engine, 4, 0.0, 100, workers=2)
-        b.start()
-        first = asyncio.ensure_future(b.submit(images(0, 1)))
-        while not engine.narrow:
+        engine, b, first = await held_first_batch(workers=2)
+        # A wake-up with nothing left to take (two requests that arrive while the first batch runs, gathered
+        # into one batch after the first had woken it, leave the event set):
+        # the second thread now waits on the queue for a batch to run beside the held one.
+        b._arrival.set()
+        deadline = asyncio.get_running_loop().time() + 5
+        while not b._waiting_beside:
+            assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.001)
-        await asyncio.sleep(0.05)  # the second thread now waits on the queue for a batch to run beside
         engine.release.set()
         await first
         await asyncio.sleep(0.05)
