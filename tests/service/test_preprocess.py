@@ -646,6 +646,74 @@ def test_level_quantiles_are_those_of_the_grey_image(dtype: type, full: float) -
         assert _level_quantiles(levels, qs, full) == _quantiles(_to_float(levels, full), qs)
 
 
+AREA_CASES = [((224, 227), 96), ((224, 227), 48), ((301, 200), 96), ((97, 95), 48)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+@pytest.mark.parametrize(("shape", "side"), AREA_CASES)
+def test_area_reduction_averages_what_lies_under_each_target_pixel(
+    dtype: type, shape: tuple[int, int], side: int
+) -> None:
+    # _area halves a large image before OpenCV's general area resize: a uniform paper must stay
+    # uniform (to the bit in 8-bit levels), and a ramp must come out as its value at each target
+    # pixel's centre, as a mean over the pixel's own stretch of the source gives it, within about a
+    # source pixel (an odd side gets its edge repeated, so the grid spans one pixel more) and the
+    # rounding of 8-bit levels.
+    import cv2
+
+    from service.preprocess import _area
+
+    h, w = shape
+    scale = side / max(h, w)
+    flat = np.full(shape, 200, dtype=dtype) if dtype == np.uint8 else np.full(shape, 0.7, dtype=dtype)
+    out = _area(flat, scale)
+    assert out.dtype == dtype and out.shape == (max(1, round(h * scale)), max(1, round(w * scale)))
+    if dtype == np.uint8:  # integer levels: to the bit, as `_levels` relies on
+        np.testing.assert_array_equal(out, flat[: out.shape[0], : out.shape[1]])
+    else:  # float sums: within the last place
+        np.testing.assert_allclose(out, 0.7, rtol=0, atol=1e-6)
+    full = 255.0 if dtype == np.uint8 else 1.0
+    for axis in (0, 1):
+        n = shape[axis]
+        ramp = (np.arange(n) + 0.5) / n  # the value at each source pixel's centre, in (0, 1)
+        src = np.broadcast_to(ramp[:, None] if axis == 0 else ramp[None, :], shape)
+        levels = np.round(src * full).astype(dtype) if dtype == np.uint8 else src.astype(dtype)
+        levels = np.ascontiguousarray(levels)
+        got = _area(levels, scale).astype(np.float64) / full
+        m = got.shape[axis]
+        centres = (np.arange(m) + 0.5) / m
+        expected = centres[:, None] if axis == 0 else centres[None, :]
+        rounding = 1.5 / 255 if dtype == np.uint8 else 1e-6  # the source's levels, then two resizes
+        assert np.abs(got - expected).max() <= 1.25 / n + rounding, axis
+        one_step = cv2.resize(levels, got.shape[::-1], interpolation=cv2.INTER_AREA).astype(np.float64) / full
+        assert np.abs(got - one_step).max() <= 1.25 / n + rounding + 1 / 255, axis  # its own rounding too
+
+
+def test_paper_statistics_of_every_other_pixel_are_those_of_all() -> None:
+    # The median and the MAD of a large image come from a quarter of its pixels: on a noisy paper they
+    # must stay within 3 % of the noise's deviation of those of every pixel (their standard error on
+    # 12,712 pixels is 1.1 %), and a flat paper must keep a deviation of exactly 0.
+    from service.preprocess import _quantiles, _statistics_sample
+
+    rng = np.random.default_rng(5)
+    sigma = 0.02
+    paper = (0.01 + sigma * rng.standard_normal((224, 227))).astype(np.float32)
+    sample = _statistics_sample(paper)
+    assert sample.shape == (112, 114)
+    for values in (paper, paper + np.float32(0.3) * (rng.random(paper.shape) < 0.1)):  # 10 % ink
+        (level_all,) = _quantiles(values, (0.5,))
+        (level,) = _quantiles(_statistics_sample(values), (0.5,))
+        (mad_all,) = _quantiles(np.abs(values - np.float32(level_all)), (0.5,))
+        (mad,) = _quantiles(np.abs(_statistics_sample(values) - np.float32(level)), (0.5,))
+        assert abs(level - level_all) < 0.03 * sigma and abs(1.4826 * (mad - mad_all)) < 0.03 * sigma
+    flat = np.full((224, 227), 0.9, dtype=np.float32)
+    flat[::2, 1::2] = 0.2  # ink on the pixels the sample leaves out: every pixel it reads is paper
+    (level,) = _quantiles(_statistics_sample(flat), (0.5,))
+    assert level == np.float32(0.9) and _quantiles(np.abs(_statistics_sample(flat) - level), (0.5,)) == [0.0]
+    small = rng.random((100, 150), dtype=np.float32)  # 15,000 pixels: all of them are read
+    assert _statistics_sample(small) is small
+
+
 def test_background_is_the_lighting_under_the_strokes() -> None:
     from service.preprocess import _background
 
