@@ -43,7 +43,7 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "measured by the same benchmark script as `cpu-2core.json`.",
     },
     "preprocess-2core.json": {
-        "measured": "2026-12-01",
+        "measured": "2026-12-01 at 1bf9ba9",
         "machine_text": "a 2-core AMD EPYC (Zen 4) VM shared with other jobs (load average in the JSON)",
         "command": "python -m bench.preprocess --output bench/results/preprocess-2core.json",
     },
@@ -57,7 +57,7 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "digit, which digit the stored run used is not recorded.",
     },
     "load-2core-300s.json": {
-        "measured": "2026-11-27",
+        "measured": "2026-12-01 at 928d03c",
         "machine_text": "a 2-core AMD EPYC (Zen 4) VM, no GPU, nothing else running",
         "command": "capsnet load --seconds 300 --output bench/results/load-2core-300s.json",
     },
