@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="`json`: one JSON object per log line (uvicorn's too), for log pipelines"
     )
+    opentelemetry: bool = Field(
+        False, description="FastAPI's own OpenTelemetry spans, metrics and logs (needs a configured provider)"
+    )
     http_max_header_bytes: int = Field(
         65536, ge=1024, description="largest request header block; beyond it 431 and the connection closes"
     )

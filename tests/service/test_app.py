@@ -677,3 +677,25 @@ def test_perturb_refuses_more_than_41_sweep_values_even_for_a_vanishing_step(cli
     # 0.5 / 5e-324 overflows to inf: counted before any conversion to int (was a 500)
     r = client.post(f"/perturb?step={step}", json={"images": [digits[0].tolist()]})
     assert r.status_code == 422 and r.json()["detail"].startswith(f"{shown} sweep values; at most 41")
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_fastapis_opentelemetry_runs_only_when_asked_for(tiny_model_dir, monkeypatch, enabled):
+    # FastAPI looks for a configured OpenTelemetry provider on every request unless its telemetry is
+    # off; CAPSNET_OPENTELEMETRY (default off) decides. Counted by the look-ups of the tracer provider.
+    from opentelemetry import trace
+
+    looked_up = []
+    real = trace.get_tracer_provider
+
+    def counting():
+        looked_up.append(1)
+        return real()
+
+    monkeypatch.setattr(trace, "get_tracer_provider", counting)
+    with ready_client(Settings(model_dir=tiny_model_dir, opentelemetry=enabled)) as c:
+        looked_up.clear()
+        for _ in range(3):
+            r = c.post("/predict", json={"images": [np.zeros((28, 28)).tolist()]})
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+    assert len(looked_up) >= 3 if enabled else looked_up == []
