@@ -115,7 +115,9 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         "Raw onnxruntime runs in two forms: one session on all cores, and one batch per core side by side",
         "(one-thread sessions), which the service does under load (`CAPSNET_PARALLEL_BATCHES`). The ratios",
         "take the first at its best batch; `overhead_ms_per_request` takes onnxruntime's core time per image",
-        "at its cheapest in either form.",
+        "at its cheapest in either form. Runs since 2026-12-01 measure these references (and the ceiling) a",
+        "second time after the HTTP cases (`raw_again` in the JSON) and each ratio takes the stricter pass, so",
+        "a reference slowed by other work in one pass cannot flatter the service.",
         "On this VM repeated runs move single figures by up to ±30 %: compare within one run.",
         "",
     ]
