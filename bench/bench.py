@@ -772,19 +772,14 @@ def print_table(r: dict[str, Any]) -> None:
             f"int8 kernels: {ext['int8_kernels']}"
         )
     print(f"\n{'raw inference':<26}{'B':>5}{'p50 ms':>10}{'p99 ms':>10}{'images/s':>11}{'core ms/img':>12}")
-    for name, rows in r["raw"].items():
-        for s in rows:
-            core = f"{s['core_ms_per_image']:>12.2f}" if "core_ms_per_image" in s else ""
-            print(
-                f"{name:<26}{s['batch']:>5}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}{s['images_per_s']:>11.1f}{core}"
-            )
-    for name, rows in r.get("raw_again", {}).items():
-        for s in rows:
-            core = f"{s['core_ms_per_image']:>12.2f}" if "core_ms_per_image" in s else ""
-            label = f"{name}, again"
-            print(
-                f"{label:<26}{s['batch']:>5}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}{s['images_per_s']:>11.1f}{core}"
-            )
+    for suffix, cases in (("", r["raw"]), (", again", r.get("raw_again", {}))):
+        for name, rows in cases.items():
+            for s in rows:
+                core = f"{s['core_ms_per_image']:>12.2f}" if "core_ms_per_image" in s else ""
+                label = name + suffix
+                print(
+                    f"{label:<26}{s['batch']:>5}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}{s['images_per_s']:>11.1f}{core}"
+                )
     print(
         f"\n{'HTTP /predict (wrk)':<28}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}{'cpu':>6}{'ms/req':>8}{'loop':>6}{'RSS MB':>8}"
     )

@@ -230,12 +230,12 @@ def _area(a: npt.NDArray[Any], scale: float) -> npt.NDArray[Any]:
     """`a` resized by `scale` (each side at least one pixel), by area averaging: the mean of the
     source under each target pixel, so nothing thinner than a target pixel is lost or aliased.
 
-    A reduction by 2 or more first halves the image (edge row or column repeated where a side is
-    odd): OpenCV averages 2x2 blocks in a vectorised pass, where the general area resize costs about
-    as much per source pixel as everything after it (227x224 to 96x95: 84 us in one step, 49 us in
-    two). Where a side is odd its edge row or column is repeated, so the grid spans one pixel more: a
-    target pixel's edges move by at most one source pixel (at the far edge), 0.4 % of a 227-pixel
-    side, and the example scans come out within an 8-bit grey level of the one-step reduction."""
+    A reduction by 2 or more first halves the image: OpenCV averages 2x2 blocks in a vectorised pass,
+    where the general area resize costs about as much per source pixel as everything after it
+    (227x224 to 96x95: 84 us in one step, 49 us in two). Where a side is odd its edge row or column is
+    repeated, so the grid spans one pixel more: a target pixel's edges move by at most one source
+    pixel (at the far edge), 0.4 % of a 227-pixel side, and the example scans come out within an
+    8-bit grey level of the one-step reduction."""
     h, w = a.shape
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if h >= 2 * size[1] and w >= 2 * size[0]:
