@@ -7,7 +7,7 @@ ratio of the full graph to the conv-only ceiling.
 Runs the exported graph with onnxruntime's profiler and prints each operator type's share of the
 kernel time, with the nodes grouped as the convolutions (Conv1 + PrimaryCaps, what the ceiling graph
 holds; in the int8 file with their Quantize/DequantizeLinear) and everything after them (squash,
-votes, routing, lengths). Several --file arguments are profiled one after the other and printed side by
+routing, lengths). Several --file arguments are profiled one after the other and printed side by
 side (fp32 against int8, or today's graph against a trial export). With --core-time it instead times
 the files against each other at one intra-op thread, where onnxruntime runs on the calling thread, so
 that thread's CPU time is the model's own cost and other processes on the cores move it little.

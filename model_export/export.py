@@ -2,17 +2,18 @@
 
 Exporters. The decoder always goes through torch.export (`torch.onnx.export(..., dynamo=True)`, which
 needs onnxscript, in the `train` extra), the exporter PyTorch supports. The classifier can go through
-either (`exporter=`, `capsnet export --exporter`); the default stays the deprecated TorchScript tracer
-(`dynamo=False`) because its graph of the shipped weights ran faster at B = 1: 0.94x, 0.94x and 0.96x
-the images per second of CPU time at 1 intra-op thread in three runs of `bench.profile --core-time`
-(2-core AMD EPYC, 2026-12-01), wall clock 0.93-0.99x at 1 and 2 threads; at B = 32 and 128 the two
-were equal within noise (0.99-1.06x). Both graphs have the same operators and the same votes layout;
-the one difference onnxruntime sees: torch.export's shapes are static, so W's Reshape + Transpose is
-folded into an (N, K, J*D) constant at load and the votes run as FusedMatMul(transB=0), where the
-tracer's Reshape takes its shape from Shape ops and runs as FusedMatMul(transB=1) on W itself. The
-B = 1 profiles put the gap in that FusedMatMul (1.07 against 0.67 ms, 1.5 against 1.0 ms per run),
-yet the two forms timed alike in isolation, so the cause is not known. Switch the default to
-"dynamo" when a measurement says it is at least as fast.
+either (`exporter=`, `capsnet export --exporter`); the default is still the deprecated TorchScript
+tracer (`dynamo=False`). On the graph that formed the votes û it ran faster at B = 1 (torch.export's
+graph 0.93-0.99x, 2-core AMD EPYC). On the current graph (routing without the votes, see
+capsules.route_without_votes) torch.export's ran 1.03x and 1.02x at B = 1 and 32 on 2 threads, 1.02x
+and 1.01x on 1 (one alternating run, same CPU, 2026-12-01), within noise. The shipped file, the Triton
+config and the docs are at the tracer's opset 17; switching the default would re-export the shipped
+model for no measured gain.
+
+The tracer runs without constant folding: routing reads DigitCaps' W in three layouts, and folded each
+would be one more 5.9 MB initializer in the file (27.2 -> 39.0 MB); onnxruntime folds them when it
+loads the graph, and the file keeps W once under its parameter's name (which `train.weights_from_export`
+relies on). torch.export's optimizer leaves tensors that large alone.
 
 Either way routing is a Python `for` over an int r, so the recorded graph holds exactly r copies of
 the iteration and no Loop/Scan/If can appear (checked below); dim 0 is a dynamic `batch` axis, and
@@ -106,7 +107,9 @@ def to_onnx(
                 input_names=inputs,
                 output_names=outputs,
                 dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)},
-                do_constant_folding=True,
+                # W is read in three layouts (capsules.route_without_votes): folded here, each would be
+                # one more 5.9 MB initializer in the file; onnxruntime folds them when it loads the graph
+                do_constant_folding=False,
             )
             return TRACER_OPSET
         batch = torch.export.Dim("batch")

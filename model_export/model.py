@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_export.capsules import DigitCaps, PrimaryCaps, conv2d
+from model_export.capsules import DigitCaps, PrimaryCaps, conv2d, exporting, route_without_votes
 from model_export.config import CapsNetConfig
 
 
@@ -59,10 +59,16 @@ class CapsNet(nn.Module):
     def run(self, x: Tensor) -> CapsNetOutput:
         """Everything the service shows, the primary capsules' activations included."""
         h = F.relu(conv2d(self.conv1, x))  # (B, 256, 20, 20)
-        u = self.primary(h)  # (B, N, 8)
-        v, coupling = self.digits(u)  # (B, J, D), (B, r, N, J)
+        if exporting():  # the capsules components first, the layout the exported routing reads
+            u = self.primary.components_first(h)  # (B, 8, N)
+            v, coupling = route_without_votes(u, self.digits.W, self.digits.iterations)
+            activations = torch.linalg.vector_norm(u, dim=1)
+        else:
+            u = self.primary(h)  # (B, N, 8)
+            v, coupling = self.digits(u)  # (B, J, D), (B, r, N, J)
+            activations = torch.linalg.vector_norm(u, dim=-1)
         lengths = torch.linalg.vector_norm(v, dim=-1)  # (B, J): probability that class j is present
-        return CapsNetOutput(lengths, v, coupling, torch.linalg.vector_norm(u, dim=-1))
+        return CapsNetOutput(lengths, v, coupling, activations)
 
     def reconstruct(self, poses: Tensor, classes: Tensor) -> Tensor:
         """Decoder fed with the poses masked to `classes` (B,) -> (B, C, H, W)."""

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model_export.capsules import DigitCaps, PrimaryCaps, route, squash
+from model_export.capsules import DigitCaps, PrimaryCaps, route, route_without_votes, squash
 from model_export.config import CapsNetConfig
 
 TINY = CapsNetConfig(conv1_channels=16, primary_types=4, primary_dim=8, num_classes=10, digit_dim=16)
@@ -84,6 +84,33 @@ def test_digitcaps_matches_reference_with_explicit_votes():
     u_hat = torch.einsum("ijdk,bik->bjid", caps.W, u)  # (B, J, N, D), the textbook form
     v_ref, _ = route(u_hat, TINY.routing_iterations)
     torch.testing.assert_close(v, v_ref)
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 5])
+def test_routing_without_votes_is_the_same_routing(r):
+    """The exported formulation (from u and W, û never formed) against Procedure 1 on û, in float64:
+    same parents and same coupling of every iteration, the first one (softmax(0) = 1/J) included."""
+    torch.manual_seed(r)
+    caps = DigitCaps(TINY).double()
+    with torch.no_grad():
+        caps.W.mul_(30.0)  # votes long enough that the coupling moves away from uniform
+    u = squash(torch.randn(3, TINY.num_primary, TINY.primary_dim, dtype=torch.float64))
+    u_hat = torch.einsum("ijdk,bik->bjid", caps.W, u)
+    v_ref, c_ref = route(u_hat, r)
+    v, c = route_without_votes(u.transpose(1, 2), caps.W.detach(), r)
+    assert c.shape == c_ref.shape == (3, r, TINY.num_primary, TINY.num_classes)
+    if r > 1:
+        assert (c_ref[:, -1] - 1 / TINY.num_classes).abs().max() > 0.05  # routing did move c
+    torch.testing.assert_close(c, c_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(v, v_ref, rtol=0, atol=1e-12)
+
+
+def test_components_first_is_the_same_capsules_transposed():
+    torch.manual_seed(0)
+    pc = PrimaryCaps(TINY)
+    x = torch.randn(2, TINY.conv1_channels, TINY.conv1_out, TINY.conv1_out)
+    with torch.no_grad():
+        torch.testing.assert_close(pc.components_first(x), pc(x).transpose(1, 2))
 
 
 def test_primary_caps_order_is_type_row_col():

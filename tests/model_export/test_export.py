@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -130,30 +131,45 @@ def test_routing_iterations_are_visible_in_the_graph(tmp_path, real_images, r, e
     export(tmp_path / "ckpt.pt", tmp_path / "out", images=real_images, batches=(1, 7), exporter=exporter)
     proto = onnx.load(str(tmp_path / "out" / "capsnet.onnx"))
     assert graph_control_flow(proto) == []
-    softmaxes = sum(n.op_type == "Softmax" for n in proto.graph.node)
-    assert softmaxes == r  # one c_i = softmax(b_i) per routing iteration, r = 3 gives 3
+    # one c_i = softmax(b_i) per routing iteration after the first, whose c is softmax(0) = 1/J
+    assert sum(n.op_type == "Exp" for n in proto.graph.node) == r - 1
     sess = ort.InferenceSession(str(tmp_path / "out" / "capsnet.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(["coupling"], {"image": real_images[:2]})[0].shape == (2, r, 144, 10)
 
 
-def test_both_exporters_keep_the_export_layout_of_the_votes(exported):
-    """torch.export (under which torch.jit.is_tracing() is False) and the tracer must both take
-    DigitCaps' export layout: one batched MatMul over the children and two moves of whole rows, not
-    the training einsum nor a single (3, 1, 0, 2)-like transpose, which onnxruntime runs slowly."""
-    _, out, _ = exported
+def node_outputs_per_image(path: Path, batch: int, tmp: Path) -> dict[str, int]:
+    """Elements per image of every node's output, as onnxruntime ran the graph (from its profile)."""
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp / "profile")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess.run(None, {"image": np.zeros((batch, 1, 28, 28), np.float32)})
+    sizes = {}
+    for event in json.loads(Path(sess.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            for shapes in event["args"]["output_type_shape"]:
+                (dims,) = shapes.values()
+                sizes[event["name"]] = max(sizes.get(event["name"], 0), int(np.prod(dims)) // batch)
+    return sizes
+
+
+def test_both_exporters_route_without_forming_the_votes(exported, tmp_path):
+    """torch.export (under which torch.jit.is_tracing() is False) and the tracer must both take the
+    export formulation (capsules.route_without_votes): no node outputs û, B x N x J x D floats (the
+    training einsum and the old bmm + transposes both did); the largest routing tensor is c * u,
+    J x K x N per image; W is stored once, under its parameter's name."""
+    model, out, _ = exported
+    cfg = model.config
+    N, J, D, K = cfg.num_primary, cfg.num_classes, cfg.digit_dim, cfg.primary_dim
     proto = onnx.load(str(out / "capsnet.onnx"))
     ops = [n.op_type for n in proto.graph.node]
     assert "Einsum" not in ops and ops.count("Conv") == 2
-    perms = sorted(
-        tuple(a.ints)
-        for n in proto.graph.node
-        if n.op_type == "Transpose"
-        for a in n.attribute
-        if a.name == "perm"
-    )
-    r = 3  # per iteration c^T for the weighted sum; r - 1 agreements transposed back to (B, N, J)
-    layout = [(0, 1, 3, 4, 2), (1, 0, 2), (0, 2, 1), (1, 0, 2), (0, 2, 1, 3)]
-    assert perms == sorted(layout + [(0, 2, 1)] * (2 * r - 1))
+    sizes = node_outputs_per_image(out / "capsnet.onnx", 3, tmp_path)
+    conv1 = cfg.conv1_channels * cfg.conv1_out**2
+    routing = {name: n for name, n in sizes.items() if n != conv1}
+    assert len(routing) > 20 and max(routing.values()) == J * K * N < N * J * D
+    weights = [i.name for i in proto.graph.initializer if int(np.prod(i.dims)) == model.digits.W.numel()]
+    assert weights == ["model.digits.W"]
 
 
 def test_weights_come_back_from_the_files(exported):
@@ -168,14 +184,14 @@ def test_weights_come_back_from_the_files(exported):
         assert torch.equal(weights[k], v), k
 
 
-def test_default_r_has_three_softmaxes(exported):
+def test_default_r_computes_two_softmaxes(exported):
     _, out, _ = exported
     proto = onnx.load(str(out / "capsnet.onnx"))
-    assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 3
+    assert sum(n.op_type == "Exp" for n in proto.graph.node) == 2  # r = 3; the first c is constant
 
 
 def test_the_default_exporter_and_an_unknown_one(tmp_path, real_images):
-    # the tracer stays the classifier's default while its graph is faster at B = 1 (export.py's docstring)
+    # the tracer stays the classifier's default (export.py's docstring says why)
     assert CLASSIFIER_EXPORTER == "torchscript" and EXPORTERS == ("torchscript", "dynamo")
     make_checkpoint(tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="exporter must be one of"):
