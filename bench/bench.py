@@ -709,9 +709,8 @@ def explanations(
         ),
         "ort_best_vs_conv_ceiling": (
             f"convolutions are {prof.get('conv_share', float('nan')):.1%} of onnxruntime's kernel time at "
-            f"B = {prof.get('batch')}; the rest is the routing: {', '.join(others)} (computed without the "
-            "votes u_hat: each product streams c * u or W^T v, B x 10 x 9216 floats, or W, 5.9 MB; "
-            "memory-bound)"
+            f"B = {prof.get('batch')}; the rest is the routing: {', '.join(others)} (memory-bound: see "
+            "model_export/capsules.py, route_without_votes)"
         ),
         "service_c32_vs_baseline_c32": (
             f"the baseline answered {base32['requests_per_s']:.0f} requests/s; raw onnxruntime at its best "
