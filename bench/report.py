@@ -1,4 +1,5 @@
-"""docs/performance.md from bench/results/*.json: `python -m bench.report` writes it, `--check` compares.
+"""docs/performance.md and the README's precision table from bench/results/*.json: `python -m bench.report`
+writes them, `--check` compares.
 
 Every figure on that page comes from a results file; tests/test_docs.py fails when the page is not what
 this writes, so a new or changed JSON without a regenerated page does not pass. Where a results file
@@ -19,6 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "performance.md"
+README = ROOT / "README.md"
 
 DIGIT28 = (
     'python -c "from PIL import Image; from model_export.data import load_split; '
@@ -70,7 +72,8 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "python -m bench.gpu --accuracy --http --http-bodies digit28.png examples/7.png "
         "--output bench/results/gpu-h200.json",
         "note": "`digit28.png` is a 28×28 MNIST test digit as a PNG; the first line writes the test set's first "
-        "digit, which digit the stored run used is not recorded.",
+        "digit, which digit the stored run used is not recorded. Measured with the model files of then, whose "
+        "graph formed the votes û; today's graph (routing without them) has not run on a GPU yet.",
     },
     "load-2core-300s.json": {
         "measured": "2026-12-01 at 928d03c",
@@ -499,16 +502,17 @@ RENDERERS: dict[str, Callable[[str, dict[str, Any]], list[str]]] = {
     "preprocess-2core.json": preprocess,
 }
 
-# Which precision where. The rows say what the results files above show; a new precision adds its row.
+# Which precision where. The rows say what the results files show; a new precision adds its row. The
+# same table stands in docs/performance.md and in the README, between these two markers.
+TABLE_START = "<!-- precision table: one row per CAPSNET_PRECISION value, from bench/results -->"
+TABLE_END = "<!-- end precision table -->"
 PRECISION = [
-    "## Which precision where",
-    "",
-    "<!-- precision table: one row per CAPSNET_PRECISION value, from the results above -->",
+    TABLE_START,
     "| `CAPSNET_PRECISION` | file | where | why |",
     "|---|---|---|---|",
     "| `fp32` (default) | `capsnet.onnx` | CPU, and GPU when in doubt | the shipped file; the reference accuracy |",
     "| `fp16` | `capsnet-fp16.onnx` (`capsnet fp16 MODEL_DIR`) | GPU | faster on the H200 at every batch size "
-    "above, the same test accuracy; the CPU gains nothing from it |",
+    "of `gpu-h200.json`, the same test accuracy; the CPU gains nothing from it |",
 ]
 
 
@@ -528,6 +532,19 @@ def int8_row(name: str, cpu_run: dict[str, Any], card: dict[str, Any]) -> str:
 CURRENT_CPU_RUNS = ("cpu-2core-routing.json", "cpu-2core.json")
 
 
+def precision_table(runs: dict[str, dict[str, Any]]) -> list[str]:
+    lines = list(PRECISION)
+    card = json.loads((ROOT / "models" / "capsnet-mnist" / "model_card.json").read_text())
+    with_int8 = [n for n in CURRENT_CPU_RUNS if "int8_best_vs_fp32_best" in runs.get(n, {}).get("ratios", {})]
+    if "int8" in card and with_int8:
+        lines += [int8_row(with_int8[0], runs[with_int8[0]], card)]
+    return [*lines, TABLE_END]
+
+
+def _runs(results: Path) -> dict[str, dict[str, Any]]:
+    return {path.name: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))}
+
+
 def render(results: Path = RESULTS) -> str:
     lines = [
         "# Performance",
@@ -538,34 +555,38 @@ def render(results: Path = RESULTS) -> str:
         "different machines or runs are not comparable with each other.",
         "",
     ]
-    runs = {path.name: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))}
+    runs = _runs(results)
     if {"cpu-2core-routing.json", "cpu-2core-routing-before.json"} <= set(runs):
         lines += routing_before_after(runs["cpu-2core-routing-before.json"], runs["cpu-2core-routing.json"])
     if {"cpu-2core.json", "cpu-2core-before-hotpath.json"} <= set(runs):
         lines += before_after(runs["cpu-2core-before-hotpath.json"], runs["cpu-2core.json"])
     for name, data in sorted(runs.items(), key=lambda kv: (kv[0] != CURRENT_CPU_RUNS[0], kv[0])):
         lines += RENDERERS.get(name, generic)(name, data)
-    lines += PRECISION
-    card = json.loads((ROOT / "models" / "capsnet-mnist" / "model_card.json").read_text())
-    with_int8 = [n for n in CURRENT_CPU_RUNS if "int8_best_vs_fp32_best" in runs.get(n, {}).get("ratios", {})]
-    if "int8" in card and with_int8:
-        lines += [int8_row(with_int8[0], runs[with_int8[0]], card)]
-    lines += ["<!-- end precision table -->", ""]
+    lines += ["## Which precision where", "", *precision_table(runs), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def readme_with_table(readme: str, results: Path = RESULTS) -> str:
+    """`readme` with its precision table (between TABLE_START and TABLE_END) as the results say."""
+    head, rest = readme.split(TABLE_START, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    return head + "\n".join(precision_table(_runs(results))) + tail
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", type=Path, default=PAGE)
-    p.add_argument("--check", action="store_true", help="exit 1 when the page differs instead of writing it")
+    p.add_argument("--readme", type=Path, default=README, help="the README whose precision table to write")
+    p.add_argument("--check", action="store_true", help="exit 1 when a file differs instead of writing it")
     args = p.parse_args(argv)
-    text = render()
+    texts = {args.output: render(), args.readme: readme_with_table(args.readme.read_text())}
     if args.check:
-        same = args.output.exists() and args.output.read_text() == text
-        if not same:
-            print(f"{args.output} is not what `python -m bench.report` writes; run it", file=sys.stderr)
-        return 0 if same else 1
-    args.output.write_text(text)
+        stale = [path for path, text in texts.items() if not path.exists() or path.read_text() != text]
+        for path in stale:
+            print(f"{path} is not what `python -m bench.report` writes; run it", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in texts.items():
+        path.write_text(text)
     return 0
 
 

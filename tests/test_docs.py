@@ -23,7 +23,7 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
-from bench.report import render
+from bench.report import readme_with_table, render
 from capsnet.cli import build_parser
 from service.app import create_app
 from service.settings import SHIPPED_MODEL, Settings
@@ -264,6 +264,16 @@ def test_the_generator_notices_a_changed_figure(tmp_path):
     (tmp_path / "cpu-2core.json").write_text(json.dumps(cpu))
     page = render(tmp_path)
     assert page != render() and "| onnxruntime (CPU EP) | 1 | 99.0 |" in page
+
+
+def test_readme_precision_table_is_the_generated_one_and_follows_the_results(tmp_path):
+    assert readme_with_table(README) == README, "run `python -m bench.report`"
+    for p in (ROOT / "bench" / "results").glob("*.json"):
+        (tmp_path / p.name).write_text(p.read_text())
+    run = json.loads((tmp_path / "cpu-2core-routing.json").read_text())
+    run["ratios"]["int8_best_vs_fp32_best"]["value"] = 9.87
+    (tmp_path / "cpu-2core-routing.json").write_text(json.dumps(run))
+    assert "| 9.87× raw fp32's images/s at the best batch" in readme_with_table(README, tmp_path)
 
 
 # -- the curl examples ----------------------------------------------------------------------------
