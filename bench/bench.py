@@ -610,6 +610,11 @@ def references(r: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return [*r["raw"].get(name, []), *r.get("raw_again", {}).get(name, [])]
 
 
+def http_row(r: dict[str, Any], case: str, connections: int) -> dict[str, Any]:
+    """The HTTP case `case` at `connections` of a run."""
+    return next(h for h in r["http"] if h["case"] == case and h["connections"] == connections)
+
+
 def ratios(r: dict[str, Any]) -> dict[str, Any]:
     # Each reference is the stricter of the two passes: the faster onnxruntime, the faster ceiling.
     ort = references(r, "onnxruntime")
@@ -620,11 +625,8 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
     ort_b1 = min((s for s in ort if s["batch"] == 1), key=lambda s: s["p50_ms"])
     conv_best = max(references(r, "conv_only_ceiling"), key=lambda s: s["images_per_s"])
 
-    def http(case: str, c: int) -> dict[str, Any]:
-        return next(h for h in r["http"] if h["case"] == case and h["connections"] == c)
-
-    on32, on1 = http("service, batcher on", 32), http("service, batcher on", 1)
-    base32 = http("FastAPI + PyTorch baseline", 32)
+    on32, on1 = http_row(r, "service, batcher on", 32), http_row(r, "service, batcher on", 1)
+    base32 = http_row(r, "FastAPI + PyTorch baseline", 32)
     values = {
         "service_c32_vs_ort_best": on32["requests_per_s"] / ort_best["images_per_s"],
         # the server's core time per request beyond what onnxruntime itself needs per image
@@ -731,10 +733,8 @@ def int8_ratios(r: dict[str, Any]) -> dict[str, Any]:
     concurrency 32 against the FastAPI + PyTorch baseline."""
     fp32 = max(references(r, "onnxruntime"), key=lambda s: s["images_per_s"])  # as `ratios` takes it
     int8 = max(r["raw"]["onnxruntime_int8"], key=lambda s: s["images_per_s"])
-    on32 = next(h for h in r["http"] if h["case"] == "service int8, batcher on" and h["connections"] == 32)
-    base32 = next(
-        h for h in r["http"] if h["case"] == "FastAPI + PyTorch baseline" and h["connections"] == 32
-    )
+    on32 = http_row(r, "service int8, batcher on", 32)
+    base32 = http_row(r, "FastAPI + PyTorch baseline", 32)
     prof = r.get("profile_int8") or {}
     others = [f"{op} {share:.1%}" for op, share in prof.get("by_op", {}).items() if op != "QLinearConv"][:5]
     ext = r["machine"]["vector_extensions"]

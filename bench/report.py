@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.bench import http_row, references
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "performance.md"
@@ -425,7 +427,7 @@ def before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """The request path before and after, from two runs of one benchmark script on one machine."""
 
     def row(d: dict[str, Any], c: int) -> dict[str, Any]:
-        return next(h for h in d["http"] if h["case"] == "service, batcher on" and h["connections"] == c)
+        return http_row(d, "service, batcher on", c)
 
     figures = [
         ("requests/s at concurrency 32", lambda d: _i(row(d, 32)["requests_per_s"])),
@@ -444,28 +446,19 @@ def before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return out + _table(["figure", "before", "after"], [[n, f(before), f(after)] for n, f in figures]) + [""]
 
 
-def _best_raw(d: dict[str, Any], case: str) -> dict[str, Any]:
-    """A raw case's best row over both passes (the benchmark's own reference rule)."""
-    return max(
-        [*d["raw"].get(case, []), *d.get("raw_again", {}).get(case, [])], key=lambda r: r["images_per_s"]
-    )
-
-
-def _http(d: dict[str, Any], case: str, c: int) -> dict[str, Any]:
-    return next(h for h in d["http"] if h["case"] == case and h["connections"] == c)
-
-
 def routing_before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """The exported routing with and without the votes û, from two runs of one benchmark on one machine."""
+    """The exported routing with and without the votes û, from two runs of one benchmark on one machine.
+    Each raw figure is taken from both reference passes, as the benchmark's ratios take it."""
 
     def b1(d: dict[str, Any], case: str) -> str:
-        rows = [
-            r for r in (*d["raw"].get(case, []), *d.get("raw_again", {}).get(case, [])) if r["batch"] == 1
-        ]
-        return _f(min(r["p50_ms"] for r in rows), 2)
+        return _f(min(r["p50_ms"] for r in references(d, case) if r["batch"] == 1), 2)
 
     def best(case: str) -> Callable[[dict[str, Any]], str]:
-        return lambda d: f"{_i(_best_raw(d, case)['images_per_s'])} (B = {_best_raw(d, case)['batch']})"
+        def cell(d: dict[str, Any]) -> str:
+            row = max(references(d, case), key=lambda r: r["images_per_s"])
+            return f"{_i(row['images_per_s'])} (B = {row['batch']})"
+
+        return cell
 
     on, int8 = "service, batcher on", "service int8, batcher on"
     figures = [
@@ -476,11 +469,11 @@ def routing_before_after(before: dict[str, Any], after: dict[str, Any]) -> list[
         ("raw int8 onnxruntime, images/s at its best batch", best("onnxruntime_int8")),
         ("int8 against fp32 at their best batches", lambda d: _f(d["ratios"]["int8_best_vs_fp32_best"]["value"], 2)),
         ("raw int8 B = 1, p50 ms", lambda d: b1(d, "onnxruntime_int8")),
-        ("service fp32, requests/s at concurrency 32", lambda d: _i(_http(d, on, 32)["requests_per_s"])),
-        ("service fp32, p50 ms at concurrency 1", lambda d: _f(_http(d, on, 1)["p50_ms"], 2)),
-        ("service int8, requests/s at concurrency 32", lambda d: _i(_http(d, int8, 32)["requests_per_s"])),
-        ("service int8, requests/s at concurrency 64", lambda d: _i(_http(d, int8, 64)["requests_per_s"])),
-        ("service int8, p50 ms at concurrency 1", lambda d: _f(_http(d, int8, 1)["p50_ms"], 2)),
+        ("service fp32, requests/s at concurrency 32", lambda d: _i(http_row(d, on, 32)["requests_per_s"])),
+        ("service fp32, p50 ms at concurrency 1", lambda d: _f(http_row(d, on, 1)["p50_ms"], 2)),
+        ("service int8, requests/s at concurrency 32", lambda d: _i(http_row(d, int8, 32)["requests_per_s"])),
+        ("service int8, requests/s at concurrency 64", lambda d: _i(http_row(d, int8, 64)["requests_per_s"])),
+        ("service int8, p50 ms at concurrency 1", lambda d: _f(http_row(d, int8, 1)["p50_ms"], 2)),
     ]  # fmt: skip
     out = ["## The routing without the votes, before and after", "",
            "`cpu-2core-routing-before.json` (the model files that formed û) and `cpu-2core-routing.json` "
