@@ -9,6 +9,9 @@ body that trickles in. `LimitedHttpToolsProtocol` adds, per connection:
 - a deadline for the body (`CAPSNET_HTTP_BODY_TIMEOUT_S`, from the end of the head): the connection
   closes (the handler sees the client gone: 499).
 The keep-alive idle timeout is uvicorn's own (`CAPSNET_HTTP_KEEP_ALIVE_S`).
+
+It also sends an answer's head and body in one write (`OneWrite`): uvicorn writes them apart, two
+sends per answer, each waking the client.
 """
 
 from __future__ import annotations
@@ -22,6 +25,36 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service.settings import get_settings
 
 
+class OneWrite:
+    """The transport a request's cycle writes to: what it writes within one turn of the event loop
+    goes out in one write, at the end of the answer or at the end of that turn, whichever is first,
+    so nothing waits for more than the turn it was written in."""
+
+    __slots__ = ("held", "loop", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport, self.loop = transport, loop
+        self.held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self.held:
+            self.loop.call_soon(self.flush)
+        self.held.append(data)
+
+    def flush(self) -> None:
+        if self.held:
+            data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
+            self.held.clear()
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -31,6 +64,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.in_head = True  # reading a request's head (also before its first byte)
         self.head_bytes = 0
         self.deadline: asyncio.TimerHandle | None = None
+        self.one_write: OneWrite | None = None
 
     # -- deadlines
 
@@ -66,6 +100,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.one_write = OneWrite(transport, self.loop)
         self._arm(self.head_timeout, self._head_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -98,12 +133,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.in_head = False
         self._arm(self.body_timeout, self._body_too_slow)
         super().on_headers_complete()
+        if self.cycle is not None and self.one_write is not None:
+            self.cycle.transport = self.one_write  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        if self.one_write is not None:
+            self.one_write.flush()  # the whole answer, now
         super().on_response_complete()
         if not self.transport.is_closing():  # waiting for the next request on a kept-alive connection
             self.in_head, self.head_bytes = True, 0
