@@ -373,6 +373,20 @@ def wrk(url: str, body: Path, connections: int, seconds: float, tmp: Path) -> di
     }
 
 
+def batch_totals(port: int) -> tuple[float, float] | None:
+    """(images, batches) the server's batchers have run so far, from its /metrics; None without them."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:  # the baseline app has no /metrics
+        return None
+    images = sum(float(m) for m in re.findall(r"^capsnet_batch_images_sum\{[^}]*\} (\S+)$", text, re.M))
+    batches = sum(float(m) for m in re.findall(r"^capsnet_batch_images_count\{[^}]*\} (\S+)$", text, re.M))
+    return images, batches
+
+
 def http_cases(
     name: str,
     cmd: list[str],
@@ -391,13 +405,18 @@ def http_cases(
         wrk(url, body, 4, 1.0, tmp)  # warm the connection pool and the code paths
         loop_stat = f"/proc/{proc.pid}/task/{proc.pid}/stat"  # the main thread: the event loop
         for c in concurrencies:
+            batches0 = batch_totals(port)
             cpu0, _ = _proc_cpu_rss(proc.pid)
             loop0 = _cpu_seconds(loop_stat)
             t0 = time.perf_counter()
             row = wrk(url, body, c, seconds, tmp)
             wall = time.perf_counter() - t0
             cpu1, rss = _proc_cpu_rss(proc.pid)
+            batches1 = batch_totals(port)
             requests = max(row["requests_per_s"] * wall, 1e-9)
+            if batches0 is not None and batches1 is not None and batches1[1] > batches0[1]:
+                # images per inference batch while wrk ran: what the batcher made of the load
+                row["mean_batch"] = (batches1[0] - batches0[0]) / (batches1[1] - batches0[1])
             row.update(
                 {
                     "case": name,
@@ -681,6 +700,23 @@ def explanations(
     others = [f"{op} {share:.1%}" for op, share in prof.get("by_op", {}).items() if op != "Conv"][:5]
     overhead = service_core_ms - ort_core_ms
     g = r["grpc"]
+    batch_part = ""
+    if "mean_batch" in on32:
+        # onnxruntime alone, one batch per core side by side, at the raw batch nearest the service's
+        # mean: how much of the overhead is the batch size the load gave the batcher
+        rows = references(r, "onnxruntime_side_by_side") or references(r, "onnxruntime")
+        nearest = min(abs(row["batch"] - on32["mean_batch"]) for row in rows)
+        at_batch = min(
+            (row for row in rows if abs(row["batch"] - on32["mean_batch"]) == nearest),
+            key=lambda row: row["core_ms_per_image"],
+        )
+        batch_ms = at_batch["core_ms_per_image"] - ort_core_ms
+        batch_part = (
+            f"; the batcher's batches held {on32['mean_batch']:.1f} images on average, and onnxruntime "
+            f"alone at {form(at_batch)} needs {at_batch['core_ms_per_image']:.2f} ms per image: "
+            f"{batch_ms:.2f} ms of the {overhead:.2f} is that batch size, {overhead - batch_ms:.2f} ms the "
+            "service's own"
+        )
     return {
         "grpc_b64_vs_ort_b64": (
             f"{g['streams']} tritonclient.grpc streams of B = {g['batch']} ({'+'.join(g['outputs'])} out): "
@@ -694,7 +730,7 @@ def explanations(
             f"{ort_core_ms:.2f} ms per image for onnxruntime alone at its cheapest ({form(ort_cheapest)}): "
             f"{overhead:.2f} ms beyond inference; the event loop's thread (HTTP, decoding, batching, JSON) "
             f"used {loop_ms:.2f} ms per request, the rest is the inference threads' Python and onnxruntime "
-            "at the service's batch sizes"
+            f"at the service's batch sizes{batch_part}"
         ),
         "service_c32_vs_ort_best": (
             f"at concurrency 32 the server used {on32['server_cpu_cores']:.2f} of {cores} cores for "
@@ -780,13 +816,14 @@ def print_table(r: dict[str, Any]) -> None:
                     f"{label:<26}{s['batch']:>5}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}{s['images_per_s']:>11.1f}{core}"
                 )
     print(
-        f"\n{'HTTP /predict (wrk)':<28}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}{'cpu':>6}{'ms/req':>8}{'loop':>6}{'RSS MB':>8}"
+        f"\n{'HTTP /predict (wrk)':<28}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}{'cpu':>6}{'ms/req':>8}{'loop':>6}{'batch':>6}{'RSS MB':>8}"
     )
     for h in r["http"]:
         print(
             f"{h['case']:<28}{h['connections']:>5}{h['requests_per_s']:>9.1f}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}"
             f"{h['non_2xx']:>8}{h['server_cpu_cores']:>6.2f}{h['server_core_ms_per_request']:>8.2f}"
-            f"{h['event_loop_core_ms_per_request']:>6.2f}{h['server_rss_mb']:>8.0f}"
+            f"{h['event_loop_core_ms_per_request']:>6.2f}"
+            f"{h['mean_batch'] if 'mean_batch' in h else float('nan'):>6.1f}{h['server_rss_mb']:>8.0f}"
         )
     g = r["grpc"]
     print(

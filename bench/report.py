@@ -168,6 +168,7 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
             _f(r["server_cpu_cores"], 2),
             _f(r["server_core_ms_per_request"], 2) if "server_core_ms_per_request" in r else "—",
             _f(r["event_loop_core_ms_per_request"], 2) if "event_loop_core_ms_per_request" in r else "—",
+            _f(r["mean_batch"], 1) if "mean_batch" in r else "—",
             _i(r["server_rss_mb"]),
         ]
         for r in d["http"]
@@ -181,6 +182,7 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         "server CPU (cores)",
         "core ms per request",
         "of it, the event loop's",
+        "images per batch",
         "RSS MB",
     ]
     out += [*_table(header, rows), ""]

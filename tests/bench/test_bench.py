@@ -42,6 +42,12 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
         assert h["requests_per_s"] > 0 and h["non_2xx"] == 0, h
         # the event loop's thread is one of the server's: its share of the core time is a part of it
         assert 0 < h["event_loop_core_ms_per_request"] <= h["server_core_ms_per_request"], h
+        if h["case"].startswith("FastAPI"):  # no batcher, no /metrics
+            assert "mean_batch" not in h
+        elif h["connections"] == 1 or h["case"] == "service, batcher off":  # one request at a time, or B <= 1
+            assert h["mean_batch"] == 1.0, h
+        else:
+            assert 1.0 <= h["mean_batch"] <= min(h["connections"], 64), h
     again = r["raw_again"]  # the references once more, after the HTTP cases
     assert set(again) == {"onnxruntime", "onnxruntime_side_by_side", "conv_only_ceiling"}
     assert [row["batch"] for row in again["onnxruntime"]] == [1, 8, 32, 128]
@@ -85,6 +91,7 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
     for name, ratio in r["ratios"].items():
         assert any(ch.isdigit() for ch in ratio["why"]), name
     assert f"{r['profile']['conv_share']:.1%}" in r["ratios"]["ort_best_vs_conv_ceiling"]["why"]
+    assert f"held {on32['mean_batch']:.1f} images" in r["ratios"]["overhead_ms_per_request"]["why"]
     printed = capsys.readouterr().out
     assert "ratios and their targets:" in printed and "tritonclient.grpc, raw" in printed
 
