@@ -374,14 +374,20 @@ def wrk(url: str, body: Path, connections: int, seconds: float, tmp: Path) -> di
 
 
 def batch_totals(port: int) -> tuple[float, float] | None:
-    """(images, batches) the server's batchers have run so far, from its /metrics; None without them."""
+    """(images, batches) the server's batchers have run so far, from its /metrics, once nothing is queued
+    or running (the last load's stragglers count for it, not for the next); None without /metrics."""
     import urllib.request
 
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:  # the baseline app has no /metrics
-        return None
+    for _ in range(100):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:  # the baseline app has no /metrics
+            return None
+        queued = re.findall(r"^capsnet_queue_images\{[^}]*\} (\S+)$", text, re.M)
+        if not any(float(q) for q in queued):
+            break
+        time.sleep(0.05)
     images = sum(float(m) for m in re.findall(r"^capsnet_batch_images_sum\{[^}]*\} (\S+)$", text, re.M))
     batches = sum(float(m) for m in re.findall(r"^capsnet_batch_images_count\{[^}]*\} (\S+)$", text, re.M))
     return images, batches
@@ -682,6 +688,18 @@ def form(row: dict[str, Any]) -> str:
     return f"B = {row['batch']}" + (f", {at_once} batches side by side" if at_once > 1 else "") + again
 
 
+def per_run_cost(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(c, F) of core ms per image = c + F / B, least squares over the rows' batches (each batch's
+    faster row): c is onnxruntime's cost per image at any batch, F what each run costs on top."""
+    best: dict[int, float] = {}
+    for row in rows:
+        best[row["batch"]] = min(best.get(row["batch"], float("inf")), row["core_ms_per_image"])
+    x = np.array([1.0 / b for b in best])
+    y = np.array(list(best.values()))
+    fixed, c = np.polyfit(x, y, 1) if len(best) > 1 else (0.0, float(y[0]))
+    return float(c), float(fixed)
+
+
 def explanations(
     r: dict[str, Any],
     ort_best: dict[str, Any],
@@ -702,20 +720,17 @@ def explanations(
     g = r["grpc"]
     batch_part = ""
     if "mean_batch" in on32:
-        # onnxruntime alone, one batch per core side by side, at the raw batch nearest the service's
-        # mean: how much of the overhead is the batch size the load gave the batcher
-        rows = references(r, "onnxruntime_side_by_side") or references(r, "onnxruntime")
-        nearest = min(abs(row["batch"] - on32["mean_batch"]) for row in rows)
-        at_batch = min(
-            (row for row in rows if abs(row["batch"] - on32["mean_batch"]) == nearest),
-            key=lambda row: row["core_ms_per_image"],
-        )
-        batch_ms = at_batch["core_ms_per_image"] - ort_core_ms
+        # onnxruntime's own cost per image as c + F / B (F: each run's fixed cost), fitted to the
+        # side-by-side rows (the faster pass at each batch): over the images of batches of any sizes
+        # that is c + F / mean batch, since each batch of B images adds B * (1 / B) = 1 to the sum of 1 / B
+        c, fixed = per_run_cost(references(r, "onnxruntime_side_by_side") or references(r, "onnxruntime"))
+        at_mean = c + fixed / on32["mean_batch"]
+        batch_ms = max(0.0, at_mean - ort_core_ms)
         batch_part = (
-            f"; the batcher's batches held {on32['mean_batch']:.1f} images on average, and onnxruntime "
-            f"alone at {form(at_batch)} needs {at_batch['core_ms_per_image']:.2f} ms per image: "
-            f"{batch_ms:.2f} ms of the {overhead:.2f} is that batch size, {overhead - batch_ms:.2f} ms the "
-            "service's own"
+            f"; the batcher's batches held {on32['mean_batch']:.1f} images on average, where onnxruntime "
+            f"alone needs {at_mean:.2f} ms per image ({c:.2f} + {fixed:.2f} / B, fitted to its side-by-side "
+            f"rows): {batch_ms:.2f} ms of the {overhead:.2f} is that batch size, {overhead - batch_ms:.2f} ms "
+            "the service's own"
         )
     return {
         "grpc_b64_vs_ort_b64": (

@@ -62,6 +62,13 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "note": "The shipped files of today: routing exported without the votes û "
         "(`model_export/capsules.py`, `route_without_votes`).",
     },
+    "cpu-2core-now.json": {
+        "measured": "2026-12-01 at 74f8f9c, on a fresh clone",
+        "machine_text": QUIET_VM,
+        "command": "capsnet bench --output bench/results/cpu-2core-now.json",
+        "note": "Today's files and code: the routing without the votes, one write per answer, and the "
+        "batcher's mean batch per HTTP row (`images per batch`).",
+    },
     "preprocess-2core.json": {
         "measured": "2026-12-01 at 1bf9ba9",
         "machine_text": "a 2-core AMD EPYC (Zen 4) VM shared with other jobs (load average in the JSON)",
@@ -115,7 +122,8 @@ def _provenance(name: str, data: dict[str, Any], versions: str) -> list[str]:
 
 
 CPU_TITLES = {
-    "cpu-2core-routing.json": "CPU now: raw inference, the service, the baseline",
+    "cpu-2core-now.json": "CPU now: raw inference, the service, the baseline",
+    "cpu-2core-routing.json": "CPU, the first run of the routing without the votes",
     "cpu-2core.json": "CPU: raw inference, the service, the baseline, with the graph that formed û",
     "cpu-2core-before-hotpath.json": "CPU, the service before its request path was rebuilt",
 }
@@ -488,6 +496,7 @@ def routing_before_after(before: dict[str, Any], after: dict[str, Any]) -> list[
 
 
 RENDERERS: dict[str, Callable[[str, dict[str, Any]], list[str]]] = {
+    "cpu-2core-now.json": cpu,
     "cpu-2core-routing.json": cpu,
     "cpu-2core-routing-before.json": lambda name, d: [],  # its figures are in the before/after table
     "cpu-2core.json": cpu,
@@ -524,7 +533,7 @@ def int8_row(name: str, cpu_run: dict[str, Any], card: dict[str, Any]) -> str:
 
 
 # The run of today's shipped files first: the precision table reads the first of these that has int8 figures.
-CURRENT_CPU_RUNS = ("cpu-2core-routing.json", "cpu-2core.json")
+CURRENT_CPU_RUNS = ("cpu-2core-now.json", "cpu-2core-routing.json", "cpu-2core.json")
 
 
 def precision_table(runs: dict[str, dict[str, Any]]) -> list[str]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench.bench import VECTOR_FLAGS, main, ratios, vector_extensions
+from bench.bench import VECTOR_FLAGS, main, per_run_cost, ratios, vector_extensions
 from service.engine import available_cores
 from service.settings import SHIPPED_MODEL
 from tests.tools import installed_tool
@@ -166,3 +166,11 @@ def test_ratios_take_the_stricter_of_the_two_reference_passes(slow_pass):
     assert got["overhead_ms_per_request"] == pytest.approx(4.6 - 4.3)
     assert got["service_c1_p50_minus_ort_b1_ms"] == pytest.approx(2.9 - 2.5)
     assert got["ort_best_vs_conv_ceiling"] == pytest.approx(450.0 / 550.0)
+
+
+def test_per_run_cost_recovers_the_cost_per_image_and_per_run_from_the_faster_rows():
+    # core ms per image = 4.0 + 1.2 / B; a second, slower pass of the same batches must not pull it up
+    rows = [{"batch": b, "core_ms_per_image": 4.0 + 1.2 / b} for b in (1, 8, 32, 128)]
+    slow = [dict(row, core_ms_per_image=row["core_ms_per_image"] * 1.5) for row in rows]
+    c, fixed = per_run_cost(slow + rows)
+    assert c == pytest.approx(4.0) and fixed == pytest.approx(1.2)
