@@ -63,7 +63,7 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "(`model_export/capsules.py`, `route_without_votes`).",
     },
     "cpu-2core-now.json": {
-        "measured": "2026-12-01 at 74f8f9c, on a fresh clone",
+        "measured": "2026-12-01 at 05e665c, on a fresh clone",
         "machine_text": QUIET_VM,
         "command": "capsnet bench --output bench/results/cpu-2core-now.json",
         "note": "Today's files and code: the routing without the votes, one write per answer, and the "
