@@ -384,13 +384,15 @@ def batch_totals(port: int) -> tuple[float, float] | None:
                 text = r.read().decode()
         except OSError:  # the baseline app has no /metrics
             return None
-        queued = re.findall(r"^capsnet_queue_images\{[^}]*\} (\S+)$", text, re.M)
-        if not any(float(q) for q in queued):
+        if not _total(text, "capsnet_queue_images"):
             break
         time.sleep(0.05)
-    images = sum(float(m) for m in re.findall(r"^capsnet_batch_images_sum\{[^}]*\} (\S+)$", text, re.M))
-    batches = sum(float(m) for m in re.findall(r"^capsnet_batch_images_count\{[^}]*\} (\S+)$", text, re.M))
-    return images, batches
+    return _total(text, "capsnet_batch_images_sum"), _total(text, "capsnet_batch_images_count")
+
+
+def _total(scrape: str, name: str) -> float:
+    """A metric's series summed over their labels (every model), in a Prometheus text scrape."""
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", scrape, re.M))
 
 
 def http_cases(
@@ -838,7 +840,7 @@ def print_table(r: dict[str, Any]) -> None:
             f"{h['case']:<28}{h['connections']:>5}{h['requests_per_s']:>9.1f}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}"
             f"{h['non_2xx']:>8}{h['server_cpu_cores']:>6.2f}{h['server_core_ms_per_request']:>8.2f}"
             f"{h['event_loop_core_ms_per_request']:>6.2f}"
-            f"{h['mean_batch'] if 'mean_batch' in h else float('nan'):>6.1f}{h['server_rss_mb']:>8.0f}"
+            f"{h.get('mean_batch', float('nan')):>6.1f}{h['server_rss_mb']:>8.0f}"
         )
     g = r["grpc"]
     print(
