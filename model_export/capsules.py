@@ -91,9 +91,8 @@ class PrimaryCaps(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) feature map -> (B, N, dim) squashed capsules in (type, row, col) order."""
-        B = x.shape[0]
         y = conv2d(self.conv, x)  # (B, types*dim, G, G); channel = type*dim + d
-        G = y.shape[-1]
+        B, G = y.shape[0], y.shape[-1]  # (from y: an exported routing reads nothing before it)
         y = y.view(B, self.types, self.dim, G, G)  # (B, types, dim, G, G)
         y = y.permute(0, 1, 3, 4, 2)  # (B, types, G, G, dim)
         u = y.reshape(B, self.types * G * G, self.dim)  # (B, N, dim), N in (type, row, col) order
@@ -152,6 +151,18 @@ class DigitCaps(nn.Module):
         return route(torch.einsum("bnk,njdk->bjnd", u, self.W).contiguous(), self.iterations)
 
 
+def votes(u: Tensor, W: Tensor) -> Tensor:
+    """The votes û_j|i = W_ij u_i laid out for `route`, as the exported graph forms them: u (B, N, K),
+    W (N, J, D, K) -> û (B, J, N, D). One batched product over the children, then two moves of whole
+    rows (J*D, then D floats): onnxruntime's transpose of the single (3, 1, 0, 2) permutation took 60 %
+    of the graph's time (profiled), and its Einsum is not used."""
+    B, N, K = u.shape
+    _, J, D, _ = W.shape
+    u_hat = torch.bmm(u.transpose(0, 1), W.reshape(N, J * D, K).transpose(1, 2))  # (N, B, J*D)
+    u_hat = u_hat.transpose(0, 1).contiguous()  # (B, N, J*D)
+    return u_hat.view(B, N, J, D).transpose(1, 2).contiguous()  # (B, J, N, D)
+
+
 def softmax_first(b: Tensor) -> Tensor:
     """Softmax over dim 0, written out: onnxruntime's Softmax over a leading axis moves the tensor
     around it (profiled at (10, 32, 1152), 1 thread: 4.5 ms, where these five operators take 0.7)."""
@@ -174,7 +185,8 @@ def route_without_votes(u: Tensor, W: Tensor, iterations: int) -> tuple[Tensor, 
     û's size) or W itself (5.9 MB). Images/s against the graph that formed û, alternating call by call,
     2 threads, 2-core AMD EPYC (2026-12-01): fp32 B = 1 0.90x, 8 1.03x, 32 1.07x, 64 1.09x, 128 1.06x;
     int8 (whose convolutions leave the routing a larger share) B = 1 0.81x, 8 1.05x, 32 1.18x, 64 1.16x,
-    128 1.16x. B = 1 is slower (+0.33 ms) because W is read five times where û would be read once.
+    128 1.16x. B = 1 is slower (+0.33 ms) because W is read five times where û would be read once, so
+    the exported graph routes small batches through `votes` + `route` (export.SMALL_BATCH).
     """
     B, K, N = u.shape
     _, J, D, _ = W.shape

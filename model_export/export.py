@@ -15,9 +15,17 @@ would be one more 5.9 MB initializer in the file (27.2 -> 39.0 MB); onnxruntime 
 loads the graph, and the file keeps W once under its parameter's name (which `train.weights_from_export`
 relies on). torch.export's optimizer leaves tensors that large alone.
 
-Either way routing is a Python `for` over an int r, so the recorded graph holds exactly r copies of
-the iteration and no Loop/Scan/If can appear (checked below); dim 0 is a dynamic `batch` axis, and
-parity is checked at several batch sizes after export. torch.export's lowest opset is 18 (its
+Either way routing is a Python `for` over an int r, so each recorded routing holds exactly r copies
+of the iteration and no Loop/Scan can appear (checked below); dim 0 is a dynamic `batch` axis, and
+parity is checked at several batch sizes after export, on both sides of SMALL_BATCH.
+
+Two routings, one file. The classifier is recorded twice from the same weights, once per formulation
+(model.FORMULATIONS), and the two are joined (`by_batch_size`): the convolutions once, then one If on
+the batch size whose branches hold the routings. Up to SMALL_BATCH images it forms the votes û once and
+routes them (`capsules.route`); above, it routes without them (`capsules.route_without_votes`), which
+reads W five times, 5.9 MB each, and so costs ~0.3-0.9 ms more per run at B = 1 while saving ~7 % at
+B >= 16 (capsules.route_without_votes' docstring has the side-by-side figures). That If is the only
+control flow in the graph. torch.export's lowest opset is 18 (its
 converter down to 17 fails on ReduceSum's axes input); the tracer's graph stays at opset 17. Each
 file's `opset` metadata says its own.
 
@@ -45,7 +53,7 @@ from torch import Tensor, nn
 
 from model_export.config import CapsNetConfig
 from model_export.data import file_sha256, get_spec, load_split
-from model_export.model import CapsNet
+from model_export.model import FORMULATIONS, CapsNet
 from model_export.train import build_model, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -55,7 +63,12 @@ TRACER_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
 CLASSIFIER_EXPORTER = "torchscript"  # faster graph at B = 1, see the module docstring
 PARITY_ATOL = 1e-5
-PARITY_BATCHES = (1, 7, 64)
+PARITY_BATCHES = (1, 7, 64)  # both sides of SMALL_BATCH
+# The most images the exported graph routes with the votes formed (see the module docstring). Images/s,
+# the joined graph against the two it joins, alternating call by call, 2 threads, 2-core AMD EPYC
+# (2026-12-01): votes-only 1.00 / without-votes-only 0.91 at B = 1, 1.00 / 0.90 at 2, 1.00 / 1.01 at 4,
+# 1.00 / 1.035 at 8; the joined graph within 1 % of the faster one at every size from 1 to 32.
+SMALL_BATCH = 4
 # The issue's three outputs, plus the primary capsules' lengths that weight the routing summaries.
 MODEL_OUTPUTS = ("probabilities", "poses", "coupling", "primary_activations")
 
@@ -65,12 +78,12 @@ class ExportError(RuntimeError):
 
 
 class _ClassifierGraph(nn.Module):
-    def __init__(self, model: CapsNet) -> None:
+    def __init__(self, model: CapsNet, formulation: str) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.formulation = model, formulation
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return tuple(self.model.run(image))  # type: ignore[return-value]
+        return tuple(self.model.run(image, self.formulation))  # type: ignore[return-value]
 
 
 class _DecoderGraph(nn.Module):
@@ -127,6 +140,118 @@ def to_onnx(
     assert program is not None
     onnx.save(program.model_proto, str(path))
     return OPSET
+
+
+def by_batch_size(small: onnx.ModelProto, large: onnx.ModelProto, most: int) -> onnx.ModelProto:
+    """One classifier from two recordings of the same weights whose graphs differ after the PrimaryCaps
+    convolution: the nodes up to that convolution once (`large`'s), then an If whose then-branch is the
+    rest of `small` (the "votes" recording; batches of at most `most` images) and whose else-branch is
+    the rest of `large` (the "without_votes" one).
+
+    Inside a branch every value is renamed `<votes|without_votes>/...`; a branch reads the
+    convolution's output and the initializers from the enclosing graph. Initializers both recordings hold
+    under one name with the same bytes (the parameters) are kept once; any other of `small`'s is kept
+    under its branch's prefix.
+    """
+
+    def cut(proto: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+        """(the nodes the last convolution depends on, itself included; all the others)"""
+        convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+        if len(convs) != 2:
+            raise ExportError(f"expected the classifier's two convolutions, found {len(convs)}")
+        made_by = {o: n for n in proto.graph.node for o in n.output}
+        outer, todo = set(), [convs[-1]]
+        while todo:
+            node = todo.pop()
+            if id(node) not in outer:
+                outer.add(id(node))
+                todo += [made_by[i] for i in node.input if i in made_by]
+        nodes = list(proto.graph.node)
+        return [n for n in nodes if id(n) in outer], [n for n in nodes if id(n) not in outer]
+
+    outer, large_rest = cut(large)
+    small_outer, small_rest = cut(small)
+    if [n.op_type for n in small_outer] != [n.op_type for n in outer]:
+        raise ExportError("the two recordings differ before the routing")
+    large_inits = {i.name: i for i in large.graph.initializer}
+    shared = {
+        i.name
+        for i in small.graph.initializer
+        if i.name in large_inits and i.SerializeToString() == large_inits[i.name].SerializeToString()
+    }
+
+    def branch(
+        proto: onnx.ModelProto, rest: list[onnx.NodeProto], own_outer: list[onnx.NodeProto], tag: str
+    ) -> tuple[onnx.GraphProto, list[onnx.TensorProto]]:
+        """`rest` as a branch named `tag`, and the initializers it brings of its own."""
+        # The routing reads the PrimaryCaps convolution's output and nothing else before it: in the
+        # int8 file any other read would keep a tensor in fp32 for it (quantize.py).
+        before = {o for n in own_outer for o in n.output}
+        read = {x for n in rest for x in n.input} & before
+        if read != {own_outer[-1].output[0]}:
+            raise ExportError(
+                f"the {tag} routing reads {sorted(read)} from before it, not just the convolution"
+            )
+        names = {own_outer[-1].output[0]: outer[-1].output[0]}  # this recording's convolution -> the kept one
+        own_inits = [i for i in proto.graph.initializer if proto is small and i.name not in shared]
+        names.update({i.name: f"{tag}/{i.name}" for i in own_inits})
+        names.update({o: f"{tag}/{o}" for n in rest for o in n.output})
+        nodes = []
+        for n in rest:
+            node = onnx.NodeProto()
+            node.CopyFrom(n)
+            node.input[:] = [names.get(x, x) for x in n.input]  # image, initializers, "" (omitted)
+            node.output[:] = [names[x] for x in n.output]
+            node.name = f"{tag}/{n.name}"
+            nodes.append(node)
+        outputs = []
+        for o in proto.graph.output:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(o)
+            vi.name = names[o.name]
+            outputs.append(vi)
+        renamed = []
+        for i in own_inits:
+            t = onnx.TensorProto()
+            t.CopyFrom(i)
+            t.name = names[i.name]
+            renamed.append(t)
+        return onnx.helper.make_graph(nodes, tag, [], outputs), renamed
+
+    then_branch, small_inits = branch(small, small_rest, small_outer, FORMULATIONS[0])
+    else_branch, _ = branch(large, large_rest, outer, FORMULATIONS[1])
+    image = large.graph.input[0].name
+    switch = [
+        onnx.helper.make_node("Shape", [image], ["batch_size"], start=0, end=1),
+        onnx.helper.make_node(
+            "Constant",
+            [],
+            ["small_batch"],
+            value=onnx.helper.make_tensor("most", onnx.TensorProto.INT64, [1], [most]),
+        ),
+        onnx.helper.make_node("LessOrEqual", ["batch_size", "small_batch"], ["is_small_1"]),
+        onnx.helper.make_node("Squeeze", ["is_small_1"], ["is_small"]),
+        onnx.helper.make_node(
+            "If",
+            ["is_small"],
+            [o.name for o in large.graph.output],
+            name="routing_by_batch_size",
+            then_branch=then_branch,
+            else_branch=else_branch,
+        ),
+    ]
+    graph = onnx.helper.make_graph(
+        [*outer, *switch],
+        large.graph.name,
+        list(large.graph.input),
+        list(large.graph.output),
+        initializer=[*large.graph.initializer, *small_inits],
+    )
+    joined = onnx.helper.make_model(
+        graph, opset_imports=list(large.opset_import), ir_version=large.ir_version
+    )
+    joined.producer_name, joined.producer_version = large.producer_name, large.producer_version
+    return joined
 
 
 def _pin_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -248,14 +373,25 @@ def export_model(
     model = model.eval()
     cfg = model.config
     images = np.ascontiguousarray(images, dtype=np.float32)
+    if not min(batches) <= SMALL_BATCH < max(batches):
+        raise ValueError(f"parity batches {batches} must test both routings: at most {SMALL_BATCH} and more")
     with tempfile.TemporaryDirectory() as tmp:
         cls_path, dec_path = Path(tmp) / "capsnet.onnx", Path(tmp) / "decoder.onnx"
         example = torch.from_numpy(images[:2])
-        opsets = {
-            cls_path: to_onnx(
-                _ClassifierGraph(model), (example,), cls_path, ["image"], list(MODEL_OUTPUTS), exporter
+        recorded = []
+        for formulation in FORMULATIONS:  # (votes, without_votes): the If's then and else branches
+            path = Path(tmp) / f"{formulation}.onnx"
+            opset = to_onnx(
+                _ClassifierGraph(model, formulation),
+                (example,),
+                path,
+                ["image"],
+                list(MODEL_OUTPUTS),
+                exporter,
             )
-        }
+            recorded.append(onnx.load(str(path)))
+        onnx.save(by_batch_size(recorded[0], recorded[1], SMALL_BATCH), str(cls_path))
+        opsets = {cls_path: opset}
         poses = torch.zeros(2, cfg.num_classes, cfg.digit_dim)
         mask = torch.zeros(2, cfg.num_classes)
         opsets[dec_path] = to_onnx(
@@ -272,7 +408,11 @@ def export_model(
         }
         dec_shapes = {"poses": (J, D), "mask": (J,), "reconstruction": img}
         for path, doc, shapes in (
-            (cls_path, "CapsNet classifier, routing unrolled", cls_shapes),
+            (
+                cls_path,
+                f"CapsNet classifier, routing unrolled; votes formed up to {SMALL_BATCH} images",
+                cls_shapes,
+            ),
             (dec_path, "CapsNet reconstruction decoder", dec_shapes),
         ):
             proto = onnx.load(str(path))
@@ -281,9 +421,9 @@ def export_model(
             onnx.helper.set_model_props(proto, {**meta, "opset": str(opsets[path])})
             onnx.checker.check_model(proto, full_check=True)
             onnx.save(proto, str(path))
-        loops = graph_control_flow(onnx.load(str(cls_path)))
-        if loops:
-            raise ExportError(f"the graph holds control flow {loops}; routing must be unrolled")
+        flow = graph_control_flow(onnx.load(str(cls_path)))
+        if flow != ["If"]:
+            raise ExportError(f"the graph holds control flow {flow}: only the If on the batch size may be")
         parity = _check_parity(model, cls_path, dec_path, images, batches)
         report = {
             "parity_max_abs_diff": parity,
@@ -299,8 +439,25 @@ def export_model(
     return report
 
 
-def graph_control_flow(proto: onnx.ModelProto) -> list[str]:
-    return sorted({n.op_type for n in proto.graph.node if n.op_type in {"Loop", "Scan", "If"}})
+def graph_control_flow(proto: onnx.ModelProto | onnx.GraphProto) -> list[str]:
+    """Every Loop, Scan and If, in the graph and in its subgraphs, as `<branch>/.../<op>`: an exported
+    classifier holds just ["If"], its switch on the batch size, each routing unrolled inside it."""
+    graph = proto.graph if isinstance(proto, onnx.ModelProto) else proto
+    found = []
+    for node in graph.node:
+        if node.op_type in {"Loop", "Scan", "If"}:
+            found.append(node.op_type)
+        for attr in node.attribute:
+            for sub in (attr.g, *attr.graphs) if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                found += [f"{sub.name}/{op}" for op in graph_control_flow(sub)]
+    return sorted(found)
+
+
+def routing_branches(proto: onnx.ModelProto) -> dict[str, onnx.GraphProto]:
+    """The exported classifier's two routings by formulation: the then- and else-branch of its If."""
+    (switch,) = (n for n in proto.graph.node if n.op_type == "If")
+    attrs = {a.name: a.g for a in switch.attribute}
+    return {FORMULATIONS[0]: attrs["then_branch"], FORMULATIONS[1]: attrs["else_branch"]}
 
 
 def run(args: argparse.Namespace) -> None:

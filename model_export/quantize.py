@@ -93,6 +93,45 @@ def quantize_file(
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
+    if qdq:
+        import onnx
+
+        proto = onnx.load(str(dst))
+        _branches_read_dequantized(proto.graph)
+        onnx.save(proto, str(dst))
+
+
+def _branches_read_dequantized(graph: Any) -> None:
+    """Finish quantize_static's QDQ rewiring for a graph with an If (the classifier's switch on the
+    batch size). It gives each quantized tensor X a QuantizeLinear -> DequantizeLinear pair and points
+    X's readers at the pair's output, but not those inside the If's branches: they still read the
+    PrimaryCaps convolution's float output, so the convolution has a reader besides its QuantizeLinear
+    and onnxruntime leaves it in fp32 (no QLinearConv). Here the branches read the pair's output, the
+    batch-size Shape reads the raw image (a shape needs no dequantizing), and the If moves after the
+    pairs it now reads (they were appended after it)."""
+    from model_export.fp16 import graphs
+
+    made_by = {o: n for n in graph.node for o in n.output}
+    dequantized = {  # X -> DequantizeLinear(QuantizeLinear(X))
+        made_by[n.input[0]].input[0]: n.output[0]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in made_by
+        and made_by[n.input[0]].op_type == "QuantizeLinear"
+    }
+    raw = {dq: x for x, dq in dequantized.items()}
+    switches = [n for n in graph.node if n.op_type == "If"]
+    for node in graph.node:
+        if node.op_type == "Shape" and node.input[0] in raw:
+            node.input[0] = raw[node.input[0]]
+    for switch in switches:
+        for attr in switch.attribute:
+            for sub in graphs(attr.g):
+                for node in sub.node:
+                    node.input[:] = [dequantized.get(x, x) for x in node.input]
+    rest = [n for n in graph.node if n.op_type != "If"]
+    del graph.node[:]
+    graph.node.extend([*rest, *switches])
 
 
 def _accuracy(model: Path, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:

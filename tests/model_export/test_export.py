@@ -13,10 +13,12 @@ from model_export.export import (
     MODEL_OUTPUTS,
     OPSET,
     PARITY_BATCHES,
+    SMALL_BATCH,
     TRACER_OPSET,
     ExportError,
     export,
     graph_control_flow,
+    routing_branches,
 )
 from tests.checks import assert_right_not_wrong, skip_last_update, transposed
 from tests.factories import make_checkpoint, mnist_test_images
@@ -37,10 +39,14 @@ def exported(tmp_path_factory, real_images, request):
     return model, d / "out", report
 
 
-def test_graph_has_no_control_flow_and_named_io(exported):
+def test_graph_switches_routing_on_the_batch_size_and_names_its_io(exported):
     _, out, _ = exported
     proto = onnx.load(str(out / "capsnet.onnx"))
-    assert graph_control_flow(proto) == []
+    # the convolutions once, then one If on the batch size; no Loop or Scan in either routing
+    assert graph_control_flow(proto) == ["If"]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Conv") == 2 and ops.index("Conv") < ops.index("If") and ops[-1] == "If"
+    assert sorted(routing_branches(proto)) == ["votes", "without_votes"]
     assert proto.opset_import[0].version >= 17
     sess = ort.InferenceSession(str(out / "capsnet.onnx"), providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()
@@ -56,7 +62,7 @@ def test_graph_has_no_control_flow_and_named_io(exported):
     assert [o.name for o in dec.get_outputs()] == ["reconstruction"]
 
 
-@pytest.mark.parametrize("B", [1, 33])
+@pytest.mark.parametrize("B", [1, SMALL_BATCH, SMALL_BATCH + 1, 33])
 def test_dynamic_batch_and_parity(exported, real_images, B):
     model, out, _ = exported
     sess = ort.InferenceSession(str(out / "capsnet.onnx"), providers=["CPUExecutionProvider"])
@@ -130,9 +136,12 @@ def test_routing_iterations_are_visible_in_the_graph(tmp_path, real_images, r, e
     make_checkpoint(tmp_path / "ckpt.pt", r=r)
     export(tmp_path / "ckpt.pt", tmp_path / "out", images=real_images, batches=(1, 7), exporter=exporter)
     proto = onnx.load(str(tmp_path / "out" / "capsnet.onnx"))
-    assert graph_control_flow(proto) == []
-    # one c_i = softmax(b_i) per routing iteration after the first, whose c is softmax(0) = 1/J
-    assert sum(n.op_type == "Exp" for n in proto.graph.node) == r - 1
+    assert graph_control_flow(proto) == ["If"]
+    routings = routing_branches(proto)
+    # one c_i = softmax(b_i) per routing iteration: Procedure 1 as written when the votes are formed;
+    # without them, every iteration after the first, whose c is softmax(0) = 1/J
+    assert sum(n.op_type == "Softmax" for n in routings["votes"].node) == r
+    assert sum(n.op_type == "Exp" for n in routings["without_votes"].node) == r - 1
     sess = ort.InferenceSession(str(tmp_path / "out" / "capsnet.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(["coupling"], {"image": real_images[:2]})[0].shape == (2, r, 144, 10)
 
@@ -153,23 +162,31 @@ def node_outputs_per_image(path: Path, batch: int, tmp: Path) -> dict[str, int]:
     return sizes
 
 
-def test_both_exporters_route_without_forming_the_votes(exported, tmp_path):
-    """torch.export (under which torch.jit.is_tracing() is False) and the tracer must both take the
-    export formulation (capsules.route_without_votes): no node outputs û, B x N x J x D floats (the
-    training einsum and the old bmm + transposes both did); the largest routing tensor is c * u,
-    J x K x N per image; W is stored once, under its parameter's name."""
+def test_large_batches_route_without_forming_the_votes_and_small_ones_with(exported, tmp_path):
+    """torch.export (under which torch.jit.is_tracing() is False) and the tracer must both switch on
+    the batch size: above SMALL_BATCH images no node outputs û, B x N x J x D floats (the training
+    einsum did), the largest routing tensor is c * u, J x K x N per image
+    (capsules.route_without_votes); up to SMALL_BATCH, û is formed once (capsules.votes). W is stored
+    once, under its parameter's name, and read by both."""
     model, out, _ = exported
     cfg = model.config
     N, J, D, K = cfg.num_primary, cfg.num_classes, cfg.digit_dim, cfg.primary_dim
     proto = onnx.load(str(out / "capsnet.onnx"))
-    ops = [n.op_type for n in proto.graph.node]
-    assert "Einsum" not in ops and ops.count("Conv") == 2
-    sizes = node_outputs_per_image(out / "capsnet.onnx", 3, tmp_path)
+    routings = routing_branches(proto)
+    assert all("Einsum" not in [n.op_type for n in g.node] for g in routings.values())
     conv1 = cfg.conv1_channels * cfg.conv1_out**2
-    routing = {name: n for name, n in sizes.items() if n != conv1}
-    assert len(routing) > 20 and max(routing.values()) == J * K * N < N * J * D
+    for B, formulation in ((SMALL_BATCH + 1, "without_votes"), (SMALL_BATCH, "votes")):
+        sizes = node_outputs_per_image(out / "capsnet.onnx", B, tmp_path)
+        assert {name.split("/")[0] for name in sizes} & set(routings) == {formulation}, B  # one branch ran
+        routing = {name: n for name, n in sizes.items() if name.startswith(formulation + "/")}
+        assert len(routing) > 20 and conv1 not in routing.values()
+        if formulation == "votes":
+            assert N * J * D in routing.values()  # û, formed once
+        else:
+            assert max(routing.values()) == J * K * N < N * J * D
     weights = [i.name for i in proto.graph.initializer if int(np.prod(i.dims)) == model.digits.W.numel()]
     assert weights == ["model.digits.W"]
+    assert all(i.name != "model.digits.W" for g in routings.values() for i in g.initializer)
 
 
 def test_weights_come_back_from_the_files(exported):
@@ -184,10 +201,10 @@ def test_weights_come_back_from_the_files(exported):
         assert torch.equal(weights[k], v), k
 
 
-def test_default_r_computes_two_softmaxes(exported):
+def test_default_r_computes_two_softmaxes_without_the_votes(exported):
     _, out, _ = exported
-    proto = onnx.load(str(out / "capsnet.onnx"))
-    assert sum(n.op_type == "Exp" for n in proto.graph.node) == 2  # r = 3; the first c is constant
+    routing = routing_branches(onnx.load(str(out / "capsnet.onnx")))["without_votes"]
+    assert sum(n.op_type == "Exp" for n in routing.node) == 2  # r = 3; the first c is constant
 
 
 def test_the_default_exporter_and_an_unknown_one(tmp_path, real_images):

@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 
 import model_export.quantize as quantize
 from model_export.data import load_split
-from model_export.export import graph_control_flow
+from model_export.export import graph_control_flow, routing_branches
+from model_export.fp16 import graphs
 from model_export.quantize import INT8_FILE, QuantizeError, calibration_images, write_int8
 from service.settings import SHIPPED_MODEL
 from tests.factories import mnist_test_images
@@ -42,12 +43,15 @@ def _session(path, **options):
 def test_convolutions_run_in_int8_and_the_routing_in_fp32(int8_dir, tmp_path):
     d, _ = int8_dir
     proto = onnx.load(str(d / INT8_FILE))
-    assert graph_control_flow(proto) == []
+    assert graph_control_flow(proto) == ["If"]  # the convolutions before it, both routings inside
     # What onnxruntime runs: both convolutions as QLinearConv (the ReLU folded in), no fp32 Conv left.
     _session(d / INT8_FILE, optimized_model_filepath=str(tmp_path / "opt.onnx"))
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    optimized = onnx.load(str(tmp_path / "opt.onnx"))
+    ops = [n.op_type for graph in graphs(optimized.graph) for n in graph.node]
     assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "Relu" not in ops
-    assert ops.count("Exp") == 2  # r = 3: the softmaxes of the iterations after the first, in fp32
+    assert "QLinearConv" not in [n.op_type for b in routing_branches(optimized).values() for n in b.node]
+    # r = 3, in fp32: the softmaxes of the iterations after the first without the votes, all three with
+    assert ops.count("Exp") == 2 and ops.count("Softmax") == 3
     # Weights: the convolutions' int8 per output channel, DigitCaps' W untouched in fp32.
     inits = {i.name: i for i in proto.graph.initializer}
     conv_w = [i for n, i in inits.items() if "primary.conv.weight" in n and len(i.dims) == 4]
