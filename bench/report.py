@@ -63,11 +63,14 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "(`model_export/capsules.py`, `route_without_votes`).",
     },
     "cpu-2core-now.json": {
-        "measured": "2026-12-01 at 05e665c, on a fresh clone",
+        "measured": "2026-12-01 at 86e7c1c, on a fresh clone",
         "machine_text": QUIET_VM,
         "command": "capsnet bench --output bench/results/cpu-2core-now.json",
-        "note": "Today's files and code: the routing without the votes, one write per answer, and the "
-        "batcher's mean batch per HTTP row (`images per batch`).",
+        "note": "Today's files and code: both routings in one graph behind an If on the batch size (the "
+        "votes formed up to 4 images, without them above: `model_export/export.py`, `SMALL_BATCH`), one "
+        "write per answer, and the batcher's mean batch per HTTP row (`images per batch`). The VM ran slow "
+        "this session (raw onnxruntime B = 1: 3.4 ms here, 2.8 ms in the 05e665c run of the same page); an "
+        "alternating A/B of the model files before and after the If is in the commit (86e7c1c).",
     },
     "preprocess-2core.json": {
         "measured": "2026-12-01 at 1bf9ba9",
