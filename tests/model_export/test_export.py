@@ -309,3 +309,24 @@ def test_exported_routing_equals_numpy_routing(exported, real_images):
         {"the last update skipped": np.linalg.norm(v_skip, axis=-1)},
         rtol=1e-4,
     )
+
+
+@pytest.mark.parametrize("file", ["capsnet.onnx", "capsnet-int8.onnx"])
+def test_the_shipped_files_switch_where_the_export_does_and_both_routings_agree(real_images, file):
+    """The shipped classifier (fp32 and int8) holds today's switch: its If compares the batch size with
+    SMALL_BATCH, and its two routings give the same numbers for the same images (B = SMALL_BATCH through
+    the votes, the same images plus one through the routing without them)."""
+    from service.settings import SHIPPED_MODEL
+
+    proto = onnx.load(str(SHIPPED_MODEL / file))
+    assert graph_control_flow(proto) == ["If"]
+    (most,) = [n for n in proto.graph.node if n.op_type == "Constant" and n.output[0] == "small_batch"]
+    assert onnx.numpy_helper.to_array(most.attribute[0].t).tolist() == [SMALL_BATCH]
+    sess = ort.InferenceSession(str(SHIPPED_MODEL / file), providers=["CPUExecutionProvider"])
+    x = real_images[: SMALL_BATCH + 1]
+    with_votes = sess.run(None, {"image": x[:SMALL_BATCH]})
+    without = sess.run(None, {"image": x})
+    for name, a, b in zip(MODEL_OUTPUTS, with_votes, without, strict=True):
+        np.testing.assert_allclose(a, b[:SMALL_BATCH], rtol=0, atol=2e-6 * np.abs(b).max(), err_msg=name)
+    assert (with_votes[0].argmax(1) == without[0][:SMALL_BATCH].argmax(1)).all()
+    assert with_votes[0].max() > 0.5  # real digits: a confident class each, not zeros on both sides
