@@ -35,7 +35,9 @@ def http_cases(workers: int) -> list[tuple[str, int, int]]:
 
 def static_batch(model: Any, batch: int) -> Any:
     """A copy of an ONNX model whose batch axis is fixed, so its shape arithmetic folds into constants
-    and every node can run inside one captured CUDA graph."""
+    and every node can run inside one captured CUDA graph; the classifier's If on the batch size
+    (export.by_batch_size) is replaced by the routing that batch takes, since CUDA graphs hold no
+    control flow."""
     import copy
 
     fixed = copy.deepcopy(model)
@@ -43,7 +45,45 @@ def static_batch(model: Any, batch: int) -> Any:
         dim = value.type.tensor_type.shape.dim[0]
         dim.ClearField("dim_param")
         dim.dim_value = batch
+    _take_branch(fixed.graph, batch)
     return fixed
+
+
+def _take_branch(graph: Any, batch: int) -> None:
+    """Inline the branch of the switch `If(Squeeze(LessOrEqual(Shape(image), most)))` that `batch`
+    images take, then drop the nodes nobody reads any more (the switch's own)."""
+    import onnx
+
+    switches = [n for n in graph.node if n.op_type == "If"]
+    if not switches:
+        return
+    (switch,) = switches
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    (most,) = [
+        int(onnx.numpy_helper.to_array(consts[x].attribute[0].t).reshape(-1)[0])
+        for n in graph.node
+        if n.op_type == "LessOrEqual"
+        for x in n.input
+        if x in consts
+    ]
+    branches = {a.name: a.g for a in switch.attribute}
+    taken = branches["then_branch" if batch <= most else "else_branch"]
+    inlined = list(taken.node) + [
+        onnx.helper.make_node("Identity", [o.name], [name])
+        for o, name in zip(taken.output, switch.output, strict=True)
+    ]
+    at = list(graph.node).index(switch)
+    nodes = list(graph.node[:at]) + inlined + list(graph.node[at + 1 :])
+    graph.initializer.extend(taken.initializer)
+    wanted = {o.name for o in graph.output}
+    while True:  # drop what no output depends on
+        read = wanted | {x for n in nodes for x in n.input}
+        kept = [n for n in nodes if any(o in read for o in n.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 class OrtCases:

@@ -3,6 +3,7 @@ with a GPU it also runs on CUDA with the shipped model, accuracy asserted."""
 
 import json
 
+import numpy as np
 import pytest
 
 from bench.gpu import main, static_batch
@@ -64,6 +65,36 @@ def test_static_batch_fixes_the_batch_axis_of_inputs_and_outputs(tiny_model_dir)
         assert v.type.tensor_type.shape.dim[0].dim_value == 32
     # The original is untouched.
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_static_batch_runs_the_routing_of_its_batch_size_without_control_flow(tiny_model_dir, offset):
+    """A CUDA graph holds no If: the static model inlines the routing its batch size takes (the votes
+    up to SMALL_BATCH images, without them above) and answers what the dynamic model answers."""
+    import onnx
+    import onnxruntime as ort
+
+    from model_export.export import SMALL_BATCH, graph_control_flow
+    from tests.factories import mnist_test_images
+
+    B = SMALL_BATCH + offset
+    model = onnx.load(str(tiny_model_dir / "capsnet.onnx"))
+    fixed = static_batch(model, B)
+    onnx.checker.check_model(fixed, full_check=True)
+    assert graph_control_flow(fixed) == [] and graph_control_flow(model) == ["If"]
+    kinds = {n.name.split("/")[0] for n in fixed.graph.node} & {"votes", "without_votes"}
+    assert kinds == {"votes" if offset == 0 else "without_votes"}
+    ops = [n.op_type for n in fixed.graph.node]
+    assert "LessOrEqual" not in ops and ops.count("Conv") == 2  # the switch is gone, the rest kept
+    x = mnist_test_images(B)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x}
+    )
+    got = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x}
+    )
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gpu_bench_http_part_on_cpu_answers_every_case(tiny_model_dir, tmp_path):
