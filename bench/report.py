@@ -59,7 +59,7 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "measured": "2026-12-01 at 9aa44cc",
         "machine_text": QUIET_VM,
         "command": "capsnet bench --output bench/results/cpu-2core-routing.json",
-        "note": "The shipped files of today: routing exported without the votes û "
+        "note": "The files shipped from 9aa44cc to 86e7c1c: routing exported without the votes û at every batch size "
         "(`model_export/capsules.py`, `route_without_votes`).",
     },
     "cpu-2core-now.json": {
@@ -85,7 +85,8 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "--output bench/results/gpu-h200.json",
         "note": "`digit28.png` is a 28×28 MNIST test digit as a PNG; the first line writes the test set's first "
         "digit, which digit the stored run used is not recorded. Measured with the model files of then, whose "
-        "graph formed the votes û; today's graph (routing without them) has not run on a GPU yet.",
+        "graph formed the votes û; today's graph (an If on the batch size between that routing and the one "
+        "without the votes) has not run on a GPU yet.",
     },
     "load-2core-300s.json": {
         "measured": "2026-12-01 at 928d03c",
@@ -490,11 +491,12 @@ def routing_before_after(before: dict[str, Any], after: dict[str, Any]) -> list[
     ]  # fmt: skip
     out = ["## The routing without the votes, before and after", "",
            "`cpu-2core-routing-before.json` (the model files that formed û) and `cpu-2core-routing.json` "
-           "(today's) side by side: same machine, same code, one run after the other. Raw onnxruntime is "
+           "(the files without the votes, shipped until 86e7c1c) side by side: same machine, same code, one run after the other. Raw onnxruntime is "
            "faster from B = 8 up and slower at B = 1, where W is read five times instead of û once; the "
            "service at concurrency 32 forms batches of about 7, where the two graphs differ little. A single "
            "run's concurrency-1 figures move by more than the graphs' difference at B = 1 (up to ±30 % run to "
-           "run on this VM): read the raw B = 1 rows for that.", ""]  # fmt: skip
+           "run on this VM): read the raw B = 1 rows for that. Since 86e7c1c the shipped file holds both routings "
+           "behind an If on the batch size, the votes formed up to 4 images ([training.md](training.md)).", ""]  # fmt: skip
     return out + _table(["figure", "before", "after"], [[n, f(before), f(after)] for n, f in figures]) + [""]
 
 
