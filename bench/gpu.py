@@ -45,29 +45,24 @@ def static_batch(model: Any, batch: int) -> Any:
         dim = value.type.tensor_type.shape.dim[0]
         dim.ClearField("dim_param")
         dim.dim_value = batch
-    _take_branch(fixed.graph, batch)
+    _take_branch(fixed, batch)
     return fixed
 
 
-def _take_branch(graph: Any, batch: int) -> None:
+def _take_branch(model: Any, batch: int) -> None:
     """Inline the branch of the switch `If(Squeeze(LessOrEqual(Shape(image), most)))` that `batch`
     images take, then drop the nodes nobody reads any more (the switch's own)."""
     import onnx
 
-    switches = [n for n in graph.node if n.op_type == "If"]
+    from model_export.export import routing_branches, switch_threshold
+
+    switches = [n for n in model.graph.node if n.op_type == "If"]
     if not switches:
         return
     (switch,) = switches
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    (most,) = [
-        int(onnx.numpy_helper.to_array(consts[x].attribute[0].t).reshape(-1)[0])
-        for n in graph.node
-        if n.op_type == "LessOrEqual"
-        for x in n.input
-        if x in consts
-    ]
-    branches = {a.name: a.g for a in switch.attribute}
-    taken = branches["then_branch" if batch <= most else "else_branch"]
+    branches = routing_branches(model)
+    taken = branches["votes" if batch <= switch_threshold(model) else "without_votes"]
+    graph = model.graph
     inlined = list(taken.node) + [
         onnx.helper.make_node("Identity", [o.name], [name])
         for o, name in zip(taken.output, switch.output, strict=True)

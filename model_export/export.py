@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from model_export.config import CapsNetConfig
 from model_export.data import file_sha256, get_spec, load_split
+from model_export.fp16 import graphs
 from model_export.model import FORMULATIONS, CapsNet
 from model_export.train import build_model, load_checkpoint
 
@@ -181,9 +182,14 @@ def by_batch_size(small: onnx.ModelProto, large: onnx.ModelProto, most: int) -> 
     }
 
     def branch(
-        proto: onnx.ModelProto, rest: list[onnx.NodeProto], own_outer: list[onnx.NodeProto], tag: str
+        proto: onnx.ModelProto,
+        rest: list[onnx.NodeProto],
+        own_outer: list[onnx.NodeProto],
+        own_inits: list[onnx.TensorProto],
+        tag: str,
     ) -> tuple[onnx.GraphProto, list[onnx.TensorProto]]:
-        """`rest` as a branch named `tag`, and the initializers it brings of its own."""
+        """`rest` as a branch named `tag`, and `own_inits` (initializers only this recording holds)
+        renamed for it."""
         # The routing reads the PrimaryCaps convolution's output and nothing else before it: in the
         # int8 file any other read would keep a tensor in fp32 for it (quantize.py).
         before = {o for n in own_outer for o in n.output}
@@ -193,7 +199,6 @@ def by_batch_size(small: onnx.ModelProto, large: onnx.ModelProto, most: int) -> 
                 f"the {tag} routing reads {sorted(read)} from before it, not just the convolution"
             )
         names = {own_outer[-1].output[0]: outer[-1].output[0]}  # this recording's convolution -> the kept one
-        own_inits = [i for i in proto.graph.initializer if proto is small and i.name not in shared]
         names.update({i.name: f"{tag}/{i.name}" for i in own_inits})
         names.update({o: f"{tag}/{o}" for n in rest for o in n.output})
         nodes = []
@@ -204,22 +209,13 @@ def by_batch_size(small: onnx.ModelProto, large: onnx.ModelProto, most: int) -> 
             node.output[:] = [names[x] for x in n.output]
             node.name = f"{tag}/{n.name}"
             nodes.append(node)
-        outputs = []
-        for o in proto.graph.output:
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(o)
-            vi.name = names[o.name]
-            outputs.append(vi)
-        renamed = []
-        for i in own_inits:
-            t = onnx.TensorProto()
-            t.CopyFrom(i)
-            t.name = names[i.name]
-            renamed.append(t)
+        outputs = [_renamed(o, names[o.name]) for o in proto.graph.output]
+        renamed = [_renamed(i, names[i.name]) for i in own_inits]
         return onnx.helper.make_graph(nodes, tag, [], outputs), renamed
 
-    then_branch, small_inits = branch(small, small_rest, small_outer, FORMULATIONS[0])
-    else_branch, _ = branch(large, large_rest, outer, FORMULATIONS[1])
+    small_own = [i for i in small.graph.initializer if i.name not in shared]
+    then_branch, small_inits = branch(small, small_rest, small_outer, small_own, FORMULATIONS[0])
+    else_branch, _ = branch(large, large_rest, outer, [], FORMULATIONS[1])
     image = large.graph.input[0].name
     switch = [
         onnx.helper.make_node("Shape", [image], ["batch_size"], start=0, end=1),
@@ -252,6 +248,14 @@ def by_batch_size(small: onnx.ModelProto, large: onnx.ModelProto, most: int) -> 
     )
     joined.producer_name, joined.producer_version = large.producer_name, large.producer_version
     return joined
+
+
+def _renamed(message: Any, name: str) -> Any:
+    """A copy of a named ONNX message (a ValueInfoProto, a TensorProto) under `name`."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    copy.name = name
+    return copy
 
 
 def _pin_shapes(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -439,18 +443,21 @@ def export_model(
     return report
 
 
-def graph_control_flow(proto: onnx.ModelProto | onnx.GraphProto) -> list[str]:
-    """Every Loop, Scan and If, in the graph and in its subgraphs, as `<branch>/.../<op>`: an exported
+def graph_control_flow(proto: onnx.ModelProto) -> list[str]:
+    """Every Loop, Scan and If, in the graph and in its subgraphs (`<subgraph>/<op>`): an exported
     classifier holds just ["If"], its switch on the batch size, each routing unrolled inside it."""
-    graph = proto.graph if isinstance(proto, onnx.ModelProto) else proto
-    found = []
-    for node in graph.node:
-        if node.op_type in {"Loop", "Scan", "If"}:
-            found.append(node.op_type)
-        for attr in node.attribute:
-            for sub in (attr.g, *attr.graphs) if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                found += [f"{sub.name}/{op}" for op in graph_control_flow(sub)]
-    return sorted(found)
+    return sorted(
+        n.op_type if g is proto.graph else f"{g.name}/{n.op_type}"
+        for g in graphs(proto.graph)
+        for n in g.node
+        if n.op_type in {"Loop", "Scan", "If"}
+    )
+
+
+def switch_threshold(proto: onnx.ModelProto) -> int:
+    """The most images the classifier routes with the votes formed (its If's `small_batch` constant)."""
+    (most,) = (n for n in proto.graph.node if n.op_type == "Constant" and n.output[0] == "small_batch")
+    return int(onnx.numpy_helper.to_array(most.attribute[0].t).reshape(-1)[0])
 
 
 def routing_branches(proto: onnx.ModelProto) -> dict[str, onnx.GraphProto]:

@@ -19,6 +19,7 @@ from model_export.export import (
     export,
     graph_control_flow,
     routing_branches,
+    switch_threshold,
 )
 from tests.checks import assert_right_not_wrong, skip_last_update, transposed
 from tests.factories import make_checkpoint, mnist_test_images
@@ -320,8 +321,7 @@ def test_the_shipped_files_switch_where_the_export_does_and_both_routings_agree(
 
     proto = onnx.load(str(SHIPPED_MODEL / file))
     assert graph_control_flow(proto) == ["If"]
-    (most,) = [n for n in proto.graph.node if n.op_type == "Constant" and n.output[0] == "small_batch"]
-    assert onnx.numpy_helper.to_array(most.attribute[0].t).tolist() == [SMALL_BATCH]
+    assert switch_threshold(proto) == SMALL_BATCH
     sess = ort.InferenceSession(str(SHIPPED_MODEL / file), providers=["CPUExecutionProvider"])
     x = real_images[: SMALL_BATCH + 1]
     with_votes = sess.run(None, {"image": x[:SMALL_BATCH]})
