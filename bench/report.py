@@ -89,8 +89,11 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "without the votes) has not run on a GPU yet.",
     },
     "load-2core-300s.json": {
-        "measured": "2026-12-01 at 928d03c",
+        "measured": "2026-12-01 at d4fc9df",
         "machine_text": "a 2-core AMD EPYC (Zen 4) VM, no GPU, nothing else running",
+        "note": "Today's files and code (the shipped graph's If on the batch size, one write per answer). "
+        "The VM ran in a slow phase (raw onnxruntime B = 1 at 3.5 ms in a `capsnet bench` just before): the "
+        "928d03c run of this page answered 247.5 requests/s.",
         "command": "capsnet load --seconds 300 --output bench/results/load-2core-300s.json",
     },
 }
