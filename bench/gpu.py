@@ -54,7 +54,7 @@ def _take_branch(model: Any, batch: int) -> None:
     images take, then drop the nodes nobody reads any more (the switch's own)."""
     import onnx
 
-    from model_export.export import routing_branches, switch_threshold
+    from model_export.export import routing_branches, switch_threshold, upstream
 
     switches = [n for n in model.graph.node if n.op_type == "If"]
     if not switches:
@@ -70,15 +70,9 @@ def _take_branch(model: Any, batch: int) -> None:
     at = list(graph.node).index(switch)
     nodes = list(graph.node[:at]) + inlined + list(graph.node[at + 1 :])
     graph.initializer.extend(taken.initializer)
-    wanted = {o.name for o in graph.output}
-    while True:  # drop what no output depends on
-        read = wanted | {x for n in nodes for x in n.input}
-        kept = [n for n in nodes if any(o in read for o in n.output)]
-        if len(kept) == len(nodes):
-            break
-        nodes = kept
+    kept = upstream(nodes, [o.name for o in graph.output])  # drop what no output depends on
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(kept)
 
 
 class OrtCases:

@@ -43,6 +43,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -160,15 +161,10 @@ def by_batch_size(small: onnx.ModelProto, large: onnx.ModelProto, most: int) -> 
         convs = [n for n in proto.graph.node if n.op_type == "Conv"]
         if len(convs) != 2:
             raise ExportError(f"expected the classifier's two convolutions, found {len(convs)}")
-        made_by = {o: n for n in proto.graph.node for o in n.output}
-        outer, todo = set(), [convs[-1]]
-        while todo:
-            node = todo.pop()
-            if id(node) not in outer:
-                outer.add(id(node))
-                todo += [made_by[i] for i in node.input if i in made_by]
-        nodes = list(proto.graph.node)
-        return [n for n in nodes if id(n) in outer], [n for n in nodes if id(n) not in outer]
+        nodes = list(proto.graph.node)  # (held: protobuf makes new wrappers for nodes nobody holds)
+        outer = upstream(nodes, convs[-1].output)
+        ids = {id(n) for n in outer}
+        return outer, [n for n in nodes if id(n) not in ids]
 
     outer, large_rest = cut(large)
     small_outer, small_rest = cut(small)
@@ -248,6 +244,21 @@ def by_batch_size(small: onnx.ModelProto, large: onnx.ModelProto, most: int) -> 
     )
     joined.producer_name, joined.producer_version = large.producer_name, large.producer_version
     return joined
+
+
+def upstream(nodes: Iterable[onnx.NodeProto], names: Iterable[str]) -> list[onnx.NodeProto]:
+    """The nodes, in their order, that the values `names` depend on (the nodes making them included).
+    Reads inside a node's subgraphs are not followed."""
+    nodes = list(nodes)
+    made_by = {o: n for n in nodes for o in n.output}
+    needed: set[int] = set()
+    todo = [made_by[x] for x in names if x in made_by]
+    while todo:
+        node = todo.pop()
+        if id(node) not in needed:
+            needed.add(id(node))
+            todo += [made_by[x] for x in node.input if x in made_by]
+    return [n for n in nodes if id(n) in needed]
 
 
 def _renamed(message: Any, name: str) -> Any:
