@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from service.cpu import vector_extensions
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,14 +34,8 @@ def machine() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu": cpu,
+        "cpu": vector_extensions()["model"],
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
@@ -109,53 +105,7 @@ def _side_by_side(fn: Any, threads: int, iters: int) -> tuple[list[float], float
     return [x for s in samples for x in s], time.perf_counter() - t0, time.process_time() - cpu0
 
 
-# The x86 vector extensions that decide which kernels onnxruntime's MLAS picks (by CPUID, at load).
-VECTOR_FLAGS = (
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx_vnni",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-)
 INT8_FILE = "capsnet-int8.onnx"  # what `capsnet quantize` writes (model_export.quantize.INT8_FILE)
-
-
-def vector_extensions(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
-    """The CPU's vector extensions from /proc/cpuinfo's flags, and the int8 GEMM kernel family MLAS
-    selects from them (onnxruntime has no API that says which it picked: this is MLAS's CPUID rule)."""
-    flags: set[str] = set()
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    present = [f for f in VECTOR_FLAGS if f in flags]
-    if "amx_int8" in flags and "amx_tile" in flags:
-        kernel = "AMX (u8s8 tiles)"
-    elif "avx512_vnni" in flags:
-        kernel = "AVX-512 VNNI (vpdpbusd, u8 x s8)"
-    elif "avx_vnni" in flags:
-        kernel = "AVX-VNNI (256-bit vpdpbusd, u8 x s8)"
-    elif "avx512bw" in flags:
-        kernel = "AVX-512BW (vpmaddubsw, no VNNI)"
-    elif "avx2" in flags:
-        kernel = "AVX2 (vpmaddubsw, no VNNI)"
-    else:
-        kernel = "SSE"
-    return {
-        "present": present,
-        "missing": [f for f in VECTOR_FLAGS if f not in flags],
-        "int8_kernels": kernel,
-    }
 
 
 def raw_int8_cases(model_dir: Path, batches: list[int], iters: int) -> dict[str, list[dict[str, float]]]:

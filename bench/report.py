@@ -142,6 +142,12 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
     out += _provenance(
         name, d, f" (Python {m['python']}, onnxruntime {m['onnxruntime']}, torch {m['torch']})"
     )
+    if "vector_extensions" in m:  # which rows apply to a reader's host: int8 depends on VNNI
+        ext = m["vector_extensions"]
+        out += [
+            "",
+            f"CPU features: {', '.join(ext['present']) or 'none read'}; int8 kernels: {ext['int8_kernels']}.",
+        ]
     out += [
         "",
         "One run of `capsnet bench` measures PyTorch eager against onnxruntime; a conv-only ceiling (Conv1 +",

@@ -46,6 +46,19 @@ class PrimaryCapsules(BaseModel):
     order: list[str]
 
 
+class CpuFeatures(BaseModel):
+    """The host CPU as onnxruntime's kernels see it: which int8 figures apply here (docs/performance.md)."""
+
+    model: str
+    present: list[str] = Field(description="the vector extensions that decide the kernels, of those known")
+    missing: list[str]
+    int8_kernels: str = Field(description="the int8 GEMM family onnxruntime picks from these features")
+    vnni: bool = Field(description="VNNI or AMX: exact 32-bit int8 sums, where int8 pays")
+    int8_saturates: bool = Field(
+        description="int8 sums saturate in 16 bits here: only files with 7-bit weights are served at int8"
+    )
+
+
 class IterationSummary(BaseModel):
     iteration: int = Field(description="1-based routing iteration")
     class_mass: list[float] = Field(
@@ -125,6 +138,7 @@ class Metadata(BaseModel):
     )
     precision: Literal["fp32", "fp16", "int8"] = Field(description="CAPSNET_PRECISION the classifier runs at")
     classifier_file: str = Field(description="the classifier file in use: capsnet.onnx, -fp16 or -int8")
+    cpu: CpuFeatures
     decoder: bool
     model_card: dict[str, object]
     onnx_metadata: dict[str, str]

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
+from service.cpu import host
 from service.errors import json_response
 from service.routes import ModelDep, StateDep
 from service.schemas import UNKNOWN_MODEL, Health, Metadata
@@ -70,6 +71,7 @@ async def metadata(state: StateDep, model: ModelDep) -> Response:
             "cuda_options": engine.cuda_options,
             "precision": engine.precision,
             "classifier_file": engine.classifier_file,
+            "cpu": host(),
             "decoder": engine.decoder is not None,
             "model_card": info.card,
             "onnx_metadata": info.metadata,

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from bench.bench import VECTOR_FLAGS, main, per_run_cost, ratios, vector_extensions
+from bench.bench import main, per_run_cost, ratios
+from service.cpu import vector_extensions
 from service.engine import available_cores
 from service.settings import SHIPPED_MODEL
 from tests.tools import installed_tool
@@ -107,24 +108,6 @@ def test_profile_splits_kernel_time_between_convolutions_and_the_rest(tiny_model
         assert 0 < r["conv_share"] < 1 and r["conv_share"] + r["after_conv_share"] == pytest.approx(1.0)
         assert {"Conv", softmax, "MatMul"} <= set(r["by_op"])  # the routing's ops, inside the If
         assert "If" not in r["by_op"]  # its time is its branch's nodes': counted once
-
-
-@pytest.mark.parametrize(
-    ("flags", "kernels"),
-    [
-        ("fpu sse2 avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16", "AVX-512 VNNI"),
-        ("sse2 avx2 fma avx512f avx512bw avx512_vnni amx_tile amx_int8 amx_bf16", "AMX"),
-        ("sse2 avx2 fma avx_vnni", "AVX-VNNI"),
-        ("sse2 avx2 fma", "AVX2 (vpmaddubsw, no VNNI)"),
-    ],
-)
-def test_vector_extensions_are_read_from_cpuinfo_flags(tmp_path, flags, kernels):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
-    ext = vector_extensions(str(cpuinfo))
-    assert ext["int8_kernels"].startswith(kernels)
-    assert ext["present"] == [f for f in VECTOR_FLAGS if f in flags.split()]
-    assert sorted(ext["present"] + ext["missing"]) == sorted(VECTOR_FLAGS)
 
 
 def test_core_time_side_by_side_gives_a_rate_per_file_and_batch(tiny_model_dir, capsys):

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
+from service.cpu import host
 from service.engine import Engine
 from service.preprocess import preprocess_bytes
 from service.settings import Settings
@@ -161,6 +162,7 @@ def test_health_metadata_metrics(client, tiny_model_dir):
     assert m["providers"] == ["CPUExecutionProvider"]
     assert [i["name"] for i in m["inputs"]] == ["image"]
     assert m["primary_capsules"]["count"] == 144 and m["decoder"] is True
+    assert m["cpu"] == host() and m["cpu"]["int8_kernels"] != "unknown"  # which int8 figures apply here
     client.post("/predict", json={"images": [np.zeros((28, 28)).tolist()]})
     text = client.get("/metrics").text
     assert 'capsnet_requests_total{endpoint="/predict",method="POST",status="200"}' in text
