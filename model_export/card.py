@@ -12,10 +12,22 @@ import numpy as np
 from model_export.config import CapsNetConfig
 from model_export.data import get_spec, load_split
 
+# Another CPU's fp32 kernels sum in another order, which moves a capsule length by about 1e-6: an image
+# whose top two lengths are this close may change class there (the card counts them).
+FP32_TIE_MARGIN = 1e-4
 
-def evaluate_onnx(model: Path | Any, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
-    """Predicted classes for uint8 images (N, 28, 28): `model` is an ONNX file, run by onnxruntime's CPU
-    provider, or an open InferenceSession (any provider)."""
+
+def measured_on() -> dict[str, Any]:
+    """The CPU the card's figures come from, with the features that decide its kernels."""
+    from service.cpu import vector_extensions
+
+    ext = vector_extensions()
+    return {k: ext[k] for k in ("model", "present", "int8_kernels")}
+
+
+def onnx_probabilities(model: Path | Any, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """Capsule lengths (N, classes) for uint8 images (N, 28, 28): `model` is an ONNX file, run by
+    onnxruntime's CPU provider, or an open InferenceSession (any provider)."""
     import onnxruntime as ort
 
     sess = (
@@ -23,11 +35,23 @@ def evaluate_onnx(model: Path | Any, images: np.ndarray, batch_size: int = 250) 
         if isinstance(model, ort.InferenceSession)
         else ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     )
-    preds = []
+    out = []
     for i in range(0, len(images), batch_size):
         x = (images[i : i + batch_size].astype(np.float32) / 255.0)[:, None]
-        preds.append(sess.run(["probabilities"], {"image": x})[0].argmax(1))
-    return np.concatenate(preds)
+        out.append(sess.run(["probabilities"], {"image": x})[0])
+    return np.concatenate(out)
+
+
+def evaluate_onnx(model: Path | Any, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """Predicted classes for uint8 images (N, 28, 28), as `onnx_probabilities` runs them."""
+    return onnx_probabilities(model, images, batch_size).argmax(1)  # type: ignore[no-any-return]
+
+
+def near_ties(probabilities: np.ndarray, margin: float) -> int:
+    """Images whose two largest capsule lengths are within `margin`: the only ones whose class can
+    change where the lengths move by less than margin / 2 (another CPU, another summation order)."""
+    top2 = np.sort(probabilities, axis=1)[:, -2:]
+    return int((top2[:, 1] - top2[:, 0] < margin).sum())
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
@@ -42,7 +66,8 @@ def build_card(
     cfg = CapsNetConfig.from_dict(state["config"])
     x, y = load_split(state["dataset"], "test")
     t0 = time.perf_counter()
-    preds = evaluate_onnx(model_dir / "capsnet.onnx", x)
+    probabilities = onnx_probabilities(model_dir / "capsnet.onnx", x)
+    preds = probabilities.argmax(1)
     eval_seconds = time.perf_counter() - t0
     labels = list(state["labels"])
     cm = confusion(y, preds, len(labels))
@@ -87,6 +112,8 @@ def build_card(
             "per_class_accuracy": {lab: float(cm[k, k] / cm[k].sum()) for k, lab in enumerate(labels)},
             "confusion_matrix": cm.tolist(),
             "seconds": round(eval_seconds, 1),
+            "cpu": measured_on(),
+            "near_ties": {"margin": FP32_TIE_MARGIN, "images": near_ties(probabilities, FP32_TIE_MARGIN)},
         },
         "export": {k: export_meta[k] for k in ("checkpoint_sha256", "exported_at", "opset")},
         "known_limits": [
@@ -175,6 +202,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         f"- Test accuracy: **{ev['test_accuracy'] * 100:.2f} %** on the {ds['test_images']:,} "
         f"{ds['name']} test images ({ev['errors']} errors).",
+        *_cpu_lines(ev),
         f"- Training: {tr['epochs']} epoch(s), {tr['wall_seconds'] / 60:.1f} min wall time in all "
         "(per-epoch figures in model_card.json):",
         *[_phase_line(ph) for ph in tr["phases"]],
@@ -205,6 +233,23 @@ def render_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_lines(ev: dict[str, Any]) -> list[str]:
+    """Where the accuracy was measured and how far another CPU can move it."""
+    if "near_ties" not in ev:
+        return []
+    ties = ev["near_ties"]
+    return [
+        f"  - Measured on {_cpu_text(ev['cpu'])}. On another CPU fp32 sums in another order: at most the "
+        f"{ties['images']} test image(s) whose top two lengths are within {ties['margin']:g} can change "
+        f"class, so the accuracy there is within {ties['images']} image(s) of this one.",
+    ]
+
+
+def _cpu_text(cpu: dict[str, Any]) -> str:
+    features = ", ".join(cpu["present"]) or "features unknown"
+    return f"{cpu['model']} ({features}; int8 kernels {cpu['int8_kernels']})"
+
+
 def _int8_lines(q: dict[str, Any] | None) -> list[str]:
     """The int8 variant's section (written by `capsnet quantize`): both accuracies, measured together."""
     if not q:
@@ -223,6 +268,29 @@ def _int8_lines(q: dict[str, Any] | None) -> list[str]:
         f"{q['activations']}; in fp32: {q['fp32_ops']}.",
         f"- Calibrated on {cal['images']} images of the {cal['dataset']} {cal['split']} split (seed "
         f"{cal['seed']}, {cal['method']} ranges), never the test set. File SHA-256 `{q['sha256']}`.",
+        *_int8_cpu_lines(q),
+    ]
+
+
+def _int8_cpu_lines(q: dict[str, Any]) -> list[str]:
+    """How the int8 answers hold across CPUs (files from `capsnet quantize` with 7-bit weights)."""
+    if "weight_bits" not in q:
+        return []
+    ties, vs = q["near_ties"], q["vs_fp32"]
+    return [
+        f"- Per CPU class: {q['test_accuracy'] * 100:.2f} % measured on {_cpu_text(q['cpu'])}. "
+        f"{q['weight_bits']}-bit weights keep every pair of int8 products within 16 bits, so CPUs without "
+        "VNNI (whose int8 sums saturate) compute the same integers as VNNI and AMX CPUs (exact 32-bit "
+        f"sums): here the probabilities were within {q['max_gap_to_exact_integers']:.4f} of exact integer "
+        "arithmetic (the file run with graph optimizations off, DequantizeLinear then fp32 Conv: "
+        f"{q['exact_integer_accuracy'] * 100:.2f} %) on every test image; `capsnet quantize` refuses a file "
+        f"beyond {q['exact_tolerance']}.",
+        f"- Tolerance across CPUs: at most the {ties['images']} test image(s) whose top two int8 "
+        f"probabilities are within {ties['margin']:g} can change class on another CPU, so the int8 accuracy "
+        f"there is within {ties['images']} image(s) of this one. Against fp32, int8 moves an image's "
+        f"probabilities by at most {vs['max']:.3f} ({vs['p99']:.3f} at the 99th percentile).",
+        "- Speed: int8 pays on CPUs with VNNI (AVX-512 VNNI, AVX-VNNI) or AMX; without VNNI its gain over "
+        "fp32 is smaller and the service says so when it starts (docs/performance.md has the figures).",
     ]
 
 

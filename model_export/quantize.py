@@ -1,16 +1,23 @@
 """The int8 variant of an exported CapsNet, for CPU-only hosts.
 
 The two convolutions (Conv1 with its ReLU, and PrimaryCaps), where nearly all the FLOPs are, run in
-int8: static quantization with onnxruntime's own tools, QDQ format, weights signed 8-bit per output
-channel, activations unsigned 8-bit (u8 x s8 is the pair onnxruntime's MLAS runs on VNNI's vpdpbusd;
-s8 activations measured 0.73x fp32 on this CPU, u8 2.7x). The squash, the routing's products, softmax
-and sums stay in fp32. The ranges come from images of the *training* split only. The pre-processing
-pass only infers shapes: its optimizer would fold the graph's three reorderings of DigitCaps' W into
-three initializers (11.3 -> 23.0 MB, no faster); onnxruntime folds them when it loads the file.
+int8: static quantization with onnxruntime's own tools, QDQ format, weights signed per output channel in
+a 7-bit range, activations unsigned 8-bit (u8 x s8 is the pair onnxruntime's MLAS runs on VNNI's
+vpdpbusd; s8 activations ran slower than fp32). The squash, the routing's products, softmax and sums stay
+in fp32. The ranges come from images of the *training* split only. The pre-processing pass only infers
+shapes: its optimizer would fold the graph's reorderings of DigitCaps' W into more initializers (a larger
+file, no faster); onnxruntime folds them when it loads the file.
 
-Nothing is written unless the int8 model's test accuracy through onnxruntime is within
-MAX_ACCURACY_DROP of the fp32 model's, both measured here on the same images; both figures go into the
-file's metadata and, where the directory has one, the model card. onnx + onnxruntime, no torch.
+Why 7-bit weights (`reduce_range`): without VNNI, MLAS sums pairs of u8 x s8 products in 16 bits with
+saturation (service/cpu.py), so 8-bit weights give answers that depend on the CPU. With weights in
+[-64, 64] no pair can saturate: every x86 CPU computes the same integers, at the same speed as 8-bit
+weights (the same kernels), for one bit less of weight precision.
+
+Nothing is written unless, on the test images through onnxruntime, (1) the int8 accuracy is within
+MAX_ACCURACY_DROP of the fp32 model's and (2) the int8 probabilities are within EXACT_TOLERANCE of exact
+integer arithmetic (the same file run with graph optimizations off: DequantizeLinear, then fp32 Conv),
+so a CPU whose kernels saturate is caught where the file is made. The figures go into the file's
+metadata and, where the directory has one, the model card. onnx + onnxruntime, no torch.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from model_export.card import measured_on, near_ties
 from model_export.data import file_sha256, load_split
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,13 @@ QUANTIZED_OPS = ("Conv", "Relu")  # Relu so that Conv1's ReLU folds into its int
 CALIBRATION_IMAGES = 512
 CALIBRATION_SEED = 0
 MAX_ACCURACY_DROP = 0.001  # 0.1 percentage point, on the fraction scale
+WEIGHT_BITS = 7  # the service refuses a file without it on a CPU whose int8 sums saturate
+# The most an int8 probability may differ from exact integer arithmetic on the CPU that runs the file:
+# requantizing rounds an activation one step either way; saturation moves answers by tenths.
+EXACT_TOLERANCE = 0.01
+# Two CPUs within EXACT_TOLERANCE of the same integers differ by at most twice it, so an image's class
+# can only change between them where its top two probabilities are within twice that again.
+CROSS_CPU_MARGIN = 4 * EXACT_TOLERANCE
 
 
 class QuantizeError(RuntimeError):
@@ -56,11 +71,12 @@ def quantize_file(
     per_channel: bool = True,
     qdq: bool = True,
     activations: str = "u8",
+    reduce_range: bool = True,
 ) -> None:
     """Static int8 quantization of `src` into `dst`, ranges from `images` (MinMax, batches of 64).
 
-    The options are those measured against each other (bench: QDQ vs QOperator, per channel vs per
-    tensor, Conv alone vs Conv + ReLU, u8 vs s8 activations); the defaults are what ships.
+    The options are those measured against each other (QDQ vs QOperator, per channel vs per tensor, Conv
+    alone vs Conv + ReLU, u8 vs s8 activations, 7- vs 8-bit weights); the defaults are what ships.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -92,53 +108,23 @@ def quantize_file(
             activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            reduce_range=reduce_range,
         )
-    if qdq:
-        import onnx
-
-        proto = onnx.load(str(dst))
-        _branches_read_dequantized(proto.graph)
-        onnx.save(proto, str(dst))
 
 
-def _branches_read_dequantized(graph: Any) -> None:
-    """Finish quantize_static's QDQ rewiring for a graph with an If (the classifier's switch on the
-    batch size). It gives each quantized tensor X a QuantizeLinear -> DequantizeLinear pair and points
-    X's readers at the pair's output, but not those inside the If's branches: they still read the
-    PrimaryCaps convolution's float output, so the convolution has a reader besides its QuantizeLinear
-    and onnxruntime leaves it in fp32 (no QLinearConv). Here the branches read the pair's output, the
-    batch-size Shape reads the raw image (a shape needs no dequantizing), and the If moves after the
-    pairs it now reads (they were appended after it)."""
-    from model_export.fp16 import graphs
+def _probabilities(model: Path, x: np.ndarray, *, exact: bool = False) -> np.ndarray:
+    """Capsule lengths through onnxruntime's CPU provider. `exact`: graph optimizations off, so each
+    DequantizeLinear feeds an fp32 Conv and no int8 kernel runs: what exact integer sums give."""
+    import onnxruntime as ort
 
-    made_by = {o: n for n in graph.node for o in n.output}
-    dequantized = {  # X -> DequantizeLinear(QuantizeLinear(X))
-        made_by[n.input[0]].input[0]: n.output[0]
-        for n in graph.node
-        if n.op_type == "DequantizeLinear"
-        and n.input[0] in made_by
-        and made_by[n.input[0]].op_type == "QuantizeLinear"
-    }
-    raw = {dq: x for x, dq in dequantized.items()}
-    switches = [n for n in graph.node if n.op_type == "If"]
-    for node in graph.node:
-        if node.op_type == "Shape" and node.input[0] in raw:
-            node.input[0] = raw[node.input[0]]
-    for switch in switches:
-        for attr in switch.attribute:
-            for sub in graphs(attr.g):
-                for node in sub.node:
-                    node.input[:] = [dequantized.get(x, x) for x in node.input]
-    rest = [n for n in graph.node if n.op_type != "If"]
-    del graph.node[:]
-    graph.node.extend([*rest, *switches])
+    from model_export.card import onnx_probabilities
 
-
-def _accuracy(model: Path, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-    from model_export.card import evaluate_onnx
-
-    preds = evaluate_onnx(model, x)
-    return float((preds == y).mean()), int((preds != y).sum())
+    options = ort.SessionOptions()
+    if exact:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return onnx_probabilities(
+        ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"]), x
+    )
 
 
 def _set_metadata(path: Path, source_meta: dict[str, str], extra: dict[str, str]) -> None:
@@ -180,13 +166,19 @@ def write_int8(
         out = Path(tmp) / INT8_FILE
         quantize_file(src, out, images)
         quantize_seconds = time.perf_counter() - t0
-        fp32_acc, fp32_err = _accuracy(src, x_test, y_test)
-        int8_acc, int8_err = _accuracy(out, x_test, y_test)
+        fp32 = _probabilities(src, x_test)
+        int8 = _probabilities(out, x_test)
+        exact = _probabilities(out, x_test, exact=True)
+        fp32_pred, int8_pred = fp32.argmax(1), int8.argmax(1)
+        fp32_acc, int8_acc = float((fp32_pred == y_test).mean()), float((int8_pred == y_test).mean())
+        gap = float(np.abs(int8 - exact).max())
+        moved = np.abs(int8 - fp32).max(axis=1)  # per image: how far int8 moved its largest change
         report: dict[str, Any] = {
             "file": INT8_FILE,
             "format": "QDQ",
             "quantized_ops": list(QUANTIZED_OPS),
-            "weights": "int8, per output channel",
+            "weights": f"int8 in a {WEIGHT_BITS}-bit range, per output channel",
+            "weight_bits": WEIGHT_BITS,
             "activations": "uint8, per tensor",
             "fp32_ops": "squash, routing products, softmax, sums, lengths",
             "calibration": {
@@ -197,18 +189,30 @@ def write_int8(
                 "method": "MinMax",
             },
             "runtime": "onnxruntime CPUExecutionProvider",
+            "cpu": measured_on(),
             "test_images": len(y_test),
             "fp32_test_accuracy": fp32_acc,
-            "fp32_errors": fp32_err,
+            "fp32_errors": int((fp32_pred != y_test).sum()),
             "test_accuracy": int8_acc,
-            "errors": int8_err,
+            "errors": int((int8_pred != y_test).sum()),
             "max_drop": max_drop,
+            "exact_integer_accuracy": float((exact.argmax(1) == y_test).mean()),
+            "max_gap_to_exact_integers": gap,
+            "exact_tolerance": EXACT_TOLERANCE,
+            "near_ties": {"margin": CROSS_CPU_MARGIN, "images": near_ties(int8, CROSS_CPU_MARGIN)},
+            "vs_fp32": {"max": float(moved.max()), "p99": float(np.quantile(moved, 0.99))},
             "quantize_seconds": round(quantize_seconds, 1),
         }
         if int8_acc < fp32_acc - max_drop:
             raise QuantizeError(
                 f"int8 test accuracy {int8_acc:.4%} is more than {max_drop:.2%} below fp32's {fp32_acc:.4%} "
                 f"on {len(y_test)} test images; {INT8_FILE} not written"
+            )
+        if gap > EXACT_TOLERANCE:
+            raise QuantizeError(
+                f"int8 probabilities differ from exact integer arithmetic by up to {gap:.3f} (over "
+                f"{EXACT_TOLERANCE}) on this CPU ({report['cpu']['int8_kernels']}): its int8 sums "
+                f"saturate with these weights; {INT8_FILE} not written"
             )
         _set_metadata(out, meta, {"precision": "int8", "quantization": json.dumps(report)})
         shutil.move(str(out), model_dir / INT8_FILE)

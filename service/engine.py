@@ -14,6 +14,7 @@ from typing import Any, cast
 import numpy as np
 import onnxruntime as ort
 
+from service.cpu import host
 from service.preprocess import MODES, Mode
 from service.settings import Settings
 
@@ -130,6 +131,33 @@ def _open(
         raise EngineError(f"cannot load {path.name}: {str(exc).splitlines()[0][:300]}") from exc
 
 
+def _check_int8_here(session: ort.InferenceSession, path: Path) -> None:
+    """Refuse an int8 file whose answers would be wrong on this CPU; say so where int8 gains little.
+
+    Without VNNI, onnxruntime's int8 kernels sum pairs of products in 16 bits with saturation
+    (service/cpu.py): only a file whose weights fit 7 bits (`capsnet quantize` records `weight_bits`)
+    computes there what it computes on a VNNI CPU."""
+    cpu = host()
+    if cpu["vnni"] or not cpu["present"]:
+        return  # exact int8 sums, or a CPU whose features cannot be read: nothing to say
+    quantization = session.get_modelmeta().custom_metadata_map.get("quantization", "{}")
+    try:
+        bits = json.loads(quantization).get("weight_bits", 8)
+    except (ValueError, AttributeError):
+        bits = 8
+    if cpu["int8_saturates"] and bits > 7:
+        raise EngineError(
+            f"CAPSNET_PRECISION=int8: {path.name} has {bits}-bit weights, whose int8 sums saturate on this "
+            f"CPU ({cpu['int8_kernels']}) and change its answers; write it again with `capsnet quantize "
+            f"{path.parent}` (7-bit weights) or serve CAPSNET_PRECISION=fp32"
+        )
+    log.warning(
+        "CAPSNET_PRECISION=int8 on a CPU without VNNI (%s): answers as on any CPU, but int8 gains "
+        "less over fp32 here than on VNNI or AMX CPUs; compare both with `capsnet bench`",
+        cpu["int8_kernels"],
+    )
+
+
 class Engine:
     """The classifier and decoder sessions, shared by all requests. `run` is thread-safe (ORT is)."""
 
@@ -175,6 +203,8 @@ class Engine:
         self.classifier_file = classifier_path.name  # what /metadata reports as in use
         self.classifier = _open(classifier_path, wanted, intra_op_threads, cuda_options, intra_op_spinning)
         self.providers: list[str] = self.classifier.get_providers()  # what ORT really uses
+        if precision == "int8" and CUDA not in self.providers:
+            _check_int8_here(self.classifier, classifier_path)
         self.cuda_options = cuda_options if CUDA in self.providers else {}  # what it was given, for /metadata
         if CUDA in wanted and CUDA not in self.providers:
             log.warning(

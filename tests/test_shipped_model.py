@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from model_export.card import evaluate_onnx
+from model_export.card import evaluate_onnx, onnx_probabilities
 from model_export.data import load_split
 from service.settings import SHIPPED_MODEL, Settings
 from tests.live import ready_client
@@ -16,7 +16,7 @@ from tests.live import ready_client
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in {".png", ".jpg"})
 # Issue 5 asks for >= 99.5 % through onnxruntime: the shipped model must never fall below it, and the
-# card's own figure is checked exactly below.
+# card's own figure is checked below to the tolerance the card states for another CPU.
 ACCURACY_FLOOR = 0.995
 # Issue 21: the int8 variant may lose at most 0.1 point against fp32 on the same 10,000 test images.
 INT8_MAX_DROP = 0.001
@@ -30,17 +30,27 @@ def test_shipped_artifacts_are_complete_and_small():
     assert total < 45 * 2**20
 
 
+def assert_matches_card(preds: np.ndarray, y: np.ndarray, figures: dict) -> None:
+    """Errors as the card counts them, within the near ties it names: the images whose top two
+    lengths are so close that another CPU's summation order can change their class."""
+    errors = int((preds != y).sum())
+    assert figures["near_ties"]["images"] <= 20, "a tolerance that wide says nothing"
+    assert abs(errors - figures["errors"]) <= figures["near_ties"]["images"], (errors, figures)
+    assert errors == round((1 - figures["test_accuracy"]) * len(y))  # the card's two figures agree
+
+
 @pytest.mark.slow
 def test_shipped_model_accuracy_through_onnxruntime_matches_its_card():
     card = json.loads((SHIPPED_MODEL / "model_card.json").read_text())
+    ev = card["evaluation"]
     x, y = load_split("mnist", "test")
     preds = evaluate_onnx(SHIPPED_MODEL / "capsnet.onnx", x)
-    accuracy = float((preds == y).mean())
-    assert accuracy == pytest.approx(card["evaluation"]["test_accuracy"], abs=1e-9)
-    assert int((preds != y).sum()) == card["evaluation"]["errors"]
-    assert accuracy >= ACCURACY_FLOOR
+    assert_matches_card(preds, y, ev)
+    assert float((preds == y).mean()) >= ACCURACY_FLOOR and ev["test_accuracy"] >= ACCURACY_FLOOR
     assert card["parameters"]["total"] == 8_215_568 and card["config"]["routing_iterations"] == 3
-    assert f"{accuracy * 100:.2f} %" in (SHIPPED_MODEL / "MODEL_CARD.md").read_text()
+    md = (SHIPPED_MODEL / "MODEL_CARD.md").read_text()
+    assert f"**{ev['test_accuracy'] * 100:.2f} %**" in md and ev["cpu"]["model"] in md
+    assert f"{ev['near_ties']['images']} test image(s) whose top two lengths are within 0.0001" in md
 
 
 @pytest.mark.slow
@@ -48,19 +58,29 @@ def test_shipped_int8_model_accuracy_through_onnxruntime_matches_its_card():
     card = json.loads((SHIPPED_MODEL / "model_card.json").read_text())
     q = card["int8"]
     x, y = load_split("mnist", "test")
-    preds = evaluate_onnx(SHIPPED_MODEL / "capsnet-int8.onnx", x)
-    accuracy = float((preds == y).mean())
-    assert accuracy == pytest.approx(q["test_accuracy"], abs=1e-9)
-    assert int((preds != y).sum()) == q["errors"] and q["test_images"] == len(y) == 10_000
+    path = SHIPPED_MODEL / "capsnet-int8.onnx"
+    int8 = onnx_probabilities(path, x)
+    assert_matches_card(int8.argmax(1), y, q)
+    assert q["test_images"] == len(y) == 10_000
     # The fp32 figure the gate compared against is the card's own evaluation of capsnet.onnx.
     assert q["fp32_test_accuracy"] == pytest.approx(card["evaluation"]["test_accuracy"], abs=1e-9)
-    assert accuracy >= q["fp32_test_accuracy"] - INT8_MAX_DROP
+    assert q["test_accuracy"] >= q["fp32_test_accuracy"] - INT8_MAX_DROP
     assert q["calibration"]["split"] == "train"
+    # Right on this CPU whatever its int8 kernels: as exact integer arithmetic computes it (graph
+    # optimizations off: DequantizeLinear feeding fp32 Conv), within the tolerance the card states.
+    assert q["weight_bits"] == 7 and q["max_gap_to_exact_integers"] <= q["exact_tolerance"] <= 0.01
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    exact = onnx_probabilities(
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), x[:2000]
+    )
+    assert np.abs(int8[:2000] - exact).max() <= q["exact_tolerance"]
     md = (SHIPPED_MODEL / "MODEL_CARD.md").read_text()
-    assert f"**{accuracy * 100:.2f} %** int8" in md
-    sess = ort.InferenceSession(str(SHIPPED_MODEL / "capsnet-int8.onnx"), providers=["CPUExecutionProvider"])
+    assert f"**{q['test_accuracy'] * 100:.2f} %** int8" in md and "7-bit weights" in md
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["precision"] == "int8" and meta["version"] == card["version"]
+    assert json.loads(meta["quantization"])["weight_bits"] == 7
 
 
 def test_readme_examples_exist_and_are_classified_correctly():

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 
 import model_export.quantize as quantize
 from model_export.data import load_split
-from model_export.export import graph_control_flow, routing_branches
-from model_export.fp16 import graphs
+from model_export.export import graph_control_flow
 from model_export.quantize import INT8_FILE, QuantizeError, calibration_images, write_int8
+from service.cpu import host
 from service.settings import SHIPPED_MODEL
 from tests.factories import mnist_test_images
 
@@ -43,15 +43,14 @@ def _session(path, **options):
 def test_convolutions_run_in_int8_and_the_routing_in_fp32(int8_dir, tmp_path):
     d, _ = int8_dir
     proto = onnx.load(str(d / INT8_FILE))
-    assert graph_control_flow(proto) == ["If"]  # the convolutions before it, both routings inside
+    assert graph_control_flow(proto) == []  # still one static graph
     # What onnxruntime runs: both convolutions as QLinearConv (the ReLU folded in), no fp32 Conv left.
     _session(d / INT8_FILE, optimized_model_filepath=str(tmp_path / "opt.onnx"))
-    optimized = onnx.load(str(tmp_path / "opt.onnx"))
-    ops = [n.op_type for graph in graphs(optimized.graph) for n in graph.node]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "Relu" not in ops
-    assert "QLinearConv" not in [n.op_type for b in routing_branches(optimized).values() for n in b.node]
-    # r = 3, in fp32: the softmaxes of the iterations after the first without the votes, all three with
-    assert ops.count("Exp") == 2 and ops.count("Softmax") == 3
+    # r = 3 routing iterations in fp32, after the convolutions: the first's coupling is uniform
+    # (b = 0), the other two each take a softmax over the parents (exported as Exp over a sum)
+    assert ops.index("QLinearConv") < ops.index("Exp") and ops.count("Exp") == 2 and ops.count("Softmax") == 0
     # Weights: the convolutions' int8 per output channel, DigitCaps' W untouched in fp32.
     inits = {i.name: i for i in proto.graph.initializer}
     conv_w = [i for n, i in inits.items() if "primary.conv.weight" in n and len(i.dims) == 4]
@@ -104,13 +103,20 @@ def test_int8_outputs_follow_fp32(int8_dir):
 def test_report_figures_are_measured_not_assumed(int8_dir):
     d, report = int8_dir
     x, y = load_split("mnist", "test")
-    from model_export.card import evaluate_onnx
+    from model_export.card import evaluate_onnx, onnx_probabilities
 
     for prefix, path in (("", d / INT8_FILE), ("fp32_", d / "capsnet.onnx")):
         preds = evaluate_onnx(path, x[:TEST_LIMIT])
         assert report[f"{prefix}test_accuracy"] == float((preds == y[:TEST_LIMIT]).mean())
         assert report[f"{prefix}errors"] == int((preds != y[:TEST_LIMIT]).sum())
     assert report["bytes"] == (d / INT8_FILE).stat().st_size < (d / "capsnet.onnx").stat().st_size
+    int8 = onnx_probabilities(d / INT8_FILE, x[:TEST_LIMIT])
+    moved = np.abs(int8 - onnx_probabilities(d / "capsnet.onnx", x[:TEST_LIMIT])).max(1)
+    assert report["vs_fp32"] == {"max": float(moved.max()), "p99": float(np.quantile(moved, 0.99))}
+    top2 = np.sort(int8, axis=1)[:, -2:]
+    ties = int((top2[:, 1] - top2[:, 0] < quantize.CROSS_CPU_MARGIN).sum())
+    assert report["near_ties"] == {"margin": 4 * quantize.EXACT_TOLERANCE, "images": ties}
+    assert report["cpu"]["int8_kernels"] == host()["int8_kernels"]
 
 
 def test_calibration_reads_training_images_only(tiny_model_dir, tmp_path, monkeypatch):
@@ -132,15 +138,65 @@ def test_calibration_reads_training_images_only(tiny_model_dir, tmp_path, monkey
     np.testing.assert_array_equal(images, calibration_images("mnist", 32))  # seeded: the same every run
 
 
-def test_a_model_that_loses_accuracy_is_refused_and_nothing_is_written(tiny_model_dir, tmp_path):
+def test_a_model_that_loses_accuracy_is_refused_and_nothing_is_written(tiny_model_dir, tmp_path, monkeypatch):
     d = tmp_path / "model"
     shutil.copytree(tiny_model_dir, d)
-    # max_drop < 0 demands int8 beat fp32 by a full point: the gate must refuse it.
+    real = quantize._probabilities
+    _, y = load_split("mnist", "test")
+    wrong = np.eye(10, dtype=np.float32)[(y[:200] + 1) % 10]
+
+    def int8_always_wrong(model, x, *, exact=False):
+        return wrong if model.name == INT8_FILE else real(model, x, exact=exact)
+
+    monkeypatch.setattr(quantize, "_probabilities", int8_always_wrong)
+    with pytest.raises(QuantizeError, match=r"more than 0.10% below fp32's .* not written"):
+        write_int8(d, calibration=32, test_limit=200)
+    assert not (d / INT8_FILE).exists()
+    # max_drop < -1 demands int8 beat fp32 by more than everything: refused whatever the CPU computes
+    monkeypatch.undo()
     with pytest.raises(QuantizeError, match=r"more than .* below fp32's .* not written"):
-        write_int8(d, calibration=32, test_limit=200, max_drop=-0.01)
+        write_int8(d, calibration=32, test_limit=200, max_drop=-1.01)
     assert not (d / INT8_FILE).exists()
     with pytest.raises(QuantizeError, match="not found"):
         write_int8(tmp_path / "nowhere")
+
+
+def test_int8_answers_are_exact_integer_arithmetic_on_this_cpu(int8_dir):
+    """7-bit weights: no pair of int8 products saturates 16 bits, so this CPU's kernels compute what
+    exact integer sums (VNNI, AMX) compute; the reference runs the file with graph optimizations off,
+    each DequantizeLinear feeding an fp32 Conv."""
+    d, report = int8_dir
+    x = mnist_test_images(64)
+    fused = _session(d / INT8_FILE).run(["probabilities"], {"image": x})[0]
+    exact = _session(d / INT8_FILE, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(
+        ["probabilities"], {"image": x}
+    )[0]
+    assert np.abs(fused - exact).max() <= quantize.EXACT_TOLERANCE
+    assert report["weight_bits"] == 7 and report["max_gap_to_exact_integers"] <= quantize.EXACT_TOLERANCE
+    weights = [
+        onnx.numpy_helper.to_array(i)
+        for i in onnx.load(str(d / INT8_FILE)).graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4
+    ]
+    assert len(weights) == 2 and all(int(np.abs(w.astype(int)).max()) <= 64 for w in weights)
+
+
+def test_8_bit_weights_are_refused_where_int8_sums_saturate(tiny_model_dir, tmp_path, monkeypatch):
+    """What 7-bit weights prevent: on a CPU without VNNI an 8-bit file's answers leave exact integer
+    arithmetic and the gate refuses it; on a VNNI CPU the same file is exact and written."""
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    real = quantize.quantize_file
+    monkeypatch.setattr(
+        quantize, "quantize_file", lambda s, o, images: real(s, o, images, reduce_range=False)
+    )
+    if host()["int8_saturates"]:
+        with pytest.raises(QuantizeError, match=r"differ from exact integer arithmetic by up to .* saturate"):
+            write_int8(d, calibration=64, test_limit=200, max_drop=1.0)
+        assert not (d / INT8_FILE).exists()
+    else:
+        report = write_int8(d, calibration=64, test_limit=200, max_drop=1.0)
+        assert report["max_gap_to_exact_integers"] <= quantize.EXACT_TOLERANCE
 
 
 def test_the_model_card_gets_both_accuracies(tiny_model_dir, tmp_path):
@@ -206,3 +262,46 @@ def test_service_serves_int8_and_metadata_names_the_file(int8_dir, tmp_path):
             assert r.status_code == 200, r.text
             probs = [p["probability"] for p in r.json()["predictions"]]
             assert len(probs) == 1 and 0 <= probs[0] <= 1
+
+
+AVX2_ONLY = {"model": "AMD EPYC", "present": ["avx2", "fma"], "int8_kernels": "AVX2 (vpmaddubsw, no VNNI)",
+             "vnni": False, "int8_saturates": True}  # fmt: skip
+VNNI = {"model": "AMD EPYC", "present": ["avx2", "avx512_vnni"], "int8_kernels": "AVX-512 VNNI (vpdpbusd)",
+        "vnni": True, "int8_saturates": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("cpu", [AVX2_ONLY, VNNI], ids=["avx2", "vnni"])
+def test_the_service_refuses_8_bit_weights_where_they_saturate_and_says_where_int8_gains_less(
+    int8_dir, tmp_path, monkeypatch, caplog, cpu
+):
+    import service.engine
+    from service.engine import Engine, EngineError
+
+    d, _ = int8_dir
+    monkeypatch.setattr(service.engine, "host", lambda: cpu)
+    eight = tmp_path / "eight-bit"
+    shutil.copytree(d, eight)
+    # a file from another tool: 8-bit weights and no `weight_bits` in its metadata
+    quantize.quantize_file(
+        d / "capsnet.onnx", eight / INT8_FILE, calibration_images("mnist", 32), reduce_range=False
+    )
+    with caplog.at_level("WARNING", logger="service.engine"):
+        if cpu["int8_saturates"]:
+            with pytest.raises(
+                EngineError, match=r"8-bit weights, whose int8 sums saturate on this CPU \(AVX2"
+            ):
+                Engine(eight, providers="CPUExecutionProvider", precision="int8")
+        else:
+            assert Engine(eight, providers="CPUExecutionProvider", precision="int8").precision == "int8"
+        caplog.clear()
+        engine = Engine(d, providers="CPUExecutionProvider", precision="int8")  # 7-bit: served anywhere
+        assert engine.classifier_file == INT8_FILE
+        warned = [r.getMessage() for r in caplog.records if "VNNI" in r.getMessage()]
+        assert warned == ([] if cpu["vnni"] else [
+            "CAPSNET_PRECISION=int8 on a CPU without VNNI (AVX2 (vpmaddubsw, no VNNI)): answers as on "
+            "any CPU, but int8 gains less over fp32 here than on VNNI or AMX CPUs; compare both with "
+            "`capsnet bench`"
+        ])  # fmt: skip
+        caplog.clear()
+        Engine(d, providers="CPUExecutionProvider", precision="fp32")
+        assert not caplog.records  # fp32 has nothing to say about int8
