@@ -35,9 +35,8 @@ def http_cases(workers: int) -> list[tuple[str, int, int]]:
 
 def static_batch(model: Any, batch: int) -> Any:
     """A copy of an ONNX model whose batch axis is fixed, so its shape arithmetic folds into constants
-    and every node can run inside one captured CUDA graph; the classifier's If on the batch size
-    (export.by_batch_size) is replaced by the routing that batch takes, since CUDA graphs hold no
-    control flow."""
+    and every node can run inside one captured CUDA graph (the exported classifier holds no control
+    flow, which a CUDA graph could not capture)."""
     import copy
 
     fixed = copy.deepcopy(model)
@@ -45,34 +44,7 @@ def static_batch(model: Any, batch: int) -> Any:
         dim = value.type.tensor_type.shape.dim[0]
         dim.ClearField("dim_param")
         dim.dim_value = batch
-    _take_branch(fixed, batch)
     return fixed
-
-
-def _take_branch(model: Any, batch: int) -> None:
-    """Inline the branch of the switch `If(Squeeze(LessOrEqual(Shape(image), most)))` that `batch`
-    images take, then drop the nodes nobody reads any more (the switch's own)."""
-    import onnx
-
-    from model_export.export import routing_branches, switch_threshold, upstream
-
-    switches = [n for n in model.graph.node if n.op_type == "If"]
-    if not switches:
-        return
-    (switch,) = switches
-    branches = routing_branches(model)
-    taken = branches["votes" if batch <= switch_threshold(model) else "without_votes"]
-    graph = model.graph
-    inlined = list(taken.node) + [
-        onnx.helper.make_node("Identity", [o.name], [name])
-        for o, name in zip(taken.output, switch.output, strict=True)
-    ]
-    at = list(graph.node).index(switch)
-    nodes = list(graph.node[:at]) + inlined + list(graph.node[at + 1 :])
-    graph.initializer.extend(taken.initializer)
-    kept = upstream(nodes, [o.name for o in graph.output])  # drop what no output depends on
-    del graph.node[:]
-    graph.node.extend(kept)
 
 
 class OrtCases:

@@ -28,9 +28,6 @@ import numpy as np
 CONV_OPS = {"Conv", "FusedConv", "NchwcConv", "Relu", "ReorderInput", "ReorderOutput"}
 # The int8 file's convolutions: QLinearConv and the (de)quantization at their borders.
 CONV_OPS |= {"QLinearConv", "QuantizeLinear", "DequantizeLinear"}
-# The classifier's If on the batch size (export.SMALL_BATCH): profiled as a node whose time is that of
-# the routing it ran, whose nodes the profile lists one by one as well.
-CONTROL_FLOW = {"If", "Loop", "Scan"}
 
 
 def profile(
@@ -55,8 +52,6 @@ def profile(
     by_op: dict[str, float] = defaultdict(float)
     for ev in trace:
         if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
-            if ev["args"]["op_name"] in CONTROL_FLOW:  # its time is its branch's nodes', listed too
-                continue
             by_op[ev["args"]["op_name"]] += ev["dur"]
     total = sum(by_op.values())
     conv = sum(v for k, v in by_op.items() if k in CONV_OPS)

@@ -166,12 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("models/capsnet-mnist"))
     p.add_argument("--name", default="capsnet-mnist", help="model name stored in the metadata")
     p.add_argument(
-        "--exporter",
-        choices=("torchscript", "dynamo"),
-        default="torchscript",
-        help="the classifier's exporter (the decoder's is torch.export); see model_export/export.py",
-    )
-    p.add_argument(
         "--no-card",
         dest="card",
         action="store_false",

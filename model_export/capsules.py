@@ -15,9 +15,8 @@ SQUASH_EPS = 1e-8
 
 
 def exporting() -> bool:
-    """True while either ONNX exporter records the model: the TorchScript tracer (`dynamo=False`)
-    or torch.export (`dynamo=True`, under which `torch.jit.is_tracing()` is False)."""
-    return bool(torch.jit.is_tracing() or torch.compiler.is_exporting())
+    """True while torch.export records the model (`torch.onnx.export(..., dynamo=True)`)."""
+    return bool(torch.compiler.is_exporting())
 
 
 def squash(s: Tensor, dim: int = -1) -> Tensor:
@@ -35,9 +34,8 @@ class _ConvGradsAsConvs(torch.autograd.Function):
 
     The input gradient is a transposed convolution and the weight gradient a convolution of the input
     with the output gradient (dilated by the stride), the batch as the contracted channel: the same
-    sums as autograd's. On 2 CPU cores at B = 128: the PrimaryCaps convolution (256 -> 256, 9x9,
-    stride 2) forward + backward 1.98 -> 1.64 s, Conv1's weight gradient 187 -> 83 ms. Eager training
-    only: export records the plain convolution.
+    sums as autograd's, and faster on the CPU for both of CapsNet's convolutions. Eager training only:
+    export records the plain convolution.
     """
 
     @staticmethod
@@ -92,7 +90,7 @@ class PrimaryCaps(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) feature map -> (B, N, dim) squashed capsules in (type, row, col) order."""
         y = conv2d(self.conv, x)  # (B, types*dim, G, G); channel = type*dim + d
-        B, G = y.shape[0], y.shape[-1]  # (from y: an exported routing reads nothing before it)
+        B, G = y.shape[0], y.shape[-1]
         y = y.view(B, self.types, self.dim, G, G)  # (B, types, dim, G, G)
         y = y.permute(0, 1, 3, 4, 2)  # (B, types, G, G, dim)
         u = y.reshape(B, self.types * G * G, self.dim)  # (B, N, dim), N in (type, row, col) order
@@ -145,27 +143,15 @@ class DigitCaps(nn.Module):
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """u (B, N, D_in) -> v (B, J, D_out), coupling (B, r, N, J): the textbook form, for training.
 
-        einsum picks a batched GEMM whose forward + backward took 0.11 s per batch of 128 against 0.38 s
-        for a bmm over the children (profiled on 2 CPU cores). The exported graph routes without the
-        votes instead (`CapsNet.run` calls `route_without_votes` while exporting)."""
+        einsum picks a batched GEMM whose forward + backward is faster than a bmm over the children. The
+        exported graph routes without the votes instead (`CapsNet.run` calls `route_without_votes`
+        while exporting)."""
         return route(torch.einsum("bnk,njdk->bjnd", u, self.W).contiguous(), self.iterations)
 
 
-def votes(u: Tensor, W: Tensor) -> Tensor:
-    """The votes û_j|i = W_ij u_i laid out for `route`, as the exported graph forms them: u (B, N, K),
-    W (N, J, D, K) -> û (B, J, N, D). One batched product over the children, then two moves of whole
-    rows (J*D, then D floats): onnxruntime's transpose of the single (3, 1, 0, 2) permutation took 60 %
-    of the graph's time (profiled), and its Einsum is not used."""
-    B, N, K = u.shape
-    _, J, D, _ = W.shape
-    u_hat = torch.bmm(u.transpose(0, 1), W.reshape(N, J * D, K).transpose(1, 2))  # (N, B, J*D)
-    u_hat = u_hat.transpose(0, 1).contiguous()  # (B, N, J*D)
-    return u_hat.view(B, N, J, D).transpose(1, 2).contiguous()  # (B, J, N, D)
-
-
 def softmax_first(b: Tensor) -> Tensor:
-    """Softmax over dim 0, written out: onnxruntime's Softmax over a leading axis moves the tensor
-    around it (profiled at (10, 32, 1152), 1 thread: 4.5 ms, where these five operators take 0.7)."""
+    """Softmax over dim 0, written out: onnxruntime's Softmax over a leading axis moves the whole
+    tensor around it, which costs several times these five operators."""
     e = torch.exp(b - b.amax(dim=0, keepdim=True))
     return e / e.sum(dim=0, keepdim=True)
 
@@ -181,12 +167,9 @@ def route_without_votes(u: Tensor, W: Tensor, iterations: int) -> tuple[Tensor, 
 
     u: (B, K, N) components first (`PrimaryCaps.components_first`); W: (N, J, D, K). Returns v (B, J, D)
     and c (B, r, N, J) like `route`. û is B x N x J x D floats, 20 times u: built once and read by every
-    routing product, it made the routing memory-bound; each product here streams c * u or W^T v (half
-    û's size) or W itself (5.9 MB). Images/s against the graph that formed û, alternating call by call,
-    2 threads, 2-core AMD EPYC (2026-12-01): fp32 B = 1 0.90x, 8 1.03x, 32 1.07x, 64 1.09x, 128 1.06x;
-    int8 (whose convolutions leave the routing a larger share) B = 1 0.81x, 8 1.05x, 32 1.18x, 64 1.16x,
-    128 1.16x. B = 1 is slower (+0.33 ms) because W is read five times where û would be read once, so
-    the exported graph routes small batches through `votes` + `route` (export.SMALL_BATCH).
+    routing product, it makes the routing memory-bound; each product here streams c * u or W^T v (half
+    û's size) or W itself, so it is the faster form from a few images up. A single image pays for
+    reading W five times where û would be read once; docs/performance.md has the measurements.
     """
     B, K, N = u.shape
     _, J, D, _ = W.shape

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,52 +22,31 @@ FP16_FILE = "capsnet-fp16.onnx"  # the name the service loads under CAPSNET_PREC
 
 
 def to_fp16(model: onnx.ModelProto, ops: tuple[str, ...] = HALF_OPS) -> onnx.ModelProto:
-    """A copy of `model` whose `ops` nodes compute in fp16, with Cast nodes at their borders, in the
-    graph and in its subgraphs (the routings in the classifier's If).
+    """A copy of `model` whose `ops` nodes compute in fp16, with Cast nodes at their borders.
 
     Weights used only by such nodes are stored in fp16 (half the bytes); a tensor is cast once however
-    many half-precision nodes of one graph read it (a branch reuses its enclosing graph's casts), and a
-    half-precision result feeds the next one without a round trip through fp32.
+    many half-precision nodes read it, and a half-precision result feeds the next one without a round
+    trip through fp32. `model` must be one static graph, as `capsnet export` writes it: nodes inside
+    subgraphs (If, Loop, Scan) would read values this rewrite renames, so it refuses them.
     """
+    graph_attrs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    flow = [n.op_type for n in model.graph.node if any(a.type in graph_attrs for a in n.attribute)]
+    if flow:
+        raise ValueError(f"the graph holds subgraphs (in {flow}); re-export it as one static graph")
     out = copy.deepcopy(model)
-    inits = {i.name: i for i in out.graph.initializer}
+    graph = out.graph
+    inits = {i.name: i for i in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for graph in graphs(out.graph):
-        for node in graph.node:
-            for name in node.input:
-                consumers[name].append(node)
-    _halve(out.graph, inits, consumers, {}, ops)
-    onnx.checker.check_model(out)
-    return out
-
-
-def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """`graph` and every subgraph in it, outermost first."""
-    yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from graphs(sub)
-
-
-def _halve(
-    graph: onnx.GraphProto,
-    inits: dict[str, onnx.TensorProto],
-    consumers: dict[str, list[onnx.NodeProto]],
-    outer: dict[str, str],
-    ops: tuple[str, ...],
-) -> None:
-    """Rewrite `graph` in place; `outer`: the fp16 twins the enclosing graphs made, visible here."""
-    half_of = dict(outer)  # fp32 tensor -> its fp16 twin
+        for name in node.input:
+            consumers[name].append(node)
+    half_of: dict[str, str] = {}  # fp32 tensor -> its fp16 twin
     nodes: list[onnx.NodeProto] = []
 
     def half(name: str) -> str:
         if name in half_of:
             return half_of[name]
         init = inits.get(name)
-        if init is not None and init.data_type == TensorProto.FLOAT16:  # halved for another graph
-            half_of[name] = name
-            return name
         if (
             init is not None
             and init.data_type == TensorProto.FLOAT
@@ -83,9 +61,6 @@ def _halve(
         return half_of[name]
 
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _halve(attr.g, inits, consumers, half_of, ops)
         if node.op_type not in ops:
             nodes.append(node)
             continue
@@ -96,17 +71,14 @@ def _halve(
         for name in outputs:  # fp32 copies under the old names, for the nodes that read them
             half_of[name] = f"{name}_fp16"
             nodes.append(helper.make_node("Cast", [half_of[name]], [name], to=TensorProto.FLOAT))
-    # Drop fp32 casts nobody reads (a half result read only by half nodes), here or in a branch.
-    read = {o.name for o in graph.output}
-    for node in nodes:
-        read.update(node.input)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                read.update(name for sub in graphs(attr.g) for n in sub.node for name in n.input)
+    # Drop fp32 casts nobody reads (a half result read only by half nodes).
+    read = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
     nodes = [n for n in nodes if not (n.op_type == "Cast" and n.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(nodes)
     graph.ClearField("value_info")
+    onnx.checker.check_model(out)
+    return out
 
 
 def write_fp16(model_dir: Path) -> Path:

@@ -8,12 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_export.capsules import DigitCaps, PrimaryCaps, conv2d, exporting, route, route_without_votes, votes
+from model_export.capsules import DigitCaps, PrimaryCaps, conv2d, exporting, route_without_votes
 from model_export.config import CapsNetConfig
-
-# How an exported graph routes: "votes" forms û once and routes it (`route`), cheaper for a few images;
-# "without_votes" never forms it (`route_without_votes`), cheaper for more (export.SMALL_BATCH).
-FORMULATIONS = ("votes", "without_votes")
 
 
 class Decoder(nn.Module):
@@ -60,23 +56,15 @@ class CapsNet(nn.Module):
         out = self.run(x)
         return out.lengths, out.poses, out.coupling
 
-    def run(self, x: Tensor, formulation: str | None = None) -> CapsNetOutput:
-        """Everything the service shows, the primary capsules' activations included. `formulation`: one
-        of FORMULATIONS, for export (default while exporting: "without_votes"); None in eager mode is
-        the training path (einsum + route)."""
-        if formulation is None and exporting():
-            formulation = "without_votes"
-        if formulation is not None and formulation not in FORMULATIONS:
-            raise ValueError(f"formulation must be one of {FORMULATIONS}, not {formulation!r}")
+    def run(self, x: Tensor) -> CapsNetOutput:
+        """Everything the service shows, the primary capsules' activations included. Exported, the
+        routing never forms the votes (`route_without_votes`); in eager mode it is the training form
+        (einsum + `route`), which the export's parity check compares the graph against."""
         h = F.relu(conv2d(self.conv1, x))  # (B, 256, 20, 20)
-        if formulation == "without_votes":  # the capsules components first, the layout it reads
+        if exporting():  # the capsules components first, the layout the exported routing reads
             u = self.primary.components_first(h)  # (B, 8, N)
             v, coupling = route_without_votes(u, self.digits.W, self.digits.iterations)
             activations = torch.linalg.vector_norm(u, dim=1)
-        elif formulation == "votes":
-            u = self.primary(h)  # (B, N, 8)
-            v, coupling = route(votes(u, self.digits.W), self.digits.iterations)
-            activations = torch.linalg.vector_norm(u, dim=-1)
         else:
             u = self.primary(h)  # (B, N, 8)
             v, coupling = self.digits(u)  # (B, J, D), (B, r, N, J)

@@ -145,8 +145,8 @@ def test_conv2d_gradients_equal_autograds(size, kernel, stride):
         torch.testing.assert_close(a, b)
 
 
-def test_conv2d_is_the_plain_module_when_tracing_or_without_gradients():
-    from model_export.capsules import conv2d
+def test_conv2d_is_the_plain_module_when_exporting_or_without_gradients(monkeypatch):
+    from model_export.capsules import _ConvGradsAsConvs, conv2d
 
     conv = torch.nn.Conv2d(2, 2, 3, stride=2)
     x = torch.randn(1, 2, 9, 9)
@@ -161,6 +161,10 @@ def test_conv2d_is_the_plain_module_when_tracing_or_without_gradients():
         def forward(self, t: torch.Tensor) -> torch.Tensor:
             return conv2d(self.conv, t)
 
-    traced = torch.jit.trace(Wrapper(), x)
-    graph = str(traced.inlined_graph)
-    assert "aten::_convolution" in graph and "PythonOp" not in graph
+    def refuse(*args: object) -> torch.Tensor:
+        raise AssertionError("the eager-training convolution was recorded")
+
+    monkeypatch.setattr(_ConvGradsAsConvs, "apply", refuse)
+    assert torch.is_grad_enabled()
+    graph = str(torch.export.export(Wrapper(), (x,)).graph)  # gradients on, but exporting
+    assert "aten.conv2d" in graph

@@ -8,18 +8,12 @@ import pytest
 import torch
 
 from model_export.export import (
-    CLASSIFIER_EXPORTER,
-    EXPORTERS,
     MODEL_OUTPUTS,
     OPSET,
     PARITY_BATCHES,
-    SMALL_BATCH,
-    TRACER_OPSET,
     ExportError,
     export,
     graph_control_flow,
-    routing_branches,
-    switch_threshold,
 )
 from tests.checks import assert_right_not_wrong, skip_last_update, transposed
 from tests.factories import make_checkpoint, mnist_test_images
@@ -30,25 +24,24 @@ def real_images():
     return mnist_test_images(80)
 
 
-@pytest.fixture(scope="module", params=EXPORTERS)
-def exported(tmp_path_factory, real_images, request):
-    """The tiny model exported with each of the classifier's exporters (the decoder: torch.export)."""
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, real_images):
+    """The tiny model exported (both graphs through torch.export)."""
     d = tmp_path_factory.mktemp("export")
     model = make_checkpoint(d / "ckpt.pt")
-    report = export(d / "ckpt.pt", d / "out", name="tiny", images=real_images, exporter=request.param)
-    assert report["exporters"] == {"capsnet.onnx": request.param, "decoder.onnx": "dynamo"}
+    report = export(d / "ckpt.pt", d / "out", name="tiny", images=real_images)
+    assert report["exporter"] == "torch.export" and report["torch"] == torch.__version__
     return model, d / "out", report
 
 
-def test_graph_switches_routing_on_the_batch_size_and_names_its_io(exported):
+def test_graph_is_one_static_graph_and_names_its_io(exported):
     _, out, _ = exported
     proto = onnx.load(str(out / "capsnet.onnx"))
-    # the convolutions once, then one If on the batch size; no Loop or Scan in either routing
-    assert graph_control_flow(proto) == ["If"]
-    ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("Conv") == 2 and ops.index("Conv") < ops.index("If") and ops[-1] == "If"
-    assert sorted(routing_branches(proto)) == ["votes", "without_votes"]
-    assert proto.opset_import[0].version >= 17
+    # the convolutions, then the routing unrolled: no Loop, Scan or If, no subgraph, no local function
+    assert graph_control_flow(proto) == [] and not proto.functions
+    assert all(not a.HasField("g") and not a.graphs for n in proto.graph.node for a in n.attribute)
+    assert [n.op_type for n in proto.graph.node].count("Conv") == 2
+    assert proto_opset(out / "capsnet.onnx") == OPSET
     sess = ort.InferenceSession(str(out / "capsnet.onnx"), providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()
     assert inp.name == "image" and inp.type == "tensor(float)"
@@ -63,7 +56,7 @@ def test_graph_switches_routing_on_the_batch_size_and_names_its_io(exported):
     assert [o.name for o in dec.get_outputs()] == ["reconstruction"]
 
 
-@pytest.mark.parametrize("B", [1, SMALL_BATCH, SMALL_BATCH + 1, 33])
+@pytest.mark.parametrize("B", [1, 5, 33])
 def test_dynamic_batch_and_parity(exported, real_images, B):
     model, out, _ = exported
     sess = ort.InferenceSession(str(out / "capsnet.onnx"), providers=["CPUExecutionProvider"])
@@ -117,32 +110,27 @@ def test_report_parity_and_metadata_readable_without_torch(exported, real_images
     assert float(meta["test_accuracy"]) == 0.5 and len(meta["checkpoint_sha256"]) == 64
     assert meta["dataset"] == "mnist" and meta["exported_at"].endswith("Z")
     assert meta["preprocess"] == "mnist"  # the dataset's: the service's default preprocessing for the model
-    want = {"torchscript": TRACER_OPSET, "dynamo": OPSET}[report["exporters"]["capsnet.onnx"]]
-    assert meta["opset"] == str(proto_opset(out / "capsnet.onnx")) == str(want) == report["metadata"]["opset"]
+    assert (
+        meta["opset"] == str(proto_opset(out / "capsnet.onnx")) == str(OPSET) == report["metadata"]["opset"]
+    )
     dec = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    dec_meta = dec.get_modelmeta().custom_metadata_map
-    assert dec_meta["opset"] == str(proto_opset(out / "decoder.onnx")) == "18"  # torch.export's lowest
-    assert {k: v for k, v in dec_meta.items() if k != "opset"} == {
-        k: v for k, v in meta.items() if k != "opset"
-    }
+    assert dec.get_modelmeta().custom_metadata_map == meta  # one exporter, one opset for both files
+    assert proto_opset(out / "decoder.onnx") == OPSET
 
 
 def proto_opset(path):
     return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("r", [1, 5])
-def test_routing_iterations_are_visible_in_the_graph(tmp_path, real_images, r, exporter):
+def test_routing_iterations_are_visible_in_the_graph(tmp_path, real_images, r):
     make_checkpoint(tmp_path / "ckpt.pt", r=r)
-    export(tmp_path / "ckpt.pt", tmp_path / "out", images=real_images, batches=(1, 7), exporter=exporter)
+    export(tmp_path / "ckpt.pt", tmp_path / "out", images=real_images, batches=(1, 7))
     proto = onnx.load(str(tmp_path / "out" / "capsnet.onnx"))
-    assert graph_control_flow(proto) == ["If"]
-    routings = routing_branches(proto)
-    # one c_i = softmax(b_i) per routing iteration: Procedure 1 as written when the votes are formed;
-    # without them, every iteration after the first, whose c is softmax(0) = 1/J
-    assert sum(n.op_type == "Softmax" for n in routings["votes"].node) == r
-    assert sum(n.op_type == "Exp" for n in routings["without_votes"].node) == r - 1
+    assert graph_control_flow(proto) == []
+    # one c_i = softmax(b_i) per routing iteration after the first, whose c is softmax(0) = 1/J
+    assert sum(n.op_type == "Exp" for n in proto.graph.node) == r - 1
+    assert "Softmax" not in [n.op_type for n in proto.graph.node]  # written out over the parents
     sess = ort.InferenceSession(str(tmp_path / "out" / "capsnet.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(["coupling"], {"image": real_images[:2]})[0].shape == (2, r, 144, 10)
 
@@ -163,35 +151,25 @@ def node_outputs_per_image(path: Path, batch: int, tmp: Path) -> dict[str, int]:
     return sizes
 
 
-def test_large_batches_route_without_forming_the_votes_and_small_ones_with(exported, tmp_path):
-    """torch.export (under which torch.jit.is_tracing() is False) and the tracer must both switch on
-    the batch size: above SMALL_BATCH images no node outputs û, B x N x J x D floats (the training
-    einsum did), the largest routing tensor is c * u, J x K x N per image
-    (capsules.route_without_votes); up to SMALL_BATCH, û is formed once (capsules.votes). W is stored
-    once, under its parameter's name, and read by both."""
+@pytest.mark.parametrize("B", [1, 5])
+def test_every_batch_routes_without_forming_the_votes(exported, tmp_path, B):
+    """No node outputs û, B x N x J x D floats (the training einsum did), at any batch size: the largest
+    tensor per image is c * u, J x K x N (capsules.route_without_votes). W is stored once, under its
+    parameter's name."""
     model, out, _ = exported
     cfg = model.config
     N, J, D, K = cfg.num_primary, cfg.num_classes, cfg.digit_dim, cfg.primary_dim
     proto = onnx.load(str(out / "capsnet.onnx"))
-    routings = routing_branches(proto)
-    assert all("Einsum" not in [n.op_type for n in g.node] for g in routings.values())
-    conv1 = cfg.conv1_channels * cfg.conv1_out**2
-    for B, formulation in ((SMALL_BATCH + 1, "without_votes"), (SMALL_BATCH, "votes")):
-        sizes = node_outputs_per_image(out / "capsnet.onnx", B, tmp_path)
-        assert {name.split("/")[0] for name in sizes} & set(routings) == {formulation}, B  # one branch ran
-        routing = {name: n for name, n in sizes.items() if name.startswith(formulation + "/")}
-        assert len(routing) > 20 and conv1 not in routing.values()
-        if formulation == "votes":
-            assert N * J * D in routing.values()  # û, formed once
-        else:
-            assert max(routing.values()) == J * K * N < N * J * D
+    assert "Einsum" not in [n.op_type for n in proto.graph.node]
+    sizes = node_outputs_per_image(out / "capsnet.onnx", B, tmp_path)
+    assert len(sizes) > 20 and N * J * D not in sizes.values()
+    assert max(sizes.values()) == J * K * N < N * J * D
     weights = [i.name for i in proto.graph.initializer if int(np.prod(i.dims)) == model.digits.W.numel()]
     assert weights == ["model.digits.W"]
-    assert all(i.name != "model.digits.W" for g in routings.values() for i in g.initializer)
 
 
 def test_weights_come_back_from_the_files(exported):
-    """`capsnet train --init-from` reads the weights back by initializer name, from either exporter."""
+    """`capsnet train --init-from` reads the weights back by initializer name."""
     from model_export.train import weights_from_export
 
     model, out, _ = exported
@@ -202,37 +180,87 @@ def test_weights_come_back_from_the_files(exported):
         assert torch.equal(weights[k], v), k
 
 
-def test_default_r_computes_two_softmaxes_without_the_votes(exported):
-    _, out, _ = exported
-    routing = routing_branches(onnx.load(str(out / "capsnet.onnx")))["without_votes"]
-    assert sum(n.op_type == "Exp" for n in routing.node) == 2  # r = 3; the first c is constant
-
-
-def test_the_default_exporter_and_an_unknown_one(tmp_path, real_images):
-    # the tracer stays the classifier's default (export.py's docstring says why)
-    assert CLASSIFIER_EXPORTER == "torchscript" and EXPORTERS == ("torchscript", "dynamo")
-    make_checkpoint(tmp_path / "ckpt.pt")
-    with pytest.raises(ValueError, match="exporter must be one of"):
-        export(tmp_path / "ckpt.pt", tmp_path / "out", images=real_images, exporter="jit")
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize(("argv", "want"), [([], "torchscript"), (["--exporter", "dynamo"], "dynamo")])
-def test_cli_passes_the_exporter(tmp_path, monkeypatch, argv, want):
+def test_cli_exports_with_torch_export_only(tmp_path, monkeypatch, capsys):
     import model_export.export as ex
     from capsnet.cli import main
 
     seen = []
 
-    def fake_export(checkpoint, output, *, name, exporter):
-        seen.append(exporter)
+    def fake_export(checkpoint, output, *, name):
+        seen.append((checkpoint, name))
         return {"parity_max_abs_diff": {}, "metadata": {}}
 
     monkeypatch.setattr(ex, "export", fake_export)
-    main(["export", "ckpt.pt", "--output", str(tmp_path / "out"), "--no-card", *argv])
-    assert seen == [want]
-    with pytest.raises(SystemExit):
-        main(["export", "ckpt.pt", "--no-card", "--exporter", "jit"])
+    main(["export", "ckpt.pt", "--output", str(tmp_path / "out"), "--no-card"])
+    assert seen == [(Path("ckpt.pt"), "capsnet-mnist")]
+    with pytest.raises(SystemExit):  # the TorchScript choice is gone
+        main(["export", "ckpt.pt", "--no-card", "--exporter", "torchscript"])
+    assert "unrecognized arguments: --exporter" in capsys.readouterr().err
+
+
+def test_control_flow_in_the_classifier_fails_the_export(tmp_path, real_images, monkeypatch):
+    """A classifier recorded with a branch (here torch.cond, exported as an If) is refused: the file
+    must be one static graph."""
+    import model_export.export as ex
+
+    class Branchy(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, image):
+            def run(x):
+                return tuple(self.model.run(x))
+
+            return torch.cond(image.sum() > 0, run, run, (image,))
+
+    make_checkpoint(tmp_path / "ckpt.pt")
+    monkeypatch.setattr(ex, "_ClassifierGraph", Branchy)
+    with pytest.raises(ExportError, match=r"control flow \['If'\]"):
+        export(tmp_path / "ckpt.pt", tmp_path / "out", images=real_images)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dead_capsule_squashes_to_zero_through_the_eps(tmp_path, real_images):
+    """A primary capsule type whose weights are all zero gives zero vectors: squash(0) is 0 only through
+    the eps inside its square root (0 / 0 without), which the file must keep."""
+    make_checkpoint(tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    dim = state["config"]["primary_dim"]
+    state["model"]["primary.conv.weight"][:dim] = 0.0  # type 0: channels 0 .. dim - 1
+    state["model"]["primary.conv.bias"][:dim] = 0.0
+    torch.save(state, tmp_path / "dead.pt")
+    export(tmp_path / "dead.pt", tmp_path / "out", images=real_images, batches=(1, 7))  # parity holds
+    sess = ort.InferenceSession(str(tmp_path / "out" / "capsnet.onnx"), providers=["CPUExecutionProvider"])
+    outputs = sess.run(None, {"image": real_images[:4]})
+    assert all(np.isfinite(o).all() for o in outputs)
+    grid = 6 * 6
+    assert (outputs[3][:, :grid] == 0).all() and (outputs[3][:, grid:] > 0).all()  # primary_activations
+
+
+def test_w_folded_or_renamed_fails_the_export(exported):
+    """`train.weights_from_export` needs every parameter under its name, and W once: a layout of it
+    folded into the file would be one more copy."""
+    from model_export.export import _check_weights
+
+    model, out, _ = exported
+    classifier = onnx.load(str(out / "capsnet.onnx"))
+    decoder = onnx.load(str(out / "decoder.onnx"))
+    _check_weights(classifier, decoder, model)  # the export as written passes
+    (w,) = (i for i in classifier.graph.initializer if i.name == "model.digits.W")
+    folded = onnx.ModelProto()
+    folded.CopyFrom(classifier)
+    copy = folded.graph.initializer.add()
+    copy.CopyFrom(w)
+    copy.name = "val_w_transposed"
+    with pytest.raises(ExportError, match="stored as"):
+        _check_weights(folded, decoder, model)
+    w.name = "val_0"
+    with pytest.raises(ExportError, match=r"not stored under their names.*model\.digits\.W"):
+        _check_weights(classifier, decoder, model)
+    decoder.graph.initializer[0].name = "val_1"
+    with pytest.raises(ExportError, match=r"decoder\.layers"):
+        _check_weights(onnx.load(str(out / "capsnet.onnx")), decoder, model)
 
 
 def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, real_images):
@@ -313,20 +341,19 @@ def test_exported_routing_equals_numpy_routing(exported, real_images):
 
 
 @pytest.mark.parametrize("file", ["capsnet.onnx", "capsnet-int8.onnx"])
-def test_the_shipped_files_switch_where_the_export_does_and_both_routings_agree(real_images, file):
-    """The shipped classifier (fp32 and int8) holds today's switch: its If compares the batch size with
-    SMALL_BATCH, and its two routings give the same numbers for the same images (B = SMALL_BATCH through
-    the votes, the same images plus one through the routing without them)."""
+def test_the_shipped_files_are_one_static_graph(real_images, file):
+    """The shipped classifier (fp32 and int8) is what the export writes today: no control flow, so
+    TensorRT and CUDA graphs take it as it is, and real digits get a confident class at any batch size."""
     from service.settings import SHIPPED_MODEL
 
     proto = onnx.load(str(SHIPPED_MODEL / file))
-    assert graph_control_flow(proto) == ["If"]
-    assert switch_threshold(proto) == SMALL_BATCH
+    assert graph_control_flow(proto) == []
+    if file == "capsnet.onnx":
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta["opset"] == str(proto_opset(SHIPPED_MODEL / file)) == str(OPSET)
     sess = ort.InferenceSession(str(SHIPPED_MODEL / file), providers=["CPUExecutionProvider"])
-    x = real_images[: SMALL_BATCH + 1]
-    with_votes = sess.run(None, {"image": x[:SMALL_BATCH]})
-    without = sess.run(None, {"image": x})
-    for name, a, b in zip(MODEL_OUTPUTS, with_votes, without, strict=True):
-        np.testing.assert_allclose(a, b[:SMALL_BATCH], rtol=0, atol=2e-6 * np.abs(b).max(), err_msg=name)
-    assert (with_votes[0].argmax(1) == without[0][:SMALL_BATCH].argmax(1)).all()
-    assert with_votes[0].max() > 0.5  # real digits: a confident class each, not zeros on both sides
+    alone = sess.run(None, {"image": real_images[:1]})
+    batch = sess.run(None, {"image": real_images[:5]})
+    for name, a, b in zip(MODEL_OUTPUTS, alone, batch, strict=True):
+        np.testing.assert_allclose(a, b[:1], rtol=0, atol=2e-6 * np.abs(b).max(), err_msg=name)
+    assert batch[0].max(1).min() > 0.5  # real digits: a confident class each, not zeros

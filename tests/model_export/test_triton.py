@@ -178,7 +178,7 @@ def test_export_triton_flag_writes_the_repository(tmp_path: Path, monkeypatch: p
     itself is replaced by a copy of the shipped model: it has its own tests)."""
     import model_export.export as export_mod
 
-    def fake_export(checkpoint: Path, output: Path, *, name: str, exporter: str) -> dict[str, Any]:
+    def fake_export(checkpoint: Path, output: Path, *, name: str) -> dict[str, Any]:
         output.mkdir(parents=True)
         for f in ("capsnet.onnx", "decoder.onnx"):
             (output / f).write_bytes((SHIPPED / f).read_bytes())
