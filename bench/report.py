@@ -66,8 +66,8 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "measured": "2026-12-01 at 86e7c1c, on a fresh clone",
         "machine_text": QUIET_VM,
         "command": "capsnet bench --output bench/results/cpu-2core-now.json",
-        "note": "Today's files and code: both routings in one graph behind an If on the batch size (the "
-        "votes formed up to 4 images, without them above: `model_export/export.py`, `SMALL_BATCH`), one "
+        "note": "The files and code of 86e7c1c: both routings in one graph behind an If on the batch size "
+        "(the votes formed up to 4 images, without them above; one static graph since issue #34), one "
         "write per answer, and the batcher's mean batch per HTTP row (`images per batch`). The VM ran slow "
         "this session (raw onnxruntime B = 1: 3.4 ms here, 2.8 ms in the 05e665c run of the same page); an "
         "alternating A/B of the model files before and after the If is in the commit (86e7c1c).",
@@ -85,13 +85,13 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "--output bench/results/gpu-h200.json",
         "note": "`digit28.png` is a 28×28 MNIST test digit as a PNG; the first line writes the test set's first "
         "digit, which digit the stored run used is not recorded. Measured with the model files of then, whose "
-        "graph formed the votes û; today's graph (an If on the batch size between that routing and the one "
-        "without the votes) has not run on a GPU yet.",
+        "graph formed the votes û; the graph exported since (routing without the votes, one static graph "
+        "with no control flow) has not run on a GPU yet.",
     },
     "load-2core-300s.json": {
         "measured": "2026-12-01 at d4fc9df",
         "machine_text": "a 2-core AMD EPYC (Zen 4) VM, no GPU, nothing else running",
-        "note": "Today's files and code (the shipped graph's If on the batch size, one write per answer). "
+        "note": "The files and code of d4fc9df (the shipped graph's If on the batch size, one write per answer). "
         "The VM ran in a slow phase (raw onnxruntime B = 1 at 3.5 ms in a `capsnet bench` just before): the "
         "928d03c run of this page answered 247.5 requests/s.",
         "command": "capsnet load --seconds 300 --output bench/results/load-2core-300s.json",
@@ -504,8 +504,9 @@ def routing_before_after(before: dict[str, Any], after: dict[str, Any]) -> list[
            "faster from B = 8 up and slower at B = 1, where W is read five times instead of û once; the "
            "service at concurrency 32 forms batches of about 7, where the two graphs differ little. A single "
            "run's concurrency-1 figures move by more than the graphs' difference at B = 1 (up to ±30 % run to "
-           "run on this VM): read the raw B = 1 rows for that. Since 86e7c1c the shipped file holds both routings "
-           "behind an If on the batch size, the votes formed up to 4 images ([training.md](training.md)).", ""]  # fmt: skip
+           "run on this VM): read the raw B = 1 rows for that. From 86e7c1c until issue #34 the shipped file held both "
+           "routings behind an If on the batch size, the votes formed up to 4 images; it routes without the votes at "
+           "every batch size again, one static graph ([training.md](training.md)).", ""]  # fmt: skip
     return out + _table(["figure", "before", "after"], [[n, f(before), f(after)] for n, f in figures]) + [""]
 
 
