@@ -147,13 +147,19 @@ def export_conv_only(path: Path) -> None:
     """Conv1 + ReLU + PrimaryCaps convolution alone: the part no routing code can avoid."""
     import torch
 
-    from model_export.export import CLASSIFIER_EXPORTER, to_onnx
+    from model_export.export import to_onnx
     from model_export.model import CapsNet
 
-    m = CapsNet().eval()
-    conv = torch.nn.Sequential(m.conv1, torch.nn.ReLU(), m.primary.conv)
+    class Convolutions(torch.nn.Module):
+        def __init__(self, m: CapsNet) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = m.conv1, m.primary.conv
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:  # torch.export names inputs after these
+            return self.conv2(torch.relu(self.conv1(image)))
+
     # exported like the classifier it is compared with
-    to_onnx(conv, (torch.zeros(2, 1, 28, 28),), path, ["image"], ["features"], exporter=CLASSIFIER_EXPORTER)
+    to_onnx(Convolutions(CapsNet().eval()), (torch.zeros(2, 1, 28, 28),), path, ["image"], ["features"])
 
 
 def reference_cases(

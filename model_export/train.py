@@ -91,7 +91,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def weights_from_export(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The weights and metadata of a model exported by `capsnet export` (capsnet.onnx + decoder.onnx).
 
-    The tracer keeps parameter names, so the ONNX initializers map one to one onto the state dict.
+    The export keeps parameter names (export._check_weights enforces it), so the ONNX initializers map
+    one to one onto the state dict.
     """
     import onnx
     from onnx import numpy_helper
