@@ -113,10 +113,10 @@ def raw_int8_cases(model_dir: Path, batches: list[int], iters: int) -> dict[str,
     int8 / fp32 ratio of each batch comes from the same seconds of this (shared) machine."""
     import onnxruntime as ort
 
-    from service.engine import _session_options
+    from service.engine import session_options
 
     open_ = lambda f: ort.InferenceSession(  # noqa: E731
-        str(model_dir / f), _session_options(0), providers=["CPUExecutionProvider"]
+        str(model_dir / f), session_options(0), providers=["CPUExecutionProvider"]
     )
     fp32, int8 = open_("capsnet.onnx"), open_(INT8_FILE)
     rng = np.random.default_rng(0)
@@ -170,10 +170,10 @@ def reference_cases(
     ceiling, at each batch size."""
     import onnxruntime as ort
 
-    from service.engine import _session_options, available_cores
+    from service.engine import available_cores, session_options
 
     def session(path: Path, threads: int) -> Any:
-        return ort.InferenceSession(str(path), _session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
     rng = np.random.default_rng(seed)
     sess, one_core = session(model_dir / "capsnet.onnx", 0), session(model_dir / "capsnet.onnx", 1)
@@ -411,12 +411,12 @@ def grpc_case(model_dir: Path, serve: list[str], seconds: float, iters: int, rou
     import onnxruntime as ort
     import tritonclient.grpc as grpcclient
 
-    from service.engine import _session_options
+    from service.engine import session_options
 
     B = GRPC_BATCH
     x = np.random.default_rng(0).random((B, 1, 28, 28), dtype=np.float32)
     sess = ort.InferenceSession(
-        str(model_dir / "capsnet.onnx"), _session_options(0), providers=["CPUExecutionProvider"]
+        str(model_dir / "capsnet.onnx"), session_options(0), providers=["CPUExecutionProvider"]
     )
     n = max(5, iters // (2 * rounds))
     port, grpc_port = free_port(), free_port()

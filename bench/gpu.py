@@ -65,9 +65,9 @@ class OrtCases:
         self.used = self.session.get_providers()
 
     def _session(self, model: bytes, providers: list[Any]) -> Any:
-        from service.engine import _session_options  # the service's own options
+        from service.engine import session_options  # the service's own options
 
-        return self.ort.InferenceSession(model, _session_options(self.threads), providers=providers)
+        return self.ort.InferenceSession(model, session_options(self.threads), providers=providers)
 
     def plain(self, x: np.ndarray) -> Callable[[], Any]:
         return lambda: self.session.run(list(SERVED), {"image": x})

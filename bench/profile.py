@@ -75,10 +75,10 @@ def core_time(
 
     import onnxruntime as ort
 
-    from service.engine import _session_options
+    from service.engine import session_options
 
     sessions = {
-        f: ort.InferenceSession(str(model_dir / f), _session_options(1), providers=["CPUExecutionProvider"])
+        f: ort.InferenceSession(str(model_dir / f), session_options(1), providers=["CPUExecutionProvider"])
         for f in files
     }
     out: dict[str, dict[int, float]] = {f: {} for f in files}

@@ -91,7 +91,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _session_options(intra_op_threads: int, spinning: bool = False) -> ort.SessionOptions:
+def session_options(intra_op_threads: int, spinning: bool = False) -> ort.SessionOptions:
     """The service's session options. Spinning off: between two batches onnxruntime's intra-op threads
     would spin-wait for work, burning the cores the event loop needs to read the next requests."""
     so = ort.SessionOptions()
@@ -124,7 +124,7 @@ def _open(
     try:
         return ort.InferenceSession(
             str(path),
-            _session_options(threads, spinning),
+            session_options(threads, spinning),
             providers=_with_options(providers, cuda_options or {}),
         )
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
