@@ -1,4 +1,5 @@
-"""`capsnet serve`: check every model loads (one clear line if not), then start uvicorn with our logging,
+"""`capsnet serve`: check the settings may listen where asked (service.auth) and every model loads (one
+clear line if not), then start uvicorn with our logging,
 HTTP limits and, with several workers, one shared folder for their metrics and model repository."""
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def check_models(settings: Settings) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from service.auth import startup_problem
     from service.engine import EngineError
     from service.logs import configure, logging_config
     from service.server import LimitedHttpToolsProtocol
@@ -55,6 +57,8 @@ def run(args: argparse.Namespace) -> None:
     get_settings.cache_clear()
     s = get_settings()
     configure(s.log_format, s.log_level)
+    if (problem := startup_problem(s, args.host)) is not None:
+        raise SystemExit(f"capsnet serve: {problem}")
     try:  # fail before binding the port, with one line instead of a lifespan traceback
         check_models(s)
     except EngineError as exc:

@@ -3,7 +3,8 @@
 1. `Accounting`: requests and latency per route template and status in the metrics; a client that
    went away before its answer is counted as 499 (as nginx does), not logged as an error.
 2. CORS (Starlette's), only when origins are configured.
-3. `Guard`: the API key (constant-time), admission (at most `max_in_flight` POST requests inside the
+3. `Guard`: the keys (service.auth: the API key; on the management routes, load and unload, model
+   control and the admin key instead), admission (at most `max_in_flight` POST requests inside the
    app; the next gets 503 + Retry-After before its body is read) and the fast lane: the inference
    routes (`/predict`, `/v2/models/{name}/infer`) called directly for their common form, without
    FastAPI's routing, dependency solving and five more middleware layers. Requests in any other form
@@ -12,7 +13,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
+from service.auth import ModelControl, bearer_matches, management_route, secret
 from service.errors import APIError, error_response
 from service.settings import Settings
 from service.state import State
@@ -91,8 +92,7 @@ class Guard:
         open_exact: tuple[str, ...] = (),
     ) -> None:
         self.app, self.state, self.fast_lane = app, state, fast_lane
-        key = state.settings.api_key
-        self.key = key.get_secret_value().encode() if key is not None else None
+        self.key, self.control = secret(state.settings.api_key), ModelControl(state.settings)
         self.open_paths, self.open_exact = open_paths, open_exact
         self.limit, self.in_flight = state.settings.max_in_flight, 0
 
@@ -100,20 +100,31 @@ class Guard:
         path = scope["path"]
         if self.key is None or path in self.open_exact or path.startswith(self.open_paths):
             return True
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
-        return False
+        return bearer_matches(authorization(scope), self.key)
+
+    def refusal(self, scope: Scope) -> Response | None:
+        """The answer to a request the keys refuse, or None."""
+        path = scope["path"]
+        route = management_route(path)
+        if route is None:
+            if self.authorized(scope):
+                return None
+            detail = "missing or wrong API key: send `Authorization: Bearer <key>`"
+            return error_response(path, 401, detail, {"WWW-Authenticate": "Bearer"})
+        try:  # the management group: the admin key, never the API key
+            self.control.check(authorization(scope), "send `Authorization: Bearer <admin key>`")
+        except APIError as exc:
+            scope["capsnet.route"] = route  # counted under the route's template, as if it had run
+            return error_response(path, exc.status_code, exc.detail, exc.headers)
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if not self.authorized(scope):
-            detail = "missing or wrong API key: send `Authorization: Bearer <key>`"
-            await error_response(path, 401, detail, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        if (refused := self.refusal(scope)) is not None:
+            await refused(scope, receive, send)
             return
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
@@ -154,6 +165,13 @@ class Guard:
         except Exception:
             response = unexpected(path)
         await response(scope, receive, send)
+
+
+def authorization(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return bytes(value)
+    return None
 
 
 def build(

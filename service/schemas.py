@@ -144,6 +144,10 @@ class Metadata(BaseModel):
     onnx_metadata: dict[str, str]
     batching: dict[str, float]
     models: list[ModelSummary] = Field(description="every model served, the default one first")
+    model_control: Literal["none", "explicit"] = Field(
+        description="CAPSNET_MODEL_CONTROL: `none`, load and unload refused; `explicit`, allowed with the "
+        "admin key (docs/reliability.md)"
+    )
 
 
 def error_responses(model: type[BaseModel], texts: dict[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -284,6 +288,13 @@ V2_ERRORS = error_responses(
         413: "body or batch over the limit",
         503: "model not ready, or queue full (see Retry-After)",
         504: "inference timed out",
+    },
+)
+MANAGEMENT_ERRORS = error_responses(
+    V2ErrorResponse,
+    {
+        401: "explicit model control: missing or wrong admin key (CAPSNET_ADMIN_KEY)",
+        403: "model control is off (CAPSNET_MODEL_CONTROL=none, the default)",
     },
 )
 INFER_BODY_DOC: dict[str, Any] = {

@@ -90,6 +90,16 @@ class Settings(BaseSettings):
     )
     http_keep_alive_s: int = Field(5, ge=1, description="an idle kept-alive connection is closed after this")
     api_key: SecretStr | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
+    model_control: Literal["none", "explicit"] = Field(
+        "none",
+        description="`none`: the models the server started with, load and unload refused (403); `explicit`: "
+        "load and unload over HTTP and gRPC, with CAPSNET_ADMIN_KEY",
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="explicit model control: load and unload need `Authorization: Bearer <key>` (not the API "
+        "key); without it the server starts on loopback only",
+    )
     open_health: bool = Field(True, description="with an API key: /health/* stay open (probes)")
     open_metrics: bool = Field(True, description="with an API key: /metrics stays open (scrapers)")
     cors_origins: str = Field("", description="comma list of allowed browser origins; empty = CORS off")

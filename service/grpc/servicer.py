@@ -4,24 +4,26 @@ repository RPCs over the same repository (`State.load`, `State.unload`) as REST'
 
 Every RPC passes `_call`: the request ID (`x-request-id` metadata when valid, else a new one, as REST
 keeps X-Request-ID; returned in the trailing metadata, on the call's log lines and its access line),
-the API key (`authorization: Bearer <key>`, constant-time; the health RPCs stay open as REST's
-/v2/health does unless CAPSNET_OPEN_HEALTH is off), the domain's APIError turned into a gRPC status
+the keys (service.auth: `authorization: Bearer <key>`, constant-time; the health RPCs stay open as
+REST's /v2/health does unless CAPSNET_OPEN_HEALTH is off; RepositoryModelLoad and
+RepositoryModelUnload are the management group: refused unless CAPSNET_MODEL_CONTROL=explicit, then
+they need the admin key, not the API key), the domain's APIError turned into a gRPC status
 with its message (and `retry-after` for UNAVAILABLE), and the metrics. The RPCs not listed here
 (streaming, shared memory, statistics, trace and log settings) answer UNIMPLEMENTED, grpc's default.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from service import logs
+from service.auth import ModelControl, bearer_matches, secret
 from service.errors import APIError
 from service.grpc import tensors
 from service.grpc.tensors import Message
@@ -39,6 +41,7 @@ CODES = {
     413: grpc.StatusCode.INVALID_ARGUMENT,  # a batch over CAPSNET_MAX_IMAGES: a size, as a shape is
     422: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -46,6 +49,7 @@ CODES = {
 
 Context = Any  # grpc.aio.ServicerContext (grpcio ships no type information)
 Rpc = Callable[[Message, Context], Awaitable[Message]]
+Group = Literal["open", "inference", "management"]  # who may call an RPC (service.auth)
 
 
 def _metadata(context: Context, key: str) -> str | None:
@@ -60,35 +64,35 @@ class InferenceServicer:
     def __init__(self, state: State, server_version: str) -> None:
         self.state, self.server_version = state, server_version
         s = state.settings
-        self.key = s.api_key.get_secret_value().encode() if s.api_key is not None else None
+        self.key, self.control = secret(s.api_key), ModelControl(s)
         self.open_health = s.open_health
         self.limit, self.in_flight = s.max_in_flight, 0  # ModelInfer calls, as REST counts its POSTs
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's methods for `server.add_generic_rpc_handlers`."""
-        open_ = self.open_health
-        rpcs: dict[str, tuple[Rpc, Any, bool]] = {  # name: (method, request type, open without a key)
-            "ServerLive": (self.server_live, pb.ServerLiveRequest, open_),
-            "ServerReady": (self.server_ready, pb.ServerReadyRequest, open_),
-            "ModelReady": (self.model_ready, pb.ModelReadyRequest, open_),
-            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest, False),
-            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest, False),
-            "ModelInfer": (self.model_infer, pb.ModelInferRequest, False),
-            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest, False),
-            "RepositoryModelLoad": (self.repository_load, pb.RepositoryModelLoadRequest, False),
-            "RepositoryModelUnload": (self.repository_unload, pb.RepositoryModelUnloadRequest, False),
+        health: Group = "open" if self.open_health else "inference"
+        rpcs: dict[str, tuple[Rpc, Any, Group]] = {  # name: (method, request type, who may call it)
+            "ServerLive": (self.server_live, pb.ServerLiveRequest, health),
+            "ServerReady": (self.server_ready, pb.ServerReadyRequest, health),
+            "ModelReady": (self.model_ready, pb.ModelReadyRequest, health),
+            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest, "inference"),
+            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest, "inference"),
+            "ModelInfer": (self.model_infer, pb.ModelInferRequest, "inference"),
+            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest, "inference"),
+            "RepositoryModelLoad": (self.repository_load, pb.RepositoryModelLoadRequest, "management"),
+            "RepositoryModelUnload": (self.repository_unload, pb.RepositoryModelUnloadRequest, "management"),
         }
         methods = {
             name: grpc.unary_unary_rpc_method_handler(
-                self._call(name, rpc, is_open),
+                self._call(name, rpc, group),
                 request_deserializer=request_type.FromString,
                 response_serializer=lambda message: message.SerializeToString(),
             )
-            for name, (rpc, request_type, is_open) in rpcs.items()
+            for name, (rpc, request_type, group) in rpcs.items()
         }
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
-    def _call(self, name: str, rpc: Rpc, is_open: bool) -> Callable[[Message, Context], Awaitable[Message]]:
+    def _call(self, name: str, rpc: Rpc, group: Group) -> Callable[[Message, Context], Awaitable[Message]]:
         metrics = self.state.metrics
 
         async def call(request: Message, context: Context) -> Message:
@@ -100,8 +104,7 @@ class InferenceServicer:
             code, sent = grpc.StatusCode.CANCELLED, 0  # unless the call ends otherwise (a client gone)
             try:
                 try:
-                    if not is_open:
-                        self._authorize(context)
+                    self._authorize(context, group)
                     response = await rpc(request, context)
                     code, sent = grpc.StatusCode.OK, response.ByteSize()
                     context.set_trailing_metadata(trailing)
@@ -123,11 +126,11 @@ class InferenceServicer:
 
         return call
 
-    def _authorize(self, context: Context) -> None:
-        if self.key is None:
-            return
-        scheme, _, token = (_metadata(context, "authorization") or "").partition(" ")
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)):
+    def _authorize(self, context: Context, group: Group) -> None:
+        authorization = _metadata(context, "authorization")
+        if group == "management":  # the admin key, never the API key
+            self.control.check(authorization, "send the metadata `authorization: Bearer <admin key>`")
+        elif group == "inference" and self.key is not None and not bearer_matches(authorization, self.key):
             raise APIError(401, "missing or wrong API key: send the metadata `authorization: Bearer <key>`")
 
     def _model(self, name: str, version: str) -> ServedModel:

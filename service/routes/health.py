@@ -81,6 +81,7 @@ async def metadata(state: StateDep, model: ModelDep) -> Response:
                 "queue_size": s.queue_size,
             },
             "models": [model_entry(m, repo.default) for m in repo.models.values()],
+            "model_control": s.model_control,
         }
     )
 

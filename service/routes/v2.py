@@ -33,6 +33,7 @@ from service.protocol import (
 from service.routes import StateDep
 from service.schemas import (
     INFER_BODY_DOC,
+    MANAGEMENT_ERRORS,
     V2_ERRORS,
     InferResponse,
     ModelMetadataResponse,
@@ -161,7 +162,9 @@ async def answer(request: Request, state: State, model: ServedModel) -> Response
     return Response(content, headers=headers)
 
 
-# -- Triton's model repository extension: index, load (a reload when loaded) and unload
+# -- Triton's model repository extension: index, load (a reload when loaded) and unload. Load and
+# unload are the management group: middleware.Guard refuses them unless CAPSNET_MODEL_CONTROL=explicit,
+# then without the admin key (service.auth), before they reach these handlers.
 
 
 async def _repository_body(request: Request, state: State) -> dict[str, Any]:
@@ -194,7 +197,8 @@ async def repository_index(request: Request, state: StateDep, repo: RepositoryDe
     return json_response(entries)
 
 
-@router.post("/repository/models/{name}/load", response_class=Response, responses=EMPTY_200,
+@router.post("/repository/models/{name}/load", response_class=Response,
+             responses=EMPTY_200 | MANAGEMENT_ERRORS,
              summary="Load the model from its directory again: the new files are warmed up beside the "
              "old ones, then swapped in; requests in flight finish on the old version")  # fmt: skip
 async def repository_load(request: Request, state: StateDep, name: str) -> Response:
@@ -203,7 +207,8 @@ async def repository_load(request: Request, state: StateDep, name: str) -> Respo
     return Response(status_code=200)
 
 
-@router.post("/repository/models/{name}/unload", response_class=Response, responses=EMPTY_200,
+@router.post("/repository/models/{name}/unload", response_class=Response,
+             responses=EMPTY_200 | MANAGEMENT_ERRORS,
              summary="Stop serving the model once its requests in flight are answered")  # fmt: skip
 async def repository_unload(request: Request, state: StateDep, name: str) -> Response:
     await _repository_body(request, state)

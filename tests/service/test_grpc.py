@@ -35,6 +35,8 @@ from service.settings import SHIPPED_MODEL, Settings
 from service.state import State
 from tests import live
 
+ADMIN_KEY = "adm1n"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 OUTPUTS = ["probabilities", "poses", "coupling", "primary_activations"]
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +64,7 @@ def serve(tiny_model_dir, shipped=True, **kw):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    with serve(tiny_model_dir) as urls:
+    with serve(tiny_model_dir, model_control="explicit", admin_key=ADMIN_KEY) as urls:  # load/unload allowed
         yield urls
 
 
@@ -206,18 +208,18 @@ def test_model_repository_rpcs(client, images):
     """Index, unload, load over gRPC: the same repository as REST's /v2/repository."""
     index = client.get_model_repository_index(as_json=True)["models"]
     assert [(m["name"], m["state"]) for m in index] == [("capsnet-mnist", "READY"), ("tiny", "READY")]
-    client.unload_model("tiny")
+    client.unload_model("tiny", headers=ADMIN)
     index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
     assert index["tiny"]["state"] == "UNAVAILABLE" and index["tiny"]["reason"] == "unloaded"
     exc = status_of(lambda: client.infer("tiny", [image_input(images[:1])]))
     assert code(exc) == "StatusCode.UNAVAILABLE" and "not loaded (unloaded)" in exc.message()
     assert client.is_server_ready()  # an unloaded model is not waited for (as REST's /v2/health/ready)
-    client.load_model("tiny")
+    client.load_model("tiny", headers=ADMIN)
     assert client.is_model_ready("tiny")
     assert client.infer("tiny", [image_input(images[:1])]).as_numpy("probabilities").shape == (1, 10)
-    exc = status_of(lambda: client.load_model("tiny", config='{"backend": "onnxruntime"}'))
+    exc = status_of(lambda: client.load_model("tiny", config='{"backend": "onnxruntime"}', headers=ADMIN))
     assert code(exc) == "StatusCode.INVALID_ARGUMENT" and "no config or file overrides" in exc.message()
-    exc = status_of(lambda: client.load_model("nine"))
+    exc = status_of(lambda: client.load_model("nine", headers=ADMIN))
     assert code(exc) == "StatusCode.NOT_FOUND"
 
 

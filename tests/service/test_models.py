@@ -29,7 +29,8 @@ JPEG = {"content-type": "image/jpeg"}
 
 @pytest.fixture(scope="module")
 def client(tiny_fashion_model_dir):
-    settings = Settings(model_dir=SHIPPED_MODEL, model_dirs=str(tiny_fashion_model_dir), max_batch_size=8)
+    settings = Settings(model_dir=SHIPPED_MODEL, model_dirs=str(tiny_fashion_model_dir), max_batch_size=8,
+                        model_control="explicit", admin_key="adm1n")  # fmt: skip
     with ready_client(settings, ready_path="/v2/health/ready") as c:  # both models warm
         yield c
 
@@ -225,7 +226,8 @@ def test_a_model_naming_an_unknown_preprocessing_is_refused(tiny_model_dir, tmp_
 
 def test_an_unloaded_model_answers_503_as_on_the_v2_paths(client, photo):
     """(Last in the module: it unloads the fashion model, and loads it again.)"""
-    assert client.post(f"/v2/repository/models/{FASHION}/unload").status_code == 200
+    admin = {"Authorization": "Bearer adm1n"}
+    assert client.post(f"/v2/repository/models/{FASHION}/unload", headers=admin).status_code == 200
     try:
         v2 = client.post(f"/v2/models/{FASHION}/infer", json={})
         assert v2.status_code == 503 and "is not loaded (unloaded)" in v2.json()["error"]
@@ -236,5 +238,5 @@ def test_an_unloaded_model_answers_503_as_on_the_v2_paths(client, photo):
         assert [e["name"] for e in client.get("/metadata").json()["models"]] == [MNIST]  # not served now
         assert client.post("/predict", content=photo, headers=JPEG).status_code == 200  # the default is
     finally:
-        assert client.post(f"/v2/repository/models/{FASHION}/load").status_code == 200
+        assert client.post(f"/v2/repository/models/{FASHION}/load", headers=admin).status_code == 200
     assert client.post("/predict", params={"model": FASHION}, content=photo, headers=JPEG).status_code == 200

@@ -20,6 +20,11 @@ from tests.factories import make_checkpoint, mnist_test_images
 from tests.live import serve
 from tests.servers import capsnet_serve
 
+# The operator's path: explicit model control with the admin key (default mode refuses: test_model_control)
+ADMIN_KEY = "adm1n"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+EXPLICIT = {"model_control": "explicit", "admin_key": ADMIN_KEY}
+
 
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory):
@@ -55,14 +60,14 @@ def test_index_unload_load_and_a_reload_that_changes_the_version(versions, tmp_p
     live = tmp_path / "tiny"
     shutil.copytree(versions["v1"], live)
     x = mnist_test_images(3)
-    with serve(Settings(model_dir=live, model_dirs=str(versions["other"]))) as url:
+    with serve(Settings(model_dir=live, model_dirs=str(versions["other"]), **EXPLICIT)) as url:
         client = httpclient.InferenceServerClient(url)
         index = {e["name"]: e for e in client.get_model_repository_index()}
         assert set(index) == {"tiny", "other"} and all(e["state"] == "READY" for e in index.values())
         v1 = index["tiny"]["version"]
         np.testing.assert_allclose(_infer(client, "tiny", x), _probabilities(versions["v1"], x), rtol=1e-5)
 
-        client.unload_model("other")
+        client.unload_model("other", headers=ADMIN)
         index = {e["name"]: e for e in client.get_model_repository_index()}
         assert (index["other"]["state"], index["other"]["reason"], index["other"]["version"]) == (
             "UNAVAILABLE", "unloaded", "")  # fmt: skip
@@ -71,13 +76,13 @@ def test_index_unload_load_and_a_reload_that_changes_the_version(versions, tmp_p
             _infer(client, "other", x)
         ready_only = httpx.post(f"http://{url}/v2/repository/index", json={"ready": True}).json()
         assert [e["name"] for e in ready_only] == ["tiny"]
-        client.load_model("other")
+        client.load_model("other", headers=ADMIN)
         np.testing.assert_allclose(
             _infer(client, "other", x), _probabilities(versions["other"], x), rtol=1e-5
         )
 
         _put(versions["v2"], live)  # a new version in the same directory, then a reload
-        client.load_model("tiny")
+        client.load_model("tiny", headers=ADMIN)
         index = {e["name"]: e for e in client.get_model_repository_index()}
         assert index["tiny"]["state"] == "READY" and index["tiny"]["version"] != v1
         assert httpx.get(f"http://{url}/metadata").json()["version"] == index["tiny"]["version"]
@@ -92,12 +97,16 @@ def test_index_unload_load_and_a_reload_that_changes_the_version(versions, tmp_p
         assert f'capsnet_model_info{{model="tiny",version="{v1}"}} 0.0' in metrics
         assert 'capsnet_batch_images_count{model="other"}' in metrics  # every inference metric by model
 
-        r = httpx.post(f"http://{url}/v2/repository/models/nope/load")
+        r = httpx.post(f"http://{url}/v2/repository/models/nope/load", headers=ADMIN)
         assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
-        r = httpx.post(f"http://{url}/v2/repository/models/tiny/load", json={"parameters": {"config": "{}"}})
+        r = httpx.post(
+            f"http://{url}/v2/repository/models/tiny/load",
+            json={"parameters": {"config": "{}"}},
+            headers=ADMIN,
+        )
         assert r.status_code == 400 and "no config or file overrides" in r.json()["error"]
         (live / "capsnet.onnx").write_bytes(b"not a model")  # a broken new version: the old one stays
-        r = httpx.post(f"http://{url}/v2/repository/models/tiny/load")
+        r = httpx.post(f"http://{url}/v2/repository/models/tiny/load", headers=ADMIN)
         assert r.status_code == 400 and "failed to load model 'tiny'" in r.json()["error"]
         np.testing.assert_allclose(_infer(client, "tiny", x), new, rtol=1e-5)
 
@@ -108,7 +117,7 @@ def test_reloading_under_load_fails_no_request(versions, tmp_path):
     body = {"images": mnist_test_images(2)[:, 0].tolist()}
     statuses: list[int] = []
     stop = threading.Event()
-    with serve(Settings(model_dir=live)) as url:
+    with serve(Settings(model_dir=live, **EXPLICIT)) as url:
 
         def client_loop() -> None:
             with httpx.Client(base_url=f"http://{url}", timeout=30) as c:
@@ -124,7 +133,10 @@ def test_reloading_under_load_fails_no_request(versions, tmp_path):
             for k in range(4):  # four reloads, alternating between two versions of the files
                 _put(versions["v2" if k % 2 == 0 else "v1"], live)
                 assert (
-                    httpx.post(f"http://{url}/v2/repository/models/tiny/load", timeout=60).status_code == 200
+                    httpx.post(
+                        f"http://{url}/v2/repository/models/tiny/load", headers=ADMIN, timeout=60
+                    ).status_code
+                    == 200
                 )
                 time.sleep(0.3)
             stop.set()
@@ -133,10 +145,9 @@ def test_reloading_under_load_fails_no_request(versions, tmp_path):
     assert len(statuses) > 40 and set(statuses) == {200}, sorted(set(statuses))
 
 
-def test_repository_endpoints_need_the_api_key(tiny_model_dir):
+def test_the_repository_index_needs_the_api_key(tiny_model_dir):
     with serve(Settings(model_dir=tiny_model_dir, api_key="k")) as url:
         assert httpx.post(f"http://{url}/v2/repository/index").status_code == 401
-        assert httpx.post(f"http://{url}/v2/repository/models/tiny/unload").status_code == 401
         ok = httpx.post(f"http://{url}/v2/repository/index", headers={"Authorization": "Bearer k"})
         assert ok.status_code == 200 and ok.json()[0]["state"] == "READY"
 
@@ -145,7 +156,8 @@ def test_repository_endpoints_need_the_api_key(tiny_model_dir):
 def test_two_workers_agree_on_unload_and_load_and_report_metrics_for_the_whole_server(
     tiny_model_dir, tmp_path
 ):
-    env = {"CAPSNET_MODEL_DIR": str(tiny_model_dir)}
+    env = {"CAPSNET_MODEL_DIR": str(tiny_model_dir), "CAPSNET_MODEL_CONTROL": "explicit",
+           "CAPSNET_ADMIN_KEY": ADMIN_KEY}  # fmt: skip
     with capsnet_serve(tmp_path, env, args=("--workers", "2")) as server:
 
         def ready_everywhere() -> set[int]:
@@ -164,9 +176,11 @@ def test_two_workers_agree_on_unload_and_load_and_report_metrics_for_the_whole_s
             assert 'capsnet_requests_total{endpoint="/predict",method="POST",status="200"} 30.0' in metrics
             assert 'capsnet_batch_images_sum{model="tiny"} 30.0' in metrics
             assert 'capsnet_queue_images{model="tiny"} 0.0' in metrics
-        assert httpx.post(f"{server.url}/v2/repository/models/tiny/unload", timeout=60).status_code == 200
+        unload = httpx.post(f"{server.url}/v2/repository/models/tiny/unload", headers=ADMIN, timeout=60)
+        assert unload.status_code == 200
         assert ready_everywhere() == {503}  # a 200 meant: both workers have unloaded it
         assert httpx.post(f"{server.url}/predict", json=body).status_code == 503
-        assert httpx.post(f"{server.url}/v2/repository/models/tiny/load", timeout=60).status_code == 200
+        load = httpx.post(f"{server.url}/v2/repository/models/tiny/load", headers=ADMIN, timeout=60)
+        assert load.status_code == 200
         assert ready_everywhere() == {200}
         assert httpx.post(f"{server.url}/predict", json=body).status_code == 200
