@@ -307,11 +307,11 @@ def run(args: argparse.Namespace) -> None:
         hardware = args.hardware or state.get("hardware") or "unknown"
         card = write_card(args.output, state, report["metadata"], command=command, hardware=hardware)
         summary["onnx_test_accuracy"] = card["evaluation"]["test_accuracy"]
-    if getattr(args, "fp16", False):
+    if args.fp16:
         from model_export.fp16 import write_fp16
 
         summary["fp16"] = str(write_fp16(args.output))
-    if getattr(args, "triton", None) is not None:
+    if args.triton is not None:
         from model_export.triton import write_repository
 
         summary["triton"] = write_repository(args.output, args.triton)
