@@ -1,22 +1,28 @@
 """schemathesis against the service's own /openapi.json: generated requests for every operation and
 input form; no 5xx, and every answer conforms to the documented status codes, content types, headers
-and schemas."""
+and schemas. Then the whole fuzzer, stateful phase included, against a real `capsnet serve` in both
+model-control modes: nothing it sends takes the service down."""
 
-import io
+import json
 import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from schemathesis.checks import positive_data_acceptance
 
-from service.settings import Settings
+from service.auth import management_route
+from service.settings import SHIPPED_MODEL, Settings
 from tests.live import serve
+from tests.servers import capsnet_serve
+from tests.service import fuzz_media  # noqa: F401  (registers the image bodies)
 
 pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("CAPSNET_FUZZ_EXAMPLES", "100"))
@@ -28,28 +34,6 @@ def base_url(tiny_model_dir):
         yield f"http://{url}"
 
 
-@st.composite
-def image_files(draw) -> bytes:
-    """Real images of any size, mode and format the service decodes, with random content."""
-    h, w = draw(st.integers(1, 80)), draw(st.integers(1, 80))
-    mode = draw(st.sampled_from(["L", "RGB", "RGBA", "P", "1", "I;16"]))
-    fmt = draw(st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    img = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).convert(mode)
-    if fmt == "JPEG" and mode not in ("L", "RGB"):
-        img = img.convert("RGB")
-    buf = io.BytesIO()
-    try:
-        img.save(buf, format=fmt)
-    except (OSError, ValueError):  # a mode this format cannot store (e.g. 16-bit as BMP)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-BODIES = st.one_of(image_files(), st.binary(max_size=2048))  # decodable images and junk
-for media in ("image/png", "image/jpeg", "application/octet-stream"):
-    schemathesis.openapi.media_type(media, BODIES)
 # A schema cannot say "bytes that decode to an image with ink" or "class_index below the model's
 # class count", so a schema-valid request may rightly be refused with a documented 4xx.
 EXCLUDED = [positive_data_acceptance]
@@ -87,3 +71,51 @@ def test_generated_requests_for_every_operation_conform(base_url):
     assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
     assert not [s for s in statuses if s >= 500]
     assert len(calls) >= 10 and (sum(calls.values()) >= 1000 or EXAMPLES < 100)
+
+
+# -- the whole fuzzer, stateful phase included, against a real `capsnet serve` (#35)
+
+ROOT = Path(__file__).resolve().parents[2]
+STATEFUL_EXAMPLES = int(os.environ.get("CAPSNET_FUZZ_STATEFUL_EXAMPLES", "50"))  # per operation and phase
+ADMIN_KEY = "adm1n-withheld"
+
+
+def run_schemathesis(url: str, tmp_path: Path) -> Counter[tuple[str, int]]:
+    """`st run` with every phase (examples, coverage, fuzzing, stateful: sequences of calls that feed one
+    answer into the next request, unload included) and the server-error check; (path, status) counts."""
+    har = tmp_path / "schemathesis.har"
+    cmd = [str(Path(sys.executable).parent / "st"), "run", f"{url}/openapi.json",
+           "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", str(STATEFUL_EXAMPLES),
+           "--checks", "not_a_server_error", "--report", "har", "--report-har-path", str(har)]  # fmt: skip
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.service.fuzz_media", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    entries = json.loads(har.read_text())["log"]["entries"]
+    return Counter((urlsplit(e["request"]["url"]).path, e["response"]["status"]) for e in entries)
+
+
+def answers_seven(url: str, headers: dict[str, str]) -> None:
+    png = (ROOT / "examples" / "7.png").read_bytes()
+    r = httpx.post(f"{url}/predict", content=png, headers={"Content-Type": "image/png", **headers})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["label"] == "7"
+
+
+@pytest.mark.parametrize(
+    ("env", "refused"),
+    [({}, 403), ({"CAPSNET_MODEL_CONTROL": "explicit", "CAPSNET_ADMIN_KEY": ADMIN_KEY}, 401)],
+    ids=["default", "explicit-key-withheld"],
+)
+def test_the_stateful_fuzzer_cannot_take_the_service_down(tmp_path, env, refused):
+    env = {"CAPSNET_MODEL_DIR": str(SHIPPED_MODEL), "CAPSNET_GRPC_PORT": "0", **env}
+    with capsnet_serve(tmp_path, env) as server:
+        seen = run_schemathesis(server.url, tmp_path)
+        statuses = Counter[int]()
+        for (_, status), n in seen.items():
+            statuses[status] += n
+        management = {status for (path, status) in seen if management_route(path)}
+        print(f"{sum(statuses.values())} cases", dict(sorted(statuses.items())), "management:", management)
+        assert not [s for s in statuses if s >= 500]
+        assert refused in management and 200 not in management  # it tried, and was refused every time
+        answers_seven(server.url, {})
+        assert httpx.get(f"{server.url}/v2/models/capsnet-mnist/ready").status_code == 200
