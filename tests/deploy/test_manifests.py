@@ -338,3 +338,28 @@ def test_inference_service_runs_our_container(client: TestClient) -> None:
     assert "securityContext" not in predictor  # pod level: off by default under Knative
     _check_resources(container)
     _check_tmp(predictor, container)
+
+
+def test_every_shipped_deployment_keeps_model_control_off() -> None:
+    """#35: the container, compose, Kubernetes and KServe as shipped serve what they started with (load and
+    unload refused); the admin key, where an operator adds it, comes from a Secret, never a literal."""
+    (kserve,) = _load(KSERVE)
+    pod_envs = [
+        _container(by_kind("Deployment")["spec"]["template"]["spec"], "capsnet").get("env", []),
+        kserve["spec"]["predictor"]["containers"][0].get("env", []),
+    ]
+    plain = {e["name"]: e.get("value") for env in pod_envs for e in env}
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for service in compose.values():
+        plain |= service.get("environment", {})
+    plain |= by_kind("ConfigMap")["data"]
+    assert plain.get("CAPSNET_MODEL_CONTROL", "none") == "none"
+    assert "CAPSNET_ADMIN_KEY" not in plain and "CAPSNET_MODEL_CONTROL" not in dockerfile_env()
+    assert Settings.model_fields["model_control"].default == "none"
+    # the commented wiring in deployment.yaml names a Secret
+    text = (K8S / "deployment.yaml").read_text()
+    assert re.search(r"#\s+- name: CAPSNET_ADMIN_KEY\n\s+#\s+valueFrom:\n\s+#\s+secretKeyRef:", text)
+
+
+def dockerfile_env() -> str:
+    return " ".join(re.findall(r"^ENV .*(?:\\\n.*)*", (ROOT / "docker" / "Dockerfile").read_text(), re.M))
