@@ -88,7 +88,7 @@ def run_schemathesis(url: str, tmp_path: Path) -> Counter[tuple[str, int]]:
            "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", str(STATEFUL_EXAMPLES),
            "--checks", "not_a_server_error", "--report", "har", "--report-har-path", str(har)]  # fmt: skip
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.service.fuzz_media", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     entries = json.loads(har.read_text())["log"]["entries"]
     return Counter((urlsplit(e["request"]["url"]).path, e["response"]["status"]) for e in entries)
