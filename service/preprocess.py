@@ -470,11 +470,14 @@ def to_mnist(img: Image.Image) -> FloatImage:
     # Averaging dims a stroke's core a little wherever it is not a whole target pixel wide; MNIST's
     # digits reach full white (90 % of them have a pixel at 255), so the brightest pixel is 1 here too.
     digit /= np.float32(peak)
-    moments = cv2.moments(digit)
 
-    # Paste into 28x28 so that the centre of mass lands on (14, 14), staying inside the field.
-    cy, cx = moments["m01"] / moments["m00"], moments["m10"] / moments["m00"]
+    # Paste into 28x28 so that the centre of mass lands on (14, 14), staying inside the field. The
+    # centre from sums, not cv2.moments: that reads an array two columns wide as a list of 2-D points
+    # (a contour), which puts a 20x2 stroke elsewhere and gives a 1x2 or 2x2 one no mass at all.
     sh, sw = digit.shape
+    mass = float(digit.sum(dtype=np.float64))
+    cy = float(digit.sum(axis=1, dtype=np.float64) @ np.arange(sh)) / mass
+    cx = float(digit.sum(axis=0, dtype=np.float64) @ np.arange(sw)) / mass
     paste_row = min(max(round(IMAGE_SIZE / 2 - cy), 0), IMAGE_SIZE - sh)
     paste_col = min(max(round(IMAGE_SIZE / 2 - cx), 0), IMAGE_SIZE - sw)
     out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)

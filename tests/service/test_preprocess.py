@@ -163,6 +163,20 @@ def test_thin_strokes_in_a_large_image(stroke: tuple[slice | int, slice | int]) 
     assert out.max() == pytest.approx(1.0) and max(ink_box(out)) <= 20
 
 
+@pytest.mark.parametrize(("height", "width"), [(20, 2), (2, 2), (1, 2), (2, 20), (9, 1)])
+def test_a_narrow_stroke_is_centred_on_its_mass(height: int, width: int) -> None:
+    """Boxes two pixels wide too: OpenCV's moments read such an array as a list of points, which put
+    a 20x2 stroke off centre and gave a 2x2 dot no mass (a 500 before)."""
+    page = np.full((28, 28), 230, dtype=np.uint8)
+    page[4 : 4 + height, 3 : 3 + width] = 0
+    out = to_mnist(Image.fromarray(page))
+    rows, cols = np.indices(out.shape)
+    mass = out.sum()
+    assert out.max() == pytest.approx(1.0)
+    # the centre of mass within half a pixel of (14, 14), where the paste puts it (rounded to a pixel)
+    assert abs((out * rows).sum() / mass - 14) <= 0.5 and abs((out * cols).sum() / mass - 14) <= 0.5
+
+
 def test_exif_rotated_jpeg_is_turned_upright(mnist: tuple[np.ndarray, np.ndarray]) -> None:
     upright = paper_digit(mnist[0][0], side=140).crop((0, 0, 140, 100)).resize((280, 200))
     stored = upright.rotate(90, expand=True)  # the camera stored it on its side: 200 wide, 280 tall
