@@ -34,8 +34,10 @@ def machine() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
+    ext = vector_extensions()
     return {
-        "cpu": vector_extensions()["model"],
+        "cpu": ext["model"],
+        "vector_extensions": ext,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
@@ -511,7 +513,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         Image.fromarray(x[0]).save(body)  # a 28x28 MNIST digit: preprocessing cost stays out of the ratio
         int8 = (model_dir / INT8_FILE).exists()
         result: dict[str, Any] = {
-            "machine": machine() | {"vector_extensions": vector_extensions()},
+            "machine": machine(),
             "quick": quick,
             "raw": raw_cases(model_dir, batches, iters, tmp),
         }

@@ -45,25 +45,25 @@ def vector_extensions(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
                     break
     except OSError:  # not Linux, or no /proc: nothing known
         pass
-    saturates = False
+    # (kernel family, exact 32-bit sums that pay, 16-bit sums that saturate), by MLAS's order of preference
     if "amx_int8" in flags and "amx_tile" in flags:
-        kernel = "AMX (u8s8 tiles)"
+        kernel, vnni, saturates = "AMX (u8s8 tiles)", True, False
     elif "avx512_vnni" in flags:
-        kernel = "AVX-512 VNNI (vpdpbusd, u8 x s8)"
+        kernel, vnni, saturates = "AVX-512 VNNI (vpdpbusd, u8 x s8)", True, False
     elif "avx_vnni" in flags:
-        kernel = "AVX-VNNI (256-bit vpdpbusd, u8 x s8)"
+        kernel, vnni, saturates = "AVX-VNNI (256-bit vpdpbusd, u8 x s8)", True, False
     elif "avx512bw" in flags:
-        kernel, saturates = "AVX-512BW (vpmaddubsw, no VNNI)", True
+        kernel, vnni, saturates = "AVX-512BW (vpmaddubsw, no VNNI)", False, True
     elif "avx2" in flags:
-        kernel, saturates = "AVX2 (vpmaddubsw, no VNNI)", True
+        kernel, vnni, saturates = "AVX2 (vpmaddubsw, no VNNI)", False, True
     else:
-        kernel = "unknown" if not flags else "SSE"
+        kernel, vnni, saturates = ("SSE" if flags else "unknown"), False, False
     return {
         "model": model,
         "present": [f for f in VECTOR_FLAGS if f in flags],
         "missing": [f for f in VECTOR_FLAGS if f not in flags],
         "int8_kernels": kernel,
-        "vnni": kernel.startswith(("AMX", "AVX-512 VNNI", "AVX-VNNI")),
+        "vnni": vnni,
         "int8_saturates": saturates,
     }
 
