@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Scope
 
 from service import middleware, web
 from service.errors import APIError, json_response
-from service.grpc import server as grpc_server
+from service.oip_grpc import server as grpc_server
 from service.routes import explain, health, predict, v2
 from service.schemas import REST_ERRORS
 from service.settings import Settings, get_settings

@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 
 from service import logs
 from service.engine import Engine
-from service.grpc import server as grpc_server
+from service.oip_grpc import server as grpc_server
 from service.settings import SHIPPED_MODEL, Settings
 from service.state import State
 from tests import live
@@ -200,7 +200,7 @@ def test_access_line_and_log_lines_carry_the_request_id(client, images, caplog):
     assert ok.access["route"] == "/inference.GRPCInferenceService/ModelInfer" and ok.access["status"] == 0
     assert (ok.access["model"], ok.access["images"]) == ("tiny", 3) and ok.access["bytes"] > 120
     assert bad.access["status"] == grpc.StatusCode.NOT_FOUND.value[0]
-    (line,) = [r for r in caplog.records if r.name == "service.grpc.servicer" and r.request_id == "grpc-bad"]
+    (line,) = [r for r in caplog.records if r.name == "service.oip_grpc.servicer" and r.request_id == "grpc-bad"]
     assert "ModelInfer NOT_FOUND: unknown model 'nine'" in line.getMessage() and line.exc_info is None
 
 

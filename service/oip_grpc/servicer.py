@@ -25,8 +25,8 @@ from tritonclient.grpc import service_pb2 as pb
 from service import logs
 from service.auth import ModelControl, bearer_matches, secret
 from service.errors import APIError
-from service.grpc import tensors
-from service.grpc.tensors import Message
+from service.oip_grpc import tensors
+from service.oip_grpc.tensors import Message
 from service.state import ServedModel, State
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.grpc.servicer import SERVICE, InferenceServicer
+from service.oip_grpc.servicer import SERVICE, InferenceServicer
 from service.state import State
 
 log = logging.getLogger(__name__)
