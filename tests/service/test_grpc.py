@@ -200,7 +200,8 @@ def test_access_line_and_log_lines_carry_the_request_id(client, images, caplog):
     assert ok.access["route"] == "/inference.GRPCInferenceService/ModelInfer" and ok.access["status"] == 0
     assert (ok.access["model"], ok.access["images"]) == ("tiny", 3) and ok.access["bytes"] > 120
     assert bad.access["status"] == grpc.StatusCode.NOT_FOUND.value[0]
-    (line,) = [r for r in caplog.records if r.name == "service.oip_grpc.servicer" and r.request_id == "grpc-bad"]
+    records = [r for r in caplog.records if r.name == "service.oip_grpc.servicer"]
+    (line,) = [r for r in records if r.request_id == "grpc-bad"]
     assert "ModelInfer NOT_FOUND: unknown model 'nine'" in line.getMessage() and line.exc_info is None
 
 
