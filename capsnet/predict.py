@@ -68,8 +68,8 @@ class LocalClassifier:
 
     Images are decoded by `decode_threads` threads, up to two batches ahead of the one being inferred
     (onnxruntime releases the GIL; Pillow's decoders and numpy do for part of their work); 0 decodes in
-    the calling thread, with no overlap. 0 is the default: on 2 cores shared with other work, one or two
-    decode threads measured 0.95-1.00x (paired runs over 256 scans), for a little more CPU time."""
+    the calling thread, with no overlap. 0 is the default: on cores shared with other work decode threads
+    measured no faster, for a little more CPU time."""
 
     def __init__(
         self,
