@@ -6,7 +6,9 @@ Imports are lazy, so `capsnet serve` never loads torch and runs on the serving i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 from pathlib import Path
 
 
@@ -24,21 +26,59 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from model_export.train import run
+    from model_export.train import parse_overrides, train
 
-    run(args)
+    state = train(
+        dataset=args.dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_decay=args.lr_decay,
+        routing_iterations=args.routing_iterations,
+        seed=args.seed,
+        device=args.device,
+        output=args.output,
+        resume=args.resume,
+        limit=args.limit,
+        eval_limit=args.eval_limit,
+        max_shift=args.max_shift,
+        hflip=args.hflip,
+        threads=args.threads,
+        config_overrides=parse_overrides(args.set),
+        data_dir=args.data_dir,
+        init_from=args.init_from,
+        resume_lr=args.resume_lr,
+    )
+    print(
+        f"epoch {state['epoch']}: test accuracy {state['test_accuracy']:.4f}; "
+        f"checkpoint {args.output / 'last.pt'}"
+    )
 
 
 def _average(args: argparse.Namespace) -> None:
-    from model_export.train import run_average
+    from model_export.train import write_average
 
-    run_average(args)
+    state = write_average(args.checkpoints, args.output)
+    print(f"averaged epochs {state['averaged_epochs']} into {args.output}")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from model_export.export import run
+    from model_export.export import ExportError, export_directory
 
-    run(args)
+    try:
+        summary = export_directory(
+            args.checkpoint,
+            args.output,
+            name=args.name,
+            card=args.card,
+            train_command=args.train_command,
+            hardware=args.hardware,
+            fp16=args.fp16,
+            triton=args.triton,
+        )
+    except (ExportError, ValueError) as exc:
+        raise SystemExit(f"export failed: {exc}") from None
+    print(json.dumps(summary))
 
 
 def _fp16(args: argparse.Namespace) -> None:
@@ -70,21 +110,49 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _triton(args: argparse.Namespace) -> None:
-    from model_export.triton import run
+    from model_export.triton import TritonExportError, TritonOptions, write_repository
 
-    run(args)
+    options = TritonOptions(
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        instance_kind=args.instance_kind,
+        instance_count=args.instances,
+        version=args.version,
+    )
+    try:
+        written = write_repository(args.model_dir, args.output, name=args.name, options=options)
+    except TritonExportError as exc:
+        raise SystemExit(f"triton: {exc}") from None
+    print(json.dumps({"repository": str(args.output), "models": written}))
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from service.cli import run
+    from service.cli import serve
 
-    run(args)
+    serve(host=args.host, port=args.port, workers=args.workers, model_dir=args.model_dir)
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from capsnet.predict import run
+    from capsnet.predict import PredictError, predict
 
-    run(args)
+    try:
+        status = predict(
+            args.paths,
+            output=args.output,
+            preprocess=args.preprocess,
+            model_dir=args.model_dir,
+            batch_size=args.batch_size,
+            decode_threads=args.decode_threads,
+            url=args.url,
+            model=args.model,
+            concurrency=args.concurrency,
+            api_key=args.api_key,
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+        )
+    except PredictError as exc:
+        raise SystemExit(f"capsnet predict: {exc}") from None
+    raise SystemExit(status)
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -13,11 +13,9 @@ FILE` (.jsonl, or .csv for a table with one column per class).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import http.client
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -345,29 +343,47 @@ def _output_format(path: Path | None) -> Literal["jsonl", "csv"]:
     raise PredictError(f"--output {path}: use a .jsonl or a .csv file name")
 
 
-def predict(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
+def predict(
+    paths: Sequence[Path],
+    *,
+    output: Path | None,
+    preprocess: Literal["mnist", "fashion", "none"] | None,
+    model_dir: Path | None,
+    batch_size: int,
+    decode_threads: int,
+    url: str | None,
+    model: str | None,
+    concurrency: int,
+    api_key: str | None,
+    stdout: IO[str],
+    stderr: IO[str],
+) -> int:
     """Run `capsnet predict`; returns the exit status (0: every file classified, 1: some failed)."""
-    fmt = _output_format(args.output)
-    for name, least in (("batch_size", 1), ("decode_threads", 0), ("concurrency", 1)):
-        if getattr(args, name) < least:
-            raise PredictError(f"--{name.replace('_', '-')} must be at least {least}")
-    files = find_files(args.paths)
+    fmt = _output_format(output)
+    for flag, value, least in (
+        ("--batch-size", batch_size, 1),
+        ("--decode-threads", decode_threads, 0),
+        ("--concurrency", concurrency, 1),
+    ):
+        if value < least:
+            raise PredictError(f"{flag} must be at least {least}")
+    files = find_files(paths)
     if not files:
         raise PredictError(
-            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, args.paths))}"
+            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}"
         )
     classifier: LocalClassifier | RemoteClassifier
-    if args.url:
-        api_key = args.api_key or os.environ.get("CAPSNET_API_KEY") or None
-        classifier = RemoteClassifier(args.url, args.preprocess, args.concurrency, api_key, args.model)
-    elif args.model is not None:
+    if url:
+        api_key = api_key or os.environ.get("CAPSNET_API_KEY") or None
+        classifier = RemoteClassifier(url, preprocess, concurrency, api_key, model)
+    elif model is not None:
         raise PredictError("--model names a model of the service at --url; offline, use --model-dir")
     else:
-        classifier = LocalClassifier(args.model_dir, args.preprocess, args.batch_size, args.decode_threads)
+        classifier = LocalClassifier(model_dir, preprocess, batch_size, decode_threads)
     try:
-        out: IO[str] = stdout if args.output is None else args.output.open("w", newline="")
+        out: IO[str] = stdout if output is None else output.open("w", newline="")
     except OSError as exc:
-        raise PredictError(f"--output {args.output}: {exc.strerror or exc}") from None
+        raise PredictError(f"--output {output}: {exc.strerror or exc}") from None
     try:
         writer = Writer(out, fmt, classifier.labels)
         progress = Progress(len(files), stderr, bar=len(files) > HANDFUL and stderr.isatty())
@@ -379,11 +395,3 @@ def predict(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
         if out is not stdout:
             out.close()
     return 1 if progress.failed else 0
-
-
-def run(args: argparse.Namespace) -> None:
-    try:
-        status = predict(args, sys.stdout, sys.stderr)
-    except PredictError as exc:
-        raise SystemExit(f"capsnet predict: {exc}") from None
-    raise SystemExit(status)

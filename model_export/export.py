@@ -21,7 +21,6 @@ than the tolerance aborts the export.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -290,29 +289,35 @@ def _check_weights(classifier: onnx.ModelProto, decoder: onnx.ModelProto, model:
         raise ExportError(f"DigitCaps' W is stored as {copies}, not once as model.digits.W")
 
 
-def run(args: argparse.Namespace) -> None:
+def export_directory(
+    checkpoint: Path,
+    output: Path,
+    *,
+    name: str,
+    card: bool,
+    train_command: str | None,
+    hardware: str | None,
+    fp16: bool,
+    triton: Path | None,
+) -> dict[str, Any]:
+    """`capsnet export`: `export`, then the model card (`train_command` and `hardware` for it where the
+    checkpoint lacks them), the fp16 variant and a Triton repository as asked; a summary of each."""
     from model_export.card import write_card
 
-    try:
-        report = export(args.checkpoint, args.output, name=args.name)
-    except (ExportError, ValueError) as exc:
-        raise SystemExit(f"export failed: {exc}") from None
-    summary: dict[str, Any] = {
-        "output": str(args.output),
-        "parity_max_abs_diff": report["parity_max_abs_diff"],
-    }
-    if args.card:
-        state = load_checkpoint(args.checkpoint)
-        command = args.train_command or state.get("command") or "unknown"
-        hardware = args.hardware or state.get("hardware") or "unknown"
-        card = write_card(args.output, state, report["metadata"], command=command, hardware=hardware)
-        summary["onnx_test_accuracy"] = card["evaluation"]["test_accuracy"]
-    if args.fp16:
+    report = export(checkpoint, output, name=name)
+    summary: dict[str, Any] = {"output": str(output), "parity_max_abs_diff": report["parity_max_abs_diff"]}
+    if card:
+        state = load_checkpoint(checkpoint)
+        command = train_command or state.get("command") or "unknown"
+        machine = hardware or state.get("hardware") or "unknown"
+        written = write_card(output, state, report["metadata"], command=command, hardware=machine)
+        summary["onnx_test_accuracy"] = written["evaluation"]["test_accuracy"]
+    if fp16:
         from model_export.fp16 import write_fp16
 
-        summary["fp16"] = str(write_fp16(args.output))
-    if args.triton is not None:
+        summary["fp16"] = str(write_fp16(output))
+    if triton is not None:
         from model_export.triton import write_repository
 
-        summary["triton"] = write_repository(args.output, args.triton)
-    print(json.dumps(summary))
+        summary["triton"] = write_repository(output, triton)
+    return summary

@@ -3,7 +3,6 @@ a checkpoint per epoch that `--resume` continues from, and a JSON-lines log of t
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -319,43 +318,16 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
     averaged = {k: v for k, v in last.items() if k not in ("optimizer", "scheduler")}
     averaged["model"] = model
     averaged["averaged_epochs"] = [st["epoch"] for st in states]
-    averaged["test_accuracy"] = None  # not measured yet (run_average and the export measure it)
+    averaged["test_accuracy"] = None  # not measured yet (write_average and the export measure it)
     return averaged
 
 
-def run_average(args: argparse.Namespace) -> None:
-    state = average_checkpoints(args.checkpoints)
+def write_average(checkpoints: list[Path], output: Path) -> dict[str, Any]:
+    """`average_checkpoints`, its test accuracy measured, saved to `output`; the checkpoint dict."""
+    state = average_checkpoints(checkpoints)
     x_test, y_test = load_split(state["dataset"], "test")
     model = build_model(state)
     state["test_accuracy"] = evaluate(model, x_test, y_test)
     log.info("averaged model: test accuracy %.4f (PyTorch)", state["test_accuracy"])
-    save_checkpoint(args.output, state)
-    print(f"averaged epochs {state['averaged_epochs']} into {args.output}")
-
-
-def run(args: argparse.Namespace) -> None:
-    state = train(
-        dataset=args.dataset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        routing_iterations=args.routing_iterations,
-        seed=args.seed,
-        device=args.device,
-        output=args.output,
-        resume=args.resume,
-        limit=args.limit,
-        eval_limit=args.eval_limit,
-        max_shift=args.max_shift,
-        hflip=args.hflip,
-        threads=args.threads,
-        config_overrides=parse_overrides(args.set),
-        data_dir=args.data_dir,
-        init_from=args.init_from,
-        resume_lr=args.resume_lr,
-    )
-    print(
-        f"epoch {state['epoch']}: test accuracy {state['test_accuracy']:.4f}; "
-        f"checkpoint {args.output / 'last.pt'}"
-    )
+    save_checkpoint(output, state)
+    return state

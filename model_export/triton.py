@@ -13,7 +13,6 @@ the tests parse it back into the real message (tritonclient's model_config_pb2).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -237,24 +236,3 @@ def write_repository(
         written.append(_write_model(decoder, repo, f"{name}_decoder", opts, with_labels=False))
     log.info("Triton repository %s: %s", repo, ", ".join(w["name"] for w in written))
     return written
-
-
-def options_from_args(args: argparse.Namespace) -> TritonOptions:
-    return TritonOptions(
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_us=args.max_queue_delay_us,
-        instance_kind=args.instance_kind,
-        instance_count=args.instances,
-        version=args.version,
-    )
-
-
-def run(args: argparse.Namespace) -> None:
-    """`capsnet triton MODEL_DIR --output REPO`."""
-    try:
-        written = write_repository(
-            args.model_dir, args.output, name=args.name, options=options_from_args(args)
-        )
-    except TritonExportError as exc:
-        raise SystemExit(f"triton: {exc}") from None
-    print(json.dumps({"repository": str(args.output), "models": written}))

@@ -4,13 +4,13 @@ HTTP limits and, with several workers, one shared folder for their metrics and m
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.metrics import MULTIPROCESS_DIR
@@ -42,7 +42,8 @@ def check_models(settings: Settings) -> list[str]:
     return list(names)
 
 
-def run(args: argparse.Namespace) -> None:
+def serve(*, host: str, port: int, workers: int | None, model_dir: Path | None) -> None:
+    """`capsnet serve`; `workers` and `model_dir` override CAPSNET_WORKERS and CAPSNET_MODEL_DIR."""
     import uvicorn
 
     from service.auth import startup_problem
@@ -51,19 +52,19 @@ def run(args: argparse.Namespace) -> None:
     from service.server import LimitedHttpToolsProtocol
     from service.settings import get_settings
 
-    if args.model_dir is not None:
-        os.environ["CAPSNET_MODEL_DIR"] = str(args.model_dir)  # workers read the same settings
-    os.environ.setdefault("CAPSNET_GRPC_HOST", args.host)  # gRPC listens where HTTP does, unless told
+    if model_dir is not None:
+        os.environ["CAPSNET_MODEL_DIR"] = str(model_dir)  # workers read the same settings
+    os.environ.setdefault("CAPSNET_GRPC_HOST", host)  # gRPC listens where HTTP does, unless told
     get_settings.cache_clear()
     s = get_settings()
     configure(s.log_format, s.log_level)
-    if (problem := startup_problem(s, args.host)) is not None:
+    if (problem := startup_problem(s, host)) is not None:
         raise SystemExit(f"capsnet serve: {problem}")
     try:  # fail before binding the port, with one line instead of a lifespan traceback
         check_models(s)
     except EngineError as exc:
         raise SystemExit(f"capsnet serve: {exc}") from None
-    workers = args.workers or s.workers  # each worker: its own sessions, batchers and GIL
+    workers = workers or s.workers  # each worker: its own sessions, batchers and GIL
     env = {"CAPSNET_WORKERS": str(workers)}  # what the workers read, set while the server runs
     if workers > 1:
         shared = tempfile.mkdtemp(prefix="capsnet-")
@@ -73,8 +74,8 @@ def run(args: argparse.Namespace) -> None:
         uvicorn.run(
             "service.app:create_app",
             factory=True,
-            host=args.host,
-            port=args.port,
+            host=host,
+            port=port,
             workers=workers,
             http=LimitedHttpToolsProtocol,
             log_config=logging_config(s.log_format, s.log_level),

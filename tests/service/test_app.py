@@ -628,11 +628,9 @@ def test_routing_heatmap_pixels_follow_the_coupling(client, digits, weighted):
 def test_capsnet_serve_takes_its_workers_from_capsnet_workers_unless_the_flag_says(
     tiny_model_dir, monkeypatch, env, flag, expected
 ):
-    import argparse
-
     import uvicorn
 
-    from service.cli import run
+    from service.cli import serve
     from service.settings import get_settings
 
     if env is None:
@@ -643,7 +641,7 @@ def test_capsnet_serve_takes_its_workers_from_capsnet_workers_unless_the_flag_sa
     seen: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.update(kw))
     try:
-        run(argparse.Namespace(host="127.0.0.1", port=1, workers=flag, model_dir=None))
+        serve(host="127.0.0.1", port=1, workers=flag, model_dir=None)
     finally:
         get_settings.cache_clear()
     assert seen["workers"] == expected and seen["factory"] is True
