@@ -141,21 +141,29 @@ def torch_model(model_dir: Path, device: str) -> Any:
     return model.eval().to(device)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    model_dir: Path,
+    *,
+    device: str,
+    batches: list[int],
+    iters: int,
+    threads: int,
+    accuracy: bool,
+    workdir: Path,
+) -> dict[str, Any]:
+    """The raw cases at each batch size, and with `accuracy` each precision's test accuracy; the fp16
+    file is written to `workdir`."""
+    import onnx
     import onnxruntime as ort
     import torch
 
     from model_export.fp16 import to_fp16
 
-    device = args.device
-    model_dir = Path(args.model_dir)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fp32 = OrtCases(model_dir / "capsnet.onnx", device, args.threads)
-    half_path = Path(args.workdir) / "capsnet-fp16.onnx"
-    import onnx
-
+    fp32 = OrtCases(model_dir / "capsnet.onnx", device, threads)
+    half_path = workdir / "capsnet-fp16.onnx"
     onnx.save(to_fp16(fp32.model), str(half_path))
-    fp16 = OrtCases(half_path, device, args.threads)
+    fp16 = OrtCases(half_path, device, threads)
     model = torch_model(model_dir, device)
     halves: list[Any] = []
 
@@ -179,7 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     cases: dict[str, list[dict[str, Any]]] = result["cases"]
     rng = np.random.default_rng(0)
-    for B in args.batches:
+    for B in batches:
         x = rng.random((B, 1, 28, 28), dtype=np.float32)
         xt = torch.from_numpy(x)
 
@@ -194,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             return fn
 
-        n = max(args.iters, 3)
+        n = max(iters, 3)
         todo: list[tuple[str, Callable[[], Callable[[], Any]]]] = [
             ("pytorch_eager", eager),
             ("ort_fp32", lambda: fp32.plain(x)),
@@ -211,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, factory in todo:
             cases.setdefault(name, []).append(_case(factory, n, B, sync))
             print(name, cases[name][-1], flush=True)
-    if args.accuracy:
+    if accuracy:
         from model_export.card import evaluate_onnx
         from model_export.data import load_split
 
@@ -309,7 +317,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--http-workers", type=int, default=4, help="workers of the multi-process case")
     args = p.parse_args(argv)
     args.http_cases = http_cases(args.http_workers)
-    result = run(args)
+    result = run(
+        args.model_dir,
+        device=args.device,
+        batches=args.batches,
+        iters=args.iters,
+        threads=args.threads,
+        accuracy=args.accuracy,
+        workdir=args.workdir,
+    )
     _write(args.output, result)  # the raw figures survive a failure in the HTTP part
     if args.http:
         result["http"] = http(args)
