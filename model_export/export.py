@@ -214,7 +214,7 @@ def export_model(
     """
     model = model.eval()
     cfg = model.config
-    meta = {**meta, "opset": str(OPSET)}  # (metadata read back from an older file may say another)
+    meta = {**meta, "opset": str(OPSET)}  # the file's, whatever `meta` was read back from
     images = np.ascontiguousarray(images, dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         cls_path, dec_path = Path(tmp) / "capsnet.onnx", Path(tmp) / "decoder.onnx"
