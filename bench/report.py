@@ -102,8 +102,8 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         "onnxruntime_side_by_side": "onnxruntime, one batch per core side by side (one-thread session)",
         "conv_only_ceiling": "conv-only ceiling (Conv1 + PrimaryCaps in ORT)",
         "pytorch_eager": "PyTorch eager",
+        "onnxruntime_int8": "onnxruntime (CPU EP), `capsnet-int8.onnx`",
     }
-    names["onnxruntime_int8"] = "onnxruntime (CPU EP), `capsnet-int8.onnx`"
     rows = [
         [names.get(k, k), str(r["batch"]), _f(r["p50_ms"]), _i(r["images_per_s"]),
          _f(r["core_ms_per_image"], 2) if "core_ms_per_image" in r else "—"]
@@ -392,8 +392,8 @@ RENDERERS: dict[str, Callable[[str, dict[str, Any]], list[str]]] = {
     "preprocess-2core.json": preprocess,
 }
 
-# Which precision where: the rows say what the results files show; a new precision adds its row. The
-# same table stands in docs/performance.md and in the README, between these two markers.
+# Which precision where (its rows are the template's): the same table stands in docs/performance.md and
+# in the README, between these two markers.
 TABLE_START = "<!-- precision table: one row per CAPSNET_PRECISION value, from bench/results -->"
 TABLE_END = "<!-- end precision table -->"
 
