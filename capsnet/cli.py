@@ -76,7 +76,7 @@ def _export(args: argparse.Namespace) -> None:
             fp16=args.fp16,
             triton=args.triton,
         )
-    except (ExportError, ValueError) as exc:
+    except ExportError as exc:
         raise SystemExit(f"export failed: {exc}") from None
     print(json.dumps(summary))
 

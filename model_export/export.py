@@ -301,10 +301,14 @@ def export_directory(
     triton: Path | None,
 ) -> dict[str, Any]:
     """`capsnet export`: `export`, then the model card (`train_command` and `hardware` for it where the
-    checkpoint lacks them), the fp16 variant and a Triton repository as asked; a summary of each."""
+    checkpoint lacks them), the fp16 variant and a Triton repository as asked; a summary of each.
+    ExportError when the export itself fails (a checkpoint it cannot read included)."""
     from model_export.card import write_card
 
-    report = export(checkpoint, output, name=name)
+    try:
+        report = export(checkpoint, output, name=name)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
     summary: dict[str, Any] = {"output": str(output), "parity_max_abs_diff": report["parity_max_abs_diff"]}
     if card:
         state = load_checkpoint(checkpoint)
