@@ -44,7 +44,7 @@ def test_image_requirements_are_pinned_and_satisfy_pyproject() -> None:
 
     sys.path.insert(0, str(ROOT / "docker"))
     try:
-        from requirements import pins, requirements  # docker/requirements.py
+        from requirements import CUDA_WHEELS, pins, requirements  # docker/requirements.py
     finally:
         sys.path.pop(0)
     locked = {}
@@ -65,3 +65,9 @@ def test_image_requirements_are_pinned_and_satisfy_pyproject() -> None:
     assert "uvloop" in locked and "torch" not in locked  # uvicorn[standard]'s extras, no training code
     cpu = requirements("cpu")
     assert f"onnxruntime=={locked['onnxruntime-gpu']}" in cpu and not any("onnxruntime-gpu" in r for r in cpu)
+    # The CUDA provider's libraries: in the gpu flavour at the versions CUDA_WHEELS pins, not in the cpu one
+    cuda = {d.partition("==")[0]: d.partition("==")[2] for d in CUDA_WHEELS}
+    assert {n for n in locked if n.startswith("nvidia-")} == set(cuda) and len(cuda) == 7
+    assert all(locked[n] == v for n, v in cuda.items())
+    assert [r for r in cpu if r.startswith("nvidia")] == [] and len(cpu) == len(locked) - 7
+    assert set(CUDA_WHEELS) <= set(requirements("gpu"))
