@@ -29,7 +29,7 @@ install-dev: $(VENV)/.dev-installed
 serve: $(VENV)/.serve-installed
 	$(BIN)/capsnet serve --host $(HOST) --port $(PORT)
 
-# Debian packages the tests need (Fashion-MNIST data, buildah + debootstrap for the container test, wrk for the benchmark, chromium for the web page's browser test);
+# Debian packages the tests need (Fashion-MNIST data, buildah + debootstrap for the container test, podman + podman-compose for the compose test, wrk for the benchmark, chromium for the web page's browser test);
 # installed only when missing and when we may (root with apt-get).
 system-deps:
 	bash scripts/system-deps.sh
@@ -77,13 +77,14 @@ dist: $(VENV)/.dev-installed
 check-wheel: $(VENV)/.dev-installed
 	PYTHON=$(BIN)/python bash scripts/check-wheel.sh
 
-# Container images (docker/Dockerfile); the container test builds with buildah instead (tests/container)
+# Container images (docker/Dockerfile), both on debian:bookworm-slim; the GPU one carries CUDA and cuDNN as
+# pinned wheels. The container tests build both with buildah instead, and start compose's CPU service with
+# podman-compose (tests/container)
 image:
 	docker build -f docker/Dockerfile -t capsnet-service:gpu .
 
 image-cpu:
-	docker build -f docker/Dockerfile --build-arg FLAVOUR=cpu --build-arg BASE_IMAGE=debian:bookworm-slim \
-		-t capsnet-service:cpu .
+	docker build -f docker/Dockerfile --build-arg FLAVOUR=cpu -t capsnet-service:cpu .
 
 test-container: $(VENV)/.dev-installed system-deps
 	$(BIN)/python -m pytest -m container tests/container

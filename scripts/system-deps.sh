@@ -6,6 +6,13 @@ need=()
 command -v buildah >/dev/null || need+=(buildah)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 [ -x /usr/lib/podman/netavark ] || need+=(netavark)
+# docker-compose.yml started for real (tests/container/test_compose.py): podman-compose drives podman,
+# whose runtime here is runc (crun refuses hybrid cgroups) and whose bridge networks need iptables.
+# Their configuration is the project's (tests/container/containers.conf), not the machine's.
+command -v podman >/dev/null || need+=(podman)
+command -v podman-compose >/dev/null || need+=(podman-compose)
+command -v runc >/dev/null || need+=(runc)
+command -v iptables >/dev/null || need+=(iptables)
 command -v npm >/dev/null || need+=(npm)
 command -v wrk >/dev/null || need+=(wrk)
 [ -x /usr/bin/chromium ] || need+=(chromium)  # the web page's browser test (Playwright drives it)
