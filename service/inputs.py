@@ -5,17 +5,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import orjson
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
+from service.engine import available_cores
 from service.errors import APIError
-from service.preprocess import Mode, PreprocessError, preprocess_bytes, validate_array
+from service.preprocess import Mode, PreprocessError, header_pixels, preprocess_bytes, validate_array
 from service.settings import Settings
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
@@ -49,7 +53,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-INLINE_DECODE_BYTES = 4096  # a 28x28 PNG is about 300 bytes
+# Where an upload is preprocessed. A digit-sized image costs less on the event loop than the hand-off
+# to a thread and back; a photo goes to a thread so that the loop keeps reading other requests.
+INLINE_PIXELS = 64 * 64  # per request, as the images' headers announce them
+INLINE_DECODE_BYTES = 4096  # preprocess=none: a 28x28 image or a refusal (its size is checked first)
 
 
 async def read_images(request: Request, settings: Settings, preprocess: Preprocess) -> np.ndarray:
@@ -57,10 +64,9 @@ async def read_images(request: Request, settings: Settings, preprocess: Preproce
     ctype = content_type(request)
     body = await read_body(request, settings.max_upload_bytes)
     if ctype == "multipart/form-data":
-        blobs = await _multipart_blobs(request, settings)
-        arrays = [await _decode(b, preprocess, settings) for b in blobs]
+        arrays = await _preprocessed(await _multipart_blobs(request, settings), preprocess, settings)
     elif ctype.startswith(IMAGE_TYPES):
-        arrays = [await _decode(body, preprocess, settings)]
+        arrays = await _preprocessed([body], preprocess, settings)
     elif ctype == "application/json" or ctype.endswith("+json"):
         arrays = _json_arrays(body, settings)
     else:
@@ -94,18 +100,41 @@ async def _multipart_blobs(request: Request, settings: Settings) -> list[bytes]:
         await form.close()
 
 
-async def _decode(data: bytes, preprocess: Preprocess, settings: Settings) -> np.ndarray:
+async def _preprocessed(blobs: list[bytes], preprocess: Preprocess, settings: Settings) -> list[np.ndarray]:
+    """Each upload preprocessed: here when they are small, else in one job on the preprocessing threads."""
+    work = functools.partial(_preprocess_all, blobs, preprocess, settings.max_image_pixels)
     try:
-        if preprocess == "none" and len(data) <= INLINE_DECODE_BYTES:
-            # A small body already in MNIST form decodes in tens of microseconds, less than the hop to a
-            # worker thread costs (+10 % requests/s at concurrency 32 on 2 cores, bench/bench.py); the
-            # header's size is checked before any pixel is decoded, so nothing big decodes here.
-            return preprocess_bytes(data, mode=preprocess, max_pixels=settings.max_image_pixels)
-        return await run_in_threadpool(
-            preprocess_bytes, data, mode=preprocess, max_pixels=settings.max_image_pixels
-        )
+        if _small(blobs, preprocess):
+            return work()
+        loop = asyncio.get_running_loop()
+        # the request's context (its ID in the log lines) goes along, as starlette's threadpool does it
+        return await loop.run_in_executor(_preprocess_pool(), contextvars.copy_context().run, work)
     except PreprocessError as exc:
         raise APIError(exc.status_code, exc.detail) from None
+
+
+def _preprocess_all(blobs: list[bytes], preprocess: Preprocess, max_pixels: int) -> list[np.ndarray]:
+    return [preprocess_bytes(b, mode=preprocess, max_pixels=max_pixels) for b in blobs]
+
+
+def _small(blobs: list[bytes], preprocess: Preprocess) -> bool:
+    if preprocess == "none" and sum(map(len, blobs)) <= INLINE_DECODE_BYTES:
+        return True
+    total = 0
+    for blob in blobs:
+        pixels = header_pixels(blob)
+        if pixels is None:  # a format whose header we do not read (TIFF, WebP): a thread's job
+            return False
+        total += pixels
+    return total <= INLINE_PIXELS
+
+
+@functools.cache
+def _preprocess_pool() -> ThreadPoolExecutor:
+    """The threads photos are preprocessed on: one per core the process may use. (Starlette's
+    threadpool lets 40 run at once: under concurrent uploads they queue for the GIL, each photo takes
+    several times its own time, and each holds its decoded pixels meanwhile.)"""
+    return ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="capsnet-preprocess")
 
 
 def _json_arrays(body: bytes, settings: Settings) -> list[np.ndarray]:

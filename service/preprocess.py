@@ -51,8 +51,7 @@ log = logging.getLogger(__name__)
 
 # OpenCV's own thread pool stays unused: an image's steps take tens of microseconds, too short to
 # share, and the service's cores are kept busy by its requests and onnxruntime. With OpenCV's default
-# (a thread per core) the 227x224 scan took 2.14 ms of CPU time for 1.51 ms of wall time (its idle
-# workers spin on the other core); with one, 1.52 for 1.50 (2-core AMD EPYC, one run).
+# (a thread per core) its idle workers spin on the other cores, costing CPU time for no wall time.
 cv2.setNumThreads(1)
 
 IMAGE_SIZE = 28  # side of an MNIST image
@@ -171,6 +170,46 @@ def decode_image(
     return oriented if oriented is not None else frame
 
 
+# JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC): the frame's height and width follow.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_SCAN_LIMIT = 65536  # EXIF and ICC segments come first; a frame header further in is not looked for
+
+
+def header_pixels(data: bytes) -> int | None:
+    """The pixel count a PNG, JPEG, GIF or BMP header announces, read from its first bytes without
+    decoding anything; None for other formats, or where the header is not where it should be.
+
+    Only a hint of the work ahead (the web layer decodes small images where it stands and hands big
+    ones to a thread): what decodes is checked by `decode_image` either way, and a file whose header
+    lies decodes no more pixels than its header says."""
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack_from(">II", data, 16)
+        return int(width * height)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        width, height = struct.unpack_from("<HH", data, 6)
+        return int(width * height)
+    if data.startswith(b"BM") and len(data) >= 26:
+        (header_size,) = struct.unpack_from("<I", data, 14)
+        width, height = struct.unpack_from("<HH" if header_size == 12 else "<ii", data, 18)
+        return abs(int(width * height))
+    if data.startswith(b"\xff\xd8"):
+        pos, end = 2, min(len(data), _JPEG_SCAN_LIMIT)
+        while pos + 9 <= end and data[pos] == 0xFF:
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte before a marker
+                pos += 1
+                continue
+            if marker in _JPEG_FRAMES:
+                height, width = struct.unpack_from(">HH", data, pos + 5)
+                return int(width * height)
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+                pos += 2
+                continue
+            (length,) = struct.unpack_from(">H", data, pos + 2)
+            pos += 2 + length
+    return None
+
+
 def _draft_scale(side: int, work_side: int) -> int:
     """The largest of libjpeg's DCT scalings (1/8, 1/4, 1/2) that leaves `side` at 3/4 of
     `work_side` or more; 1 when none does. A 4000-pixel photo comes out at 500 pixels, near enough to
@@ -232,7 +271,7 @@ def _area(a: npt.NDArray[Any], scale: float) -> npt.NDArray[Any]:
 
     A reduction by 2 or more first halves the image: OpenCV averages 2x2 blocks in a vectorised pass,
     where the general area resize costs about as much per source pixel as everything after it
-    (227x224 to 96x95: 84 us in one step, 49 us in two). Where a side is odd its edge row or column is
+    (almost twice the two steps' time). Where a side is odd its edge row or column is
     repeated, so the grid spans one pixel more: a target pixel's edges move by at most one source
     pixel (at the far edge), 0.4 % of a 227-pixel side, and the example scans come out within an
     8-bit grey level of the one-step reduction."""
@@ -260,8 +299,8 @@ def _statistics_sample(a: FloatImage) -> FloatImage:
     Picked, not averaged, so the noise keeps its distribution; the median of a quarter of 50,000
     pixels lies within about 1 % of the noise's standard deviation of the median of all of them
     (its standard error, 1.25 sigma / sqrt(n)), far inside the margins of the noise floor (2 sigma)
-    and the contrast rule (6 sigma), for a quarter of the selection's cost (150-340 us for the two
-    on a 227x224 scan). A flat paper still has a deviation of exactly 0."""
+    and the contrast rule (6 sigma), for a quarter of the selection's cost. A flat paper still has a
+    deviation of exactly 0."""
     return a[::2, ::2] if a.size > 4 * _SORT_SMALL else a
 
 
@@ -522,8 +561,8 @@ def _plain_grey_png(data: bytes, side: int) -> npt.NDArray[np.uint8] | None:
     interlaced, no chunk that changes what a pixel means), decoded by OpenCV; None for any other
     input, which Pillow's path then decodes or refuses.
 
-    For the 28x28 digits of `preprocess=none` Pillow's open, load, copy and EXIF look-up cost 44 us
-    and OpenCV's decode 8 us. The structure, every chunk's CRC, the inflated size and the row
+    For the 28x28 digits of `preprocess=none` Pillow's open, load, copy and EXIF look-up cost several
+    times OpenCV's decode. The structure, every chunk's CRC, the inflated size and the row
     filters are checked here first, so libpng is only handed files it decodes without complaint
     (on a corrupt file it would print to stderr, past our logging); the pixels are the same either
     way (lossless, tested bit for bit)."""
@@ -571,12 +610,35 @@ def _describe(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+NUMBER_TYPES = frozenset((int, float))  # what JSON numbers parse to; bool, a subclass of int, is left out
+
+
+def numbers_only(values: list[Any]) -> bool:
+    """Whether every item is a plain int or float (not a bool), checked in C: a list of 784 pixels
+    in about a tenth of the time of an isinstance test on each."""
+    return NUMBER_TYPES.issuperset(map(type, values))
+
+
+def _number_row(row: object, size: int) -> bool:
+    return type(row) is list and len(row) == size and numbers_only(row)
+
+
 def validate_array(obj: object, *, size: int = IMAGE_SIZE) -> FloatImage:
     """A JSON image (`size` rows of `size` finite numbers in [0, 1]) as a float32 (size, size) array.
 
     Booleans, strings, None, NaN, infinities and out-of-range values are refused with a 422 whose
     detail says what was wrong and where (row and column, counted from 0).
     """
+    if isinstance(obj, list) and len(obj) == size and all(_number_row(row, size) for row in obj):
+        # The common case, checked in C: rows of plain numbers. np.array takes them as float64, as
+        # the loop below reads them, so float32 comes from the same double either way.
+        try:
+            grid = np.array(obj, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64: the loop below says where
+            pass
+        else:
+            if ((grid >= 0) & (grid <= 1)).all():  # False for NaN too
+                return grid.astype(np.float32)
     shape = f"{size}x{size} array (a list of {size} rows of {size} numbers in [0, 1])"
     if isinstance(obj, np.ndarray):
         obj = obj.tolist()

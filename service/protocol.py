@@ -20,6 +20,7 @@ import orjson
 
 from service.engine import Engine, EngineError
 from service.errors import APIError
+from service.preprocess import numbers_only
 
 # onnxruntime type -> (protocol datatype, little-endian numpy dtype of the binary form)
 DATATYPES = {
@@ -122,6 +123,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 
 def _flatten(data: list[Any], out: list[float], name: str, depth: int) -> None:
     """Row-major values of a flat or nested JSON list; numbers only (no bool, string or null)."""
+    if numbers_only(data):  # a flat list, or the innermost rows: no item to look at one by one
+        out.extend(data)
+        return
     for v in data:
         if isinstance(v, list):
             if depth == 0:

@@ -17,6 +17,7 @@ from service.preprocess import (
     _grey,
     _plain_grey_png,
     decode_image,
+    header_pixels,
     preprocess_bytes,
     to_mnist,
     validate_array,
@@ -620,6 +621,46 @@ def test_good_array_keeps_every_pixel_in_place() -> None:
     np.testing.assert_allclose(out, values, rtol=1e-7)
     np.testing.assert_array_equal(validate_array(values), out)
     np.testing.assert_array_equal(validate_array(tuple(tuple(r) for r in values.tolist())), out)
+
+
+def test_good_array_of_ints_and_floats_is_read_as_the_slow_path_reads_it() -> None:
+    values = np.random.default_rng(1).random((28, 28)).tolist()
+    values[0][:4] = [0, 1, 5e-324, 1 - 2**-53]  # ints, a denormal, a double float32 rounds up to 1
+    fast = validate_array(values)  # lists of numbers: the vectorised check
+    slow = validate_array([tuple(row) for row in values])  # tuples: the loop, pixel by pixel
+    assert fast.dtype == np.float32 and fast.tobytes() == slow.tobytes()
+    assert fast[0, :4].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "size", "options"),
+    [("PNG", (28, 28), {}), ("PNG", (227, 224), {}), ("JPEG", (28, 28), {}), ("JPEG", (4000, 3000), {}),
+     ("JPEG", (300, 200), {"progressive": True, "icc_profile": b"\0" * 5000}), ("GIF", (64, 65), {}),
+     ("BMP", (31, 7), {}), ("TIFF", (28, 28), {}), ("WEBP", (28, 28), {})],
+)  # fmt: skip
+def test_header_pixels_reads_the_size_a_header_announces(fmt: str, size: tuple[int, int], options) -> None:
+    buf = io.BytesIO()
+    Image.new("L", size, 200).save(buf, format=fmt, **options)
+    data = buf.getvalue()
+    want = None if fmt in ("TIFF", "WEBP") else size[0] * size[1]
+    assert header_pixels(data) == want
+    if want is not None:  # what decoding finds
+        assert decode_image(data, max_pixels=10**8).size == size
+
+
+CUT_HEADERS = [
+    b"",
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0\x00",
+    b"\xff\xd8" + b"\xff\xe1\xff\xff" * 3,
+    b"GIF8",
+    b"BM",
+]
+
+
+@pytest.mark.parametrize("data", CUT_HEADERS)
+def test_header_pixels_of_a_cut_or_odd_header_is_none(data: bytes) -> None:
+    assert header_pixels(data) is None
 
 
 # ------------------------------------------------------------------------ the steps OpenCV now runs

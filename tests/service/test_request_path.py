@@ -7,7 +7,10 @@ from __future__ import annotations
 import io
 import re
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,6 +18,9 @@ import pytest
 from PIL import Image
 
 from model_export.data import DATASETS
+from service import inputs, logs
+from service.engine import available_cores
+from service.preprocess import preprocess_bytes
 from service.routes.predict import fast_query, fast_route
 from service.settings import Settings
 from tests.checks import sample
@@ -174,3 +180,84 @@ def test_a_client_that_goes_away_is_counted_as_499_and_not_logged_as_an_error(ti
             )
     text = server.log.read_text()
     assert "Traceback" not in text and "ERROR" not in text and "Exception" not in text, text
+
+
+def _encoded(array01: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((array01 * 255).astype(np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+SCAN = Path(__file__).resolve().parents[2] / "examples" / "7.png"  # 227x224: 50,848 pixels
+
+
+@pytest.mark.parametrize(
+    ("uploads", "where"),
+    [
+        (["png"], "loop"),  # one 28x28 digit: 784 pixels
+        (["png"] * 5, "loop"),  # 3,920 pixels in all, under INLINE_PIXELS (4,096)
+        (["png"] * 6, "pool"),  # 4,704: one job on a preprocessing thread for all six
+        (["tiff"], "pool"),  # a header we do not read
+        (["scan"], "pool"),
+    ],
+)
+def test_small_uploads_are_preprocessed_on_the_event_loop_and_photos_on_a_thread(
+    client, sessions, monkeypatch, uploads, where
+):
+    digit = mnist_test_images(1)[0, 0]
+    blobs = {"png": _encoded(digit, "PNG"), "tiff": _encoded(digit, "TIFF"), "scan": SCAN.read_bytes()}
+    calls: list[tuple[str, str | None]] = []
+
+    def recorded(data, **kw):
+        entry = logs.current.get()
+        calls.append((threading.current_thread().name, entry.request_id if entry else None))
+        return preprocess_bytes(data, **kw)
+
+    monkeypatch.setattr(inputs, "preprocess_bytes", recorded)
+    files = [("files", (f"{k}.{name}", blobs[name])) for k, name in enumerate(uploads)]
+    r = client.post("/predict", files=files, headers={"X-Request-ID": "where-1"})
+    assert r.status_code == 200, r.text
+    threads = {name for name, _ in calls}
+    assert len(calls) == len(uploads) and len(threads) == 1
+    # the request's context goes along to the thread: its log lines keep the request's ID
+    assert {rid for _, rid in calls} == {"where-1"}
+    assert threads.pop().startswith("capsnet-preprocess") == (where == "pool")
+    # the answers are those of the images as preprocess_bytes makes them (B = 1 each: the routing's
+    # sums round a little differently at another batch size)
+    for name, item in zip(uploads, r.json()["predictions"], strict=True):
+        x = preprocess_bytes(blobs[name], mode="mnist", max_pixels=10**8)[None, None]
+        probs, poses = sessions["tiny"].run(["probabilities", "poses"], {"image": x})
+        np.testing.assert_allclose(item["probabilities"], probs[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(item["poses"], poses[0], rtol=1e-6, atol=1e-6)
+
+
+def test_the_preprocessing_threads_are_one_per_core():
+    pool = inputs._preprocess_pool()
+    assert pool is inputs._preprocess_pool()  # one pool for the process
+    assert pool._max_workers == available_cores() >= 1
+
+
+def test_concurrent_photos_are_preprocessed_no_more_at_once_than_there_are_cores(tiny_model_dir):
+    """32 scans at once queue for the preprocessing threads (one per core) rather than all running
+    together, each then taking several times its own time in the queue for the GIL; all are answered."""
+    scan = SCAN.read_bytes()
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def counted(data, **kw):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return preprocess_bytes(data, **kw)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    with ready_client(Settings(model_dir=tiny_model_dir)) as c, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inputs, "preprocess_bytes", counted)
+        send = lambda _: c.post("/predict", content=scan, headers={"Content-Type": "image/png"})  # noqa: E731
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(send, range(32)))
+    assert [a.status_code for a in answers] == [200] * 32
+    assert len({a.json()["predictions"][0]["class_index"] for a in answers}) == 1
+    assert 1 <= most[0] <= available_cores()
