@@ -10,8 +10,7 @@ gathers and runs batches as one thread would; while it runs one, the others gath
 beside it, on one core each (the engine's narrow session), and so does the first thread while one
 runs beside it. A lone request gets every core as before, and under load the cores run whole
 batches side by side. The engine's main session is only ever called from the first thread: called
-from alternating threads, onnxruntime took ~30 % longer per batch at concurrency 1 (3.9-4.4 against
-3.0-3.1 ms at B = 1 on the 2-core test VM).
+from alternating threads, onnxruntime took about a third longer per batch at concurrency 1.
 """
 
 from __future__ import annotations
