@@ -8,7 +8,7 @@ cores. Every figure in one JSON comes from one run on one machine, so ratios are
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import os
 import platform
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -284,16 +285,18 @@ def start_server(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.P
 
 LUA = """
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "image/png"
+wrk.headers["Content-Type"] = "{content_type}"
 local f = io.open("{body}", "rb")
 wrk.body = f:read("*all")
 f:close()
 """
 
 
-def wrk(url: str, body: Path, connections: int, seconds: float, tmp: Path) -> dict[str, float]:
+def wrk(
+    url: str, body: Path, connections: int, seconds: float, tmp: Path, content_type: str = "image/png"
+) -> dict[str, float]:
     script = tmp / "post.lua"
-    script.write_text(LUA.replace("{body}", str(body)))
+    script.write_text(LUA.replace("{body}", str(body)).replace("{content_type}", content_type))
     res = subprocess.run(
         [
             "wrk",
@@ -353,6 +356,16 @@ def _total(scrape: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", scrape, re.M))
 
 
+@dataclass(frozen=True)
+class Load:
+    """What wrk sends: a case's name, the URL path, the body (a file) and its Content-Type."""
+
+    case: str
+    path: str
+    body: Path
+    content_type: str = "image/png"
+
+
 def http_cases(
     name: str,
     cmd: list[str],
@@ -363,41 +376,126 @@ def http_cases(
     seconds: float,
     tmp: Path,
 ) -> list[dict[str, Any]]:
+    return loads_on_one_server(cmd, env, [Load(name, url_path, body)], concurrencies, seconds, tmp)
+
+
+def loads_on_one_server(
+    cmd: list[str],
+    env: dict[str, str],
+    loads: list[Load],
+    concurrencies: list[int],
+    seconds: float,
+    tmp: Path,
+) -> list[dict[str, Any]]:
+    """Each load at each concurrency against one server, the loads taking turns at each concurrency
+    so that a drift in what else the machine runs falls on all of them alike."""
     port = free_port()
     proc = start_server([*cmd, "--port", str(port)], port, env)
     try:
         rows = []
-        url = f"http://127.0.0.1:{port}{url_path}"
-        wrk(url, body, 4, 1.0, tmp)  # warm the connection pool and the code paths
+        for load in loads:  # warm the connection pool and the code paths
+            wrk(f"http://127.0.0.1:{port}{load.path}", load.body, 4, 1.0, tmp, load.content_type)
         loop_stat = f"/proc/{proc.pid}/task/{proc.pid}/stat"  # the main thread: the event loop
         for c in concurrencies:
-            batches0 = batch_totals(port)
-            cpu0, _ = _proc_cpu_rss(proc.pid)
-            loop0 = _cpu_seconds(loop_stat)
-            t0 = time.perf_counter()
-            row = wrk(url, body, c, seconds, tmp)
-            wall = time.perf_counter() - t0
-            cpu1, rss = _proc_cpu_rss(proc.pid)
-            batches1 = batch_totals(port)
-            requests = max(row["requests_per_s"] * wall, 1e-9)
-            if batches0 is not None and batches1 is not None and batches1[1] > batches0[1]:
-                # images per inference batch while wrk ran: what the batcher made of the load
-                row["mean_batch"] = (batches1[0] - batches0[0]) / (batches1[1] - batches0[1])
-            row.update(
-                {
-                    "case": name,
-                    "server_cpu_cores": (cpu1 - cpu0) / wall,
-                    "server_core_ms_per_request": (cpu1 - cpu0) * 1e3 / requests,
-                    "event_loop_core_ms_per_request": (_cpu_seconds(loop_stat) - loop0) * 1e3 / requests,
-                    "server_rss_mb": rss / 2**20,
-                }
-            )
-            rows.append(row)
+            for load in loads:
+                url = f"http://127.0.0.1:{port}{load.path}"
+                batches0 = batch_totals(port)
+                cpu0, _ = _proc_cpu_rss(proc.pid)
+                loop0 = _cpu_seconds(loop_stat)
+                t0 = time.perf_counter()
+                row = wrk(url, load.body, c, seconds, tmp, load.content_type)
+                wall = time.perf_counter() - t0
+                cpu1, rss = _proc_cpu_rss(proc.pid)
+                batches1 = batch_totals(port)
+                requests = max(row["requests_per_s"] * wall, 1e-9)
+                if batches0 is not None and batches1 is not None and batches1[1] > batches0[1]:
+                    # images per inference batch while wrk ran: what the batcher made of the load
+                    row["mean_batch"] = (batches1[0] - batches0[0]) / (batches1[1] - batches0[1])
+                row.update(
+                    {
+                        "case": load.case,
+                        "server_cpu_cores": (cpu1 - cpu0) / wall,
+                        "server_core_ms_per_request": (cpu1 - cpu0) * 1e3 / requests,
+                        "event_loop_core_ms_per_request": (_cpu_seconds(loop_stat) - loop0) * 1e3 / requests,
+                        "server_rss_mb": rss / 2**20,
+                    }
+                )
+                rows.append(row)
         return rows
     finally:
         proc.terminate()
         proc.wait(30)
         proc.log.close()  # type: ignore[attr-defined]
+
+
+# -- the forms a request's images come in: each should cost the service its own work and no more
+
+FORM_NONE, FORM_DEFAULT, FORM_SCAN = "PNG, preprocess=none", "PNG, no query (mnist)", "scan, no query (mnist)"
+FORM_JSON, FORM_MULTIPART, FORM_V2 = "JSON images", "multipart PNG, no query (mnist)", "v2 JSON"
+FORM_CONCURRENCIES = [1, 32]
+SCAN = ROOT / "examples" / "7.png"  # a 227x224 scan of a handwritten 7
+
+
+def input_forms(digit: np.ndarray, model: str, tmp: Path) -> list[tuple[Load, Any]]:
+    """Each form as wrk sends it, with the work the service must do for it alone (a callable): the
+    preprocessing of an upload, the parsing and checking of a JSON body."""
+    import orjson
+    from PIL import Image
+
+    from service.preprocess import preprocess_bytes, validate_array
+    from service.protocol import Signature, TensorSpec, parse_infer_request
+
+    buf = io.BytesIO()
+    Image.fromarray(digit).save(buf, format="PNG")
+    png, scan, grid = buf.getvalue(), SCAN.read_bytes(), (digit / 255.0).tolist()
+    boundary = "capsnet-bench-boundary"
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.png"\r\n'
+    multipart = part.encode() + b"Content-Type: image/png\r\n\r\n" + png + f"\r\n--{boundary}--\r\n".encode()
+    json_body = orjson.dumps({"images": [grid]})
+    image = TensorSpec("image", "FP32", "<f4", [-1, 1, 28, 28])
+    signature = Signature(model, "1", [image], [TensorSpec("probabilities", "FP32", "<f4", [-1, 10])])
+    v2 = orjson.dumps(
+        {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": grid}]}
+    )
+    files = {}
+    for name, data in {"digit.png": png, "scan.png": scan, "images.json": json_body, "multipart": multipart,
+                       "v2.json": v2}.items():  # fmt: skip
+        files[name] = tmp / name
+        files[name].write_bytes(data)
+    mnist = lambda data: lambda: preprocess_bytes(data, mode="mnist", max_pixels=16_000_000)  # noqa: E731
+    return [
+        (Load(FORM_NONE, "/predict?preprocess=none", files["digit.png"]),
+         lambda: preprocess_bytes(png, mode="none", max_pixels=16_000_000)),
+        (Load(FORM_DEFAULT, "/predict", files["digit.png"]), mnist(png)),
+        (Load(FORM_SCAN, "/predict", files["scan.png"]), mnist(scan)),
+        (Load(FORM_JSON, "/predict", files["images.json"], "application/json"),
+         lambda: [validate_array(a) for a in orjson.loads(json_body)["images"]]),
+        (Load(FORM_MULTIPART, "/predict", files["multipart"], f"multipart/form-data; boundary={boundary}"),
+         mnist(png)),
+        (Load(FORM_V2, f"/v2/models/{model}/infer", files["v2.json"], "application/json"),
+         lambda: parse_infer_request(v2, b"", signature, 64)),
+    ]  # fmt: skip
+
+
+def own_cost_ms(work: Any, iters: int) -> float:
+    """The median wall time of one call of `work` by itself, in ms (after a few to warm it)."""
+    return float(np.median(_time(work, iters, warmup=5)) * 1e3)
+
+
+def form_cases(
+    model_dir: Path, serve: list[str], digit: np.ndarray, seconds: float, iters: int, tmp: Path
+) -> list[dict[str, Any]]:
+    """The input forms against one server, taking turns, each row with the form's own cost."""
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(model_dir / "capsnet.onnx")).get_modelmeta().custom_metadata_map
+    forms = input_forms(digit, meta.get("name", model_dir.name), tmp)  # (the name v2 routes by)
+    own = {load.case: own_cost_ms(work, max(iters, 50)) for load, work in forms}
+    env = {"CAPSNET_LOG_LEVEL": "warning"}
+    rows = loads_on_one_server(serve, env, [load for load, _ in forms], FORM_CONCURRENCIES, seconds, tmp)
+    for row in rows:
+        row["own_cost_ms"] = own[row["case"]]
+    return rows
 
 
 GRPC_BATCH, GRPC_STREAMS, GRPC_OUTPUTS = 64, 4, ["probabilities", "poses"]
@@ -494,14 +592,12 @@ def _model_name(port: int) -> str:
         return str(json.load(r)["name"])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(*, model_dir: Path, quick: bool, iterations: int, seconds: float) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("capsnet bench needs wrk (Debian package `wrk`) for the HTTP load")
-    model_dir = Path(args.model_dir)
-    quick = args.quick
     batches = [1, 8, 32, 128]
     concurrencies = [1, 8, 32, 64]
-    iters, seconds = (3, 2.0) if quick else (args.iterations, args.seconds)
+    iters, seconds = (3, 2.0) if quick else (iterations, seconds)
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         from PIL import Image
@@ -553,6 +649,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds,
             tmp,
         )
+        http += form_cases(model_dir, serve, x[0], seconds, iters, tmp)
         base = [py, "-m", "uvicorn", "bench.baseline_app:app", "--log-level", "warning"]
         http += http_cases(
             "FastAPI + PyTorch baseline",
@@ -576,6 +673,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["ratios"] = ratios(result)
     if "onnxruntime_int8" in result["raw"]:
         result["ratios"] |= int8_ratios(result)
+    result["ratios"] |= form_ratios(result)
     return result
 
 
@@ -772,6 +870,74 @@ def int8_ratios(r: dict[str, Any]) -> dict[str, Any]:
     return judged(values, whys, INT8_TARGETS)
 
 
+FORM_TARGETS = {
+    "default_c32_vs_none_c32": (">= 0.90", 0.90, 1),
+    "default_c1_p50_beyond_none_and_preprocessing_ms": ("<= 0.2", 0.2, -1),
+    "scan_c1_added_vs_preprocessing": ("<= 1.3", 1.3, -1),
+    "json_c32_vs_ort_best": (">= 0.90", 0.90, 1),
+}
+
+
+def form_split(r: dict[str, Any], case: str, connections: int) -> dict[str, float]:
+    """What a form costs the server beyond a PNG taken as it is, at one concurrency: core ms per
+    request in all, on the event loop's thread, the form's own work (timed alone), and the rest,
+    which is hand-offs and waiting (to threads, between them, for the GIL)."""
+    row, none = http_row(r, case, connections), http_row(r, FORM_NONE, connections)
+    beyond = row["server_core_ms_per_request"] - none["server_core_ms_per_request"]
+    own = row["own_cost_ms"] - none["own_cost_ms"]
+    return {
+        "core_ms": row["server_core_ms_per_request"],
+        "beyond_none_core_ms": beyond,
+        "loop_beyond_none_ms": row["event_loop_core_ms_per_request"] - none["event_loop_core_ms_per_request"],
+        "own_work_ms": own,
+        "hand_offs_ms": beyond - own,
+        "p50_beyond_none_ms": row["p50_ms"] - none["p50_ms"],
+    }
+
+
+def form_ratios(r: dict[str, Any]) -> dict[str, Any]:
+    """The input forms' targets: the default path (a PNG, no query) and the scan against a PNG taken as
+    it is, and a JSON body against raw onnxruntime at its best batch."""
+    none1, default1, scan1 = (http_row(r, case, 1) for case in (FORM_NONE, FORM_DEFAULT, FORM_SCAN))
+    none32, default32, json32 = (http_row(r, case, 32) for case in (FORM_NONE, FORM_DEFAULT, FORM_JSON))
+    ort_best = max(references(r, "onnxruntime"), key=lambda s: s["images_per_s"])
+    fn_default, fn_scan = default1["own_cost_ms"], scan1["own_cost_ms"]
+    values = {
+        "default_c32_vs_none_c32": default32["requests_per_s"] / none32["requests_per_s"],
+        "default_c1_p50_beyond_none_and_preprocessing_ms": default1["p50_ms"] - none1["p50_ms"] - fn_default,
+        "scan_c1_added_vs_preprocessing": (scan1["p50_ms"] - none1["p50_ms"]) / fn_scan,
+        "json_c32_vs_ort_best": json32["requests_per_s"] / ort_best["images_per_s"],
+    }
+
+    def split(case: str, c: int) -> str:
+        s = form_split(r, case, c)
+        return (
+            f"{case} at concurrency {c}: {s['core_ms']:.2f} core ms per request, {s['beyond_none_core_ms']:+.2f} "
+            f"beyond a PNG taken as it is: its own work {s['own_work_ms']:.2f} ms (timed alone), the event "
+            f"loop's thread {s['loop_beyond_none_ms']:+.2f} ms, hand-offs and waiting {s['hand_offs_ms']:+.2f} ms"
+        )
+
+    whys = {
+        "default_c32_vs_none_c32": (
+            f"{default32['requests_per_s']:.0f} requests/s for a 28x28 PNG with no query against "
+            f"{none32['requests_per_s']:.0f} with preprocess=none, on one server, taking turns; {split(FORM_DEFAULT, 32)}"
+        ),
+        "default_c1_p50_beyond_none_and_preprocessing_ms": (
+            f"p50 {default1['p50_ms']:.2f} ms against {none1['p50_ms']:.2f} with preprocess=none; preprocess_bytes "
+            f"itself takes {fn_default:.2f} ms on that PNG; {split(FORM_DEFAULT, 1)}"
+        ),
+        "scan_c1_added_vs_preprocessing": (
+            f"the 227x224 scan's p50 {scan1['p50_ms']:.2f} ms, {scan1['p50_ms'] - none1['p50_ms']:.2f} ms more "
+            f"than a PNG taken as it is, where preprocess_bytes itself takes {fn_scan:.2f} ms; {split(FORM_SCAN, 1)}"
+        ),
+        "json_c32_vs_ort_best": (
+            f'{{"images": [28x28]}} bodies: {json32["requests_per_s"]:.0f} requests/s against raw onnxruntime\'s '
+            f"{ort_best['images_per_s']:.0f} images/s at its best batch ({form(ort_best)}); {split(FORM_JSON, 32)}"
+        ),
+    }
+    return judged(values, whys, FORM_TARGETS)
+
+
 def print_table(r: dict[str, Any]) -> None:
     m = r["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, torch {m['torch']}")
@@ -800,6 +966,17 @@ def print_table(r: dict[str, Any]) -> None:
             f"{h['event_loop_core_ms_per_request']:>6.2f}"
             f"{h.get('mean_batch', float('nan')):>6.1f}{h['server_rss_mb']:>8.0f}"
         )
+    forms = [h for h in r["http"] if "own_cost_ms" in h and h["case"] != FORM_NONE]
+    if forms:
+        print(
+            f"\n{'input forms, beyond PNG none':<32}{'conc':>5}{'own ms':>8}{'core ms':>9}{'loop':>7}{'hand-offs':>10}{'p50':>7}"
+        )
+        for h in forms:
+            sp = form_split(r, h["case"], h["connections"])
+            print(
+                f"{h['case']:<32}{h['connections']:>5}{sp['own_work_ms']:>8.2f}{sp['beyond_none_core_ms']:>+9.2f}"
+                f"{sp['loop_beyond_none_ms']:>+7.2f}{sp['hand_offs_ms']:>+10.2f}{sp['p50_beyond_none_ms']:>+7.2f}"
+            )
     g = r["grpc"]
     print(
         f"\n{'gRPC ModelInfer':<28}{'B':>5}{'streams':>8}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu':>6}{'ORT B=64 img/s':>16}"
@@ -814,10 +991,10 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"    {v['why']}")
 
 
-def main(args: argparse.Namespace) -> None:
-    result = run(args)
+def main(*, model_dir: Path, output: Path, quick: bool, iterations: int, seconds: float) -> None:
+    result = run(model_dir=model_dir, quick=quick, iterations=iterations, seconds=seconds)
     print_table(result)
-    out = Path(args.output)
+    out = output
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwritten to {out}")

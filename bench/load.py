@@ -8,7 +8,6 @@ below: raw HTTP/1.1 on kept-alive connections, no per-request Python objects bey
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -227,7 +226,7 @@ def overload(
 ) -> dict[str, Any]:
     """Measure capacity closed-loop, offer `factor` times that open-loop, then check recovery."""
     port = free_port()
-    # Preprocessing a scan costs ~29 ms of CPU here, so what waits in front of the batcher is bounded too:
+    # Preprocessing a scan costs more than its inference, so what waits in front of the batcher is bounded too:
     # a few requests per core in progress, the rest refused at once.
     env = {
         "CAPSNET_QUEUE_SIZE": str(queue_size),
@@ -316,15 +315,15 @@ def graceful_shutdown(
     }
 
 
-def main(args: argparse.Namespace) -> None:
+def main(*, seconds: float, concurrency: int, output: Path | None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     report = {
-        "sustained_load": sustained_load(args.seconds, args.concurrency),
-        "overload": overload(max(6.0, args.seconds / 5)),
+        "sustained_load": sustained_load(seconds, concurrency),
+        "overload": overload(max(6.0, seconds / 5)),
         "graceful_shutdown": graceful_shutdown(),
     }
     text = json.dumps(report, indent=2)
     print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")

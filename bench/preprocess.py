@@ -208,27 +208,25 @@ def examples(impls: dict[str, ModuleType], model: Path) -> dict[str, dict[str, i
     return out
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(*, baseline: str, quick: bool, output: Path) -> dict[str, Any]:
     import service.preprocess as after
     from service.settings import SHIPPED_MODEL
 
-    before = load_baseline(args.baseline)
+    before = load_baseline(baseline)
     impls: dict[str, ModuleType] = {"after": after} if before is None else {"before": before, "after": after}
     model = Path(SHIPPED_MODEL) / "capsnet.onnx"
     result: dict[str, Any] = {
         "machine": machine(),
-        "baseline": args.baseline if before is not None else None,
-        "quick": args.quick,
+        "baseline": baseline if before is not None else None,
+        "quick": quick,
     }
     if before is None:
-        result["baseline_missing"] = (
-            f"git has no {args.baseline}:service/preprocess.py here (a shallow clone?)"
-        )
+        result["baseline_missing"] = f"git has no {baseline}:service/preprocess.py here (a shallow clone?)"
     cases = inputs()
-    result["cases"] = time_cases(impls, cases, args.quick)
+    result["cases"] = time_cases(impls, cases, quick)
     with tempfile.TemporaryDirectory() as tmp:
         result["phone_peak_rss_mb"] = peak_memory_of(
-            impls, args.baseline, cases["phone-jpeg-4000x3000"][0], Path(tmp)
+            impls, baseline, cases["phone-jpeg-4000x3000"][0], Path(tmp)
         )
     result["targets"] = {
         name: {
@@ -242,12 +240,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for case in result["cases"].values():
             case["speedup"] = case["before_ms"] / case["after_ms"]
             case["cpu_speedup"] = case["before_cpu_ms"] / case["after_cpu_ms"]
-    result["accuracy"] = accuracy(impls, model, 50 if args.quick else 2000)
+    result["accuracy"] = accuracy(impls, model, 50 if quick else 2000)
     result["examples"] = examples(impls, model)
     result["machine"]["load_average_at_end"] = os.getloadavg()[0]
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
     report(result)
     return result
 
@@ -295,4 +293,4 @@ if __name__ == "__main__":
     if args.peak_memory:  # one measurement, in a process of its own (see peak_memory_of)
         print(peak_memory(args.peak_memory[0], args.baseline, Path(args.peak_memory[1])))
     else:
-        main(args)
+        main(baseline=args.baseline, quick=args.quick, output=args.output)

@@ -158,13 +158,19 @@ def _predict(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from bench.bench import main
 
-    main(args)
+    main(
+        model_dir=args.model_dir,
+        output=args.output,
+        quick=args.quick,
+        iterations=args.iterations,
+        seconds=args.seconds,
+    )
 
 
 def _load(args: argparse.Namespace) -> None:
     from bench.load import main
 
-    main(args)
+    main(seconds=args.seconds, concurrency=args.concurrency, output=args.output)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -1,11 +1,21 @@
 """The benchmark runs in a quick mode in CI so it cannot rot; its figures are not asserted as speed."""
 
-import argparse
 import json
 
 import pytest
 
-from bench.bench import main, per_run_cost, ratios
+from bench.bench import (
+    FORM_DEFAULT,
+    FORM_JSON,
+    FORM_MULTIPART,
+    FORM_NONE,
+    FORM_SCAN,
+    FORM_V2,
+    form_split,
+    main,
+    per_run_cost,
+    ratios,
+)
 from service.cpu import vector_extensions
 from service.engine import available_cores
 from service.settings import SHIPPED_MODEL
@@ -16,7 +26,7 @@ from tests.tools import installed_tool
 def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
     installed_tool("wrk", "Debian package wrk")
     out = tmp_path / "bench.json"
-    main(argparse.Namespace(model_dir=SHIPPED_MODEL, output=out, quick=True, iterations=3, seconds=1.0))
+    main(model_dir=SHIPPED_MODEL, output=out, quick=True, iterations=3, seconds=1.0)
     r = json.loads(out.read_text())
     assert {row["batch"] for row in r["raw"]["onnxruntime"]} == {1, 8, 32, 128}
     # the shipped directory holds capsnet-int8.onnx, so its rows (raw and over HTTP) are in the run
@@ -77,7 +87,25 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
         "grpc_b64_vs_ort_b64",
         "int8_best_vs_fp32_best",
         "service_int8_c32_vs_baseline_c32",
+        "default_c32_vs_none_c32",
+        "default_c1_p50_beyond_none_and_preprocessing_ms",
+        "scan_c1_added_vs_preprocessing",
+        "json_c32_vs_ort_best",
     }
+    # the input forms, on one server, each with its own work timed alone
+    forms = {(h["case"], h["connections"]): h for h in r["http"] if "own_cost_ms" in h}
+    names = [FORM_NONE, FORM_DEFAULT, FORM_SCAN, FORM_JSON, FORM_MULTIPART, FORM_V2]
+    assert set(forms) == {(name, c) for name in names for c in (1, 32)}
+    own = {name: forms[name, 1]["own_cost_ms"] for name in names}
+    assert own[FORM_SCAN] > own[FORM_DEFAULT] > own[FORM_NONE] > 0 and own[FORM_MULTIPART] > own[FORM_NONE]
+    split = form_split(r, FORM_SCAN, 1)
+    assert split["own_work_ms"] == pytest.approx(own[FORM_SCAN] - own[FORM_NONE])
+    assert split["hand_offs_ms"] == pytest.approx(split["beyond_none_core_ms"] - split["own_work_ms"])
+    none32, default32 = forms[FORM_NONE, 32], forms[FORM_DEFAULT, 32]
+    c32 = r["ratios"]["default_c32_vs_none_c32"]["value"]
+    assert c32 == pytest.approx(default32["requests_per_s"] / none32["requests_per_s"])
+    added = (forms[FORM_SCAN, 1]["p50_ms"] - forms[FORM_NONE, 1]["p50_ms"]) / own[FORM_SCAN]
+    assert r["ratios"]["scan_c1_added_vs_preprocessing"]["value"] == pytest.approx(added)
     g = r["grpc"]
     assert (g["batch"], g["streams"]) == (64, 4) and g["calls"] >= g["streams"] and g["images_per_s"] > 0
     assert g["onnxruntime_b64"]["batch"] == 64 and g["onnxruntime_b64"]["images_per_s"] > 0
@@ -95,6 +123,7 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
     assert f"held {on32['mean_batch']:.1f} images" in r["ratios"]["overhead_ms_per_request"]["why"]
     printed = capsys.readouterr().out
     assert "ratios and their targets:" in printed and "tritonclient.grpc, raw" in printed
+    assert f"{FORM_SCAN:<32}    1" in printed  # the input forms' table
 
 
 def test_profile_splits_kernel_time_between_convolutions_and_the_rest(tiny_model_dir):

@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from bench.preprocess import TARGETS_MS, main, parse_args
+from bench.preprocess import BASELINE, TARGETS_MS, main
 
 
 @pytest.mark.slow
 def test_quick_preprocess_benchmark_writes_every_case_target_and_accuracy(tmp_path, capsys):
     out = tmp_path / "preprocess.json"
-    r = main(parse_args(["--quick", "--output", str(out)]))
+    r = main(baseline=BASELINE, quick=True, output=out)
     assert json.loads(out.read_text()) == r
     cases = r["cases"]
     assert set(cases) == {"png-28-none", "png-28-mnist", "scan-227x224", "phone-jpeg-4000x3000"}
