@@ -21,7 +21,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from bench.bench import http_row, references
+from bench.bench import FORM_NONE, form_split, http_row, references
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -140,6 +140,16 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         "RSS MB",
     ]
     out += [*_table(header, rows), ""]
+    forms = [r for r in d["http"] if "own_cost_ms" in r and r["case"] != FORM_NONE]
+    if forms:
+        rows = []
+        for r in forms:
+            sp = form_split(d, r["case"], r["connections"])
+            rows.append([r["case"], str(r["connections"]), _f(sp["own_work_ms"], 2), _f(sp["beyond_none_core_ms"], 2),
+                         _f(sp["loop_beyond_none_ms"], 2), _f(sp["hand_offs_ms"], 2), _f(sp["p50_beyond_none_ms"], 2)])  # fmt: skip
+        header = ["input form, beyond a PNG with `preprocess=none`", "concurrency", "own work ms",
+                  "core ms per request", "of it, the event loop's", "hand-offs and waiting", "p50 ms"]  # fmt: skip
+        out += [*_fill("cpu_forms"), "", *_table(header, rows), ""]
     if "grpc" in d:
         g = d["grpc"]
         header = ["gRPC `ModelInfer` (tritonclient.grpc)", "B", "streams", "images/s", "p50 ms",
