@@ -63,6 +63,20 @@ def no_gpu_reason() -> str | None:
     return None
 
 
+def use_cuda_wheels() -> list[str]:
+    """Make NVIDIA's CUDA and cuDNN wheels of this interpreter findable, as the GPU image does with its
+    linker cache: loaded into this process (onnxruntime.preload_dlls) and named in LD_LIBRARY_PATH for
+    the servers it starts. So a checkout with the wheels installed runs like the image. Their folders."""
+    import onnxruntime as ort
+
+    folders = sorted(str(p) for p in Path(ort.__file__).parent.parent.glob("nvidia/*/lib") if p.is_dir())
+    if folders:
+        ort.preload_dlls()
+        current = os.environ.get("LD_LIBRARY_PATH")
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([*folders, *([current] if current else [])])
+    return folders
+
+
 def device_memory() -> list[dict[str, Any]] | dict[str, str]:
     """Each GPU's memory in use and in all (MiB), from nvidia-smi."""
     smi = shutil.which("nvidia-smi")
@@ -290,6 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["errors"]["gpu"] = reason
             return result
     gpu = args.device == "cuda"
+    result["machine"]["cuda_library_folders"] = use_cuda_wheels() if gpu else []
     result["memory"]["before"] = device_memory() if gpu else None
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = args.model_dir / "capsnet.onnx"

@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 from tests.container.images import (
+    ROOT,
     assert_classifies_the_examples,
     buildah,
     free_port,
@@ -182,6 +183,27 @@ def test_require_gpu_refuses_to_start_in_one_line(container: str, stub_driver: P
         assert "no NVIDIA driver (libcuda.so.1) is visible" in line
     else:  # a driver is there, the GPU is not: onnxruntime fell back, and the service refuses that
         assert "CUDA provider is not usable here; onnxruntime fell back to ['CPUExecutionProvider']" in line
+
+
+def test_the_gpu_host_script_reports_what_fails_in_the_image(container: str, stub_driver: Path) -> None:
+    """bench/gpu_host.py, run as a GPU host's operator runs it (the checkout mounted in the image), with a
+    driver but no GPU: each step's failure in the JSON and one line each, exit 1, no traceback."""
+    options = ["--network", "host", "-v", f"{ROOT}:/src:ro", "-v", f"{stub_driver}:/stub:ro",
+               "--env", "LD_LIBRARY_PATH=/stub", "--workingdir", "/src"]  # fmt: skip
+    script = "python3 -m bench.gpu_host --seconds 0.2 --http-seconds 1 --output /tmp/h.json; echo rc=$?; "
+    script += "cat /tmp/h.json"
+    result = buildah(*run_in(container, *options), "sh", "-c", script, check=False, timeout=300)
+    assert "rc=1\n" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.split("rc=1\n", 1)[1])
+    folders = [f.split("/site-packages/")[1] for f in report["machine"]["cuda_library_folders"]]
+    assert folders == ["nvidia/cu13/lib", "nvidia/cudnn/lib"]
+    errors = report["errors"]
+    fell_back = "RuntimeError: onnxruntime fell back to ['CPUExecutionProvider'] for capsnet.onnx"
+    assert errors["raw fp32"] == fell_back
+    assert errors["fp16 model"].startswith("RuntimeError: no capsnet-fp16.onnx in /app/models/capsnet-mnist")
+    assert errors["service"].splitlines()[-1].startswith("capsnet serve: CAPSNET_REQUIRE_GPU=1 but the CUDA")
+    assert set(report["memory"]) == {"before", "after_raw", "after"}  # no nvidia-smi without the toolkit
+    assert "Traceback" not in result.stderr
 
 
 def test_image_is_the_gpu_flavour_within_its_bound(gpu_image: str) -> None:
