@@ -4,15 +4,18 @@ docker/requirements.lock pins every package of the serving install (the [project
 pyproject.toml and everything they pull in) to one version, so two builds of the image get the same
 code, plus the CUDA and cuDNN libraries that onnxruntime-gpu's CUDA provider loads, as NVIDIA's PyPI
 wheels (CUDA_WHEELS). The gpu flavour takes it as it is; the cpu flavour swaps onnxruntime-gpu for the
-CPU-only onnxruntime wheel of the same version (a fraction of the size, no CUDA provider) and leaves the
-CUDA wheels out. Neither torch nor the test tools are ever included.
+CPU-only onnxruntime wheel of the same version (a fraction of the size, no CUDA provider; its line is
+the lock's `#cpu:` one) and leaves the CUDA wheels out. Neither torch nor the test tools are ever
+included. Every line carries the sha256 of the wheel pip picks from PyPI for each interpreter of
+PYTHONS, so pip installs in hash-checking mode and a file changed on the index fails the build.
 
     python3 docker/requirements.py gpu|cpu [path/to/requirements.lock] > requirements.txt
-    python3 docker/requirements.py lock     # rewrite the lock from pyproject.toml (a fresh venv)
+    python3 docker/requirements.py lock     # rewrite the lock from pyproject.toml (a fresh venv, PyPI)
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -38,23 +41,72 @@ CUDA_WHEELS = (
 )
 
 
-def pins(lock: Path = LOCK) -> list[str]:
-    """The `name==version` lines of the lock."""
+# The interpreters an image may have, each with its C library's manylinux level (the newest wheel tag
+# its pip takes): Debian bookworm's, the default base, and Ubuntu 24.04's, an nvidia/cuda base.
+PYTHONS = {"3.11": 36, "3.12": 39}
+CPU_PREFIX = "#cpu: "
+HASHES_NOTE = (
+    "# --hash: the wheel pip takes from PyPI for CPython " + " and ".join(PYTHONS) + " on x86-64 Linux\n"
+)
+
+
+def _lines(lock: Path) -> list[str]:
+    """The lock's requirement lines, each `name==version --hash=sha256:... ...`."""
     return [line.strip() for line in lock.read_text().splitlines() if line.strip() and line[0] != "#"]
+
+
+def pins(lock: Path = LOCK) -> list[str]:
+    """The `name==version` of each package of the lock."""
+    return [line.split()[0] for line in _lines(lock)]
 
 
 def requirements(flavour: str, lock: Path = LOCK) -> list[str]:
     """The lock; for the cpu flavour without the CUDA wheels and with onnxruntime for onnxruntime-gpu."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, not {flavour!r}")
-    deps = pins(lock)
+    deps = _lines(lock)
     if flavour == "gpu":
         return deps
-    deps = [dep for dep in deps if not dep.lower().startswith("nvidia-")]
-    swapped = [re.sub(r"^onnxruntime-gpu(?===)", "onnxruntime", dep) for dep in deps]
-    if swapped == deps:
-        raise ValueError(f"{lock} has no onnxruntime-gpu pin to swap for the cpu flavour")
-    return swapped
+    cpu = [line[len(CPU_PREFIX) :] for line in lock.read_text().splitlines() if line.startswith(CPU_PREFIX)]
+    gpu = [dep for dep in deps if dep.startswith("onnxruntime-gpu==")]
+    if len(cpu) != 1 or len(gpu) != 1 or cpu[0].split()[0] != gpu[0].split()[0].replace("-gpu", ""):
+        raise ValueError(
+            f"{lock} needs one onnxruntime-gpu line and one `{CPU_PREFIX}onnxruntime` of its version"
+        )
+    return [cpu[0] if dep == gpu[0] else dep for dep in deps if not dep.lower().startswith("nvidia-")]
+
+
+def wheel_hashes(reqs: list[str]) -> dict[str, list[str]]:
+    """`name==version` -> the sha256 of each wheel pip takes from PyPI for the interpreters of PYTHONS.
+
+    pip's own resolver, asked for a report without installing anything (it reads the index's metadata),
+    with the machine's pip configuration set aside so that only PyPI is asked."""
+    found: dict[str, set[str]] = {}
+    cert = Path("/etc/ssl/certs/ca-certificates.crt")  # a proxy that intercepts TLS may need it
+    for python, glibc in PYTHONS.items():
+        tags = [f"manylinux_2_{minor}_x86_64" for minor in range(glibc, 4, -1)]
+        tags += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "report.json"
+            subprocess.run(
+                [sys.executable, "-m", "pip", "--isolated", "--disable-pip-version-check", "install",
+                 "--quiet", "--dry-run", "--no-deps", "--ignore-installed", "--only-binary=:all:",
+                 "--python-version", python,
+                 *(f"--platform={tag}" for tag in tags), "--target", f"{tmp}/target", "--report", str(report),
+                 *(["--cert", str(cert)] if cert.is_file() else []), *reqs],
+                check=True,
+            )  # fmt: skip
+            for item in json.loads(report.read_text())["install"]:
+                name = re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()
+                digest = item["download_info"]["archive_info"]["hashes"]["sha256"]
+                found.setdefault(f"{name}=={item['metadata']['version']}", set()).add(digest)
+    return {pin: sorted(digests) for pin, digests in found.items()}
+
+
+def _with_hashes(pin: str, hashes: dict[str, list[str]]) -> str:
+    name, _, version = pin.partition("==")
+    digests = hashes[f"{re.sub(r'[-_.]+', '-', name).lower()}=={version}"]
+    return " ".join([pin, *(f"--hash=sha256:{d}" for d in digests)])
 
 
 def write_lock(root: Path = HERE.parent, lock: Path = LOCK) -> None:
@@ -67,7 +119,10 @@ def write_lock(root: Path = HERE.parent, lock: Path = LOCK) -> None:
             [*pip, "freeze", "--exclude", "capsnet-service"], check=True, capture_output=True, text=True
         ).stdout
     lines = sorted((line for line in frozen.splitlines() if "==" in line), key=str.lower)
-    lock.write_text(HEADER + "\n".join(lines) + "\n")
+    cpu = next(line for line in lines if line.startswith("onnxruntime-gpu==")).replace("-gpu", "", 1)
+    hashes = wheel_hashes([*lines, cpu])
+    body = [_with_hashes(line, hashes) for line in lines]
+    lock.write_text(HEADER + HASHES_NOTE + "\n".join(body) + f"\n{CPU_PREFIX}{_with_hashes(cpu, hashes)}\n")
 
 
 def main(argv: list[str]) -> None:

@@ -6,6 +6,7 @@ check-jsonschema, so no network is needed. Skipped without the tools, except und
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_image_requirements_are_pinned_and_satisfy_pyproject() -> None:
 
     sys.path.insert(0, str(ROOT / "docker"))
     try:
-        from requirements import CUDA_WHEELS, pins, requirements  # docker/requirements.py
+        from requirements import CUDA_WHEELS, PYTHONS, pins, requirements  # docker/requirements.py
     finally:
         sys.path.pop(0)
     locked = {}
@@ -63,11 +64,17 @@ def test_image_requirements_are_pinned_and_satisfy_pyproject() -> None:
         assert dep.name in locked, f"{dep.name} is not pinned in docker/requirements.lock"
         assert dep.specifier.contains(locked[dep.name]), f"{dep.name}=={locked[dep.name]} breaks {dep}"
     assert "uvloop" in locked and "torch" not in locked  # uvicorn[standard]'s extras, no training code
-    cpu = requirements("cpu")
+    cpu_lines, gpu_lines = requirements("cpu"), requirements("gpu")
+    cpu = [line.split()[0] for line in cpu_lines]
     assert f"onnxruntime=={locked['onnxruntime-gpu']}" in cpu and not any("onnxruntime-gpu" in r for r in cpu)
     # The CUDA provider's libraries: in the gpu flavour at the versions CUDA_WHEELS pins, not in the cpu one
     cuda = {d.partition("==")[0]: d.partition("==")[2] for d in CUDA_WHEELS}
     assert {n for n in locked if n.startswith("nvidia-")} == set(cuda) and len(cuda) == 7
     assert all(locked[n] == v for n, v in cuda.items())
     assert [r for r in cpu if r.startswith("nvidia")] == [] and len(cpu) == len(locked) - 7
-    assert set(CUDA_WHEELS) <= set(requirements("gpu"))
+    assert set(CUDA_WHEELS) <= {line.split()[0] for line in gpu_lines}
+    # Every line of both flavours carries the sha256 of a wheel for each interpreter (one when they share it)
+    for line in {*cpu_lines, *gpu_lines}:
+        digests = line.split()[1:]
+        assert 1 <= len(digests) <= len(PYTHONS), line
+        assert all(re.fullmatch(r"--hash=sha256:[0-9a-f]{64}", d) for d in digests), line
