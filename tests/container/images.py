@@ -119,10 +119,12 @@ def new_container(image: str) -> str:
 
 
 @contextmanager
-def serving(container: str, log: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+def serving(
+    container: str, log: Path, env: dict[str, str] | None = None, run_options: tuple[str, ...] = ()
+) -> Iterator[Server]:
     """`capsnet serve` in `container` on a free local port, once /health/ready answers 200."""
     port = free_port()
-    options = ["--network", "host", "--env", f"CAPSNET_PORT={port}"]
+    options = [*run_options, "--network", "host", "--env", f"CAPSNET_PORT={port}"]
     for name, value in (env or {}).items():
         options += ["--env", f"{name}={value}"]
     serve = ["capsnet", "serve", "--host", "127.0.0.1", "--port", str(port)]

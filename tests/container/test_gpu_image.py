@@ -155,16 +155,29 @@ def test_with_a_stub_driver_every_library_loads_and_the_provider_reaches_the_dri
     assert "libcuda.so.1: cannot open shared object file" in provider
 
 
+@pytest.mark.parametrize(
+    ("driver", "said"),
+    [
+        ("none", "no NVIDIA driver found: serving on the CPU"),
+        # a driver but no GPU: onnxruntime's CUDA provider loads, finds no device, and the session falls back
+        ("stub", "CUDA was requested but onnxruntime fell back to ['CPUExecutionProvider']"),
+    ],
+)
 def test_the_service_falls_back_to_the_cpu_and_says_so(
-    container: str, tmp_path_factory: pytest.TempPathFactory
+    container: str, stub_driver: Path, tmp_path_factory: pytest.TempPathFactory, driver: str, said: str
 ) -> None:
+    env = {"CAPSNET_GRPC_PORT": "0"}
+    options: tuple[str, ...] = ()
+    if driver == "stub":
+        env["LD_LIBRARY_PATH"] = "/stub"
+        options = ("-v", f"{stub_driver}:/stub:ro")
     log = tmp_path_factory.mktemp("gpu-server") / "server.log"
-    with serving(container, log, {"CAPSNET_GRPC_PORT": "0"}) as server:
+    with serving(container, log, env, options) as server:
         metadata = httpx.get(f"{server.url}/metadata", timeout=10).json()
         assert metadata["providers"] == ["CPUExecutionProvider"]
         assert metadata["cuda_options"] == {}  # what the CUDA provider was given: nothing, it is unused
         assert_classifies_the_examples(server.url)
-    assert "no NVIDIA driver found: serving on the CPU" in log.read_text()
+    assert said in log.read_text()
 
 
 @pytest.mark.parametrize("driver", ["none", "stub"])
