@@ -252,9 +252,12 @@ def _levels(
         if img.mode != "L":
             img = img.convert("RGB").convert("L") if img.mode not in ("1", "P") else img.convert("L")
         levels, full = np.asarray(img), 255.0
-    if max_side is not None and max(levels.shape) > max_side:
-        levels = _area(levels, max_side / max(levels.shape))
-    return levels, full
+    return (levels if max_side is None else _within(levels, max_side)), full
+
+
+def _within(levels: npt.NDArray[Any], max_side: int) -> npt.NDArray[Any]:
+    """`levels` reduced by area averaging to `max_side` pixels on its longer side, if it is longer."""
+    return _area(levels, max_side / max(levels.shape)) if max(levels.shape) > max_side else levels
 
 
 def _to_float(levels: npt.NDArray[Any], full: float) -> FloatImage:
@@ -464,7 +467,11 @@ def to_mnist(img: Image.Image) -> FloatImage:
     prediction for an empty field would be meaningless.
     """
     # (h, w): alpha composited over white paper; a 12-megapixel photo needs no more detail than this
-    levels, full = _levels(img, background=1.0, max_side=_WORK_SIDE)
+    return _mnist_form(*_levels(img, background=1.0, max_side=_WORK_SIDE))
+
+
+def _mnist_form(levels: npt.NDArray[Any], full: float) -> FloatImage:
+    """`to_mnist` from the grey levels on: `levels` and `full` as `_levels` returns them."""
     light_paper = _polarity(levels, full)
     # From here on each step writes over a buffer the steps after it no longer read: a new array
     # of 200 KB to 800 KB costs more (the allocator maps and faults in fresh pages) than the step.
@@ -539,10 +546,12 @@ def preprocess_bytes(data: bytes, *, mode: Mode, max_pixels: int) -> FloatImage:
         modes = "'mnist', 'fashion' or 'none'"
         raise PreprocessError(422, f"Unknown preprocess mode {_describe(mode)}: use {modes}.")
     if mode == "mnist":
+        if (plain := _plain_grey_png(data, None, max_pixels, _PNG_INERT_CHUNKS)) is not None:
+            return _mnist_form(_within(plain, _WORK_SIDE), 255.0)  # what Pillow's path gives, sooner
         return to_mnist(decode_image(data, max_pixels=max_pixels, work_side=_WORK_SIDE))
     if mode == "fashion":
         return to_fashion(decode_image(data, max_pixels=max_pixels, work_side=_WORK_SIDE))
-    plain = _plain_grey_png(data, IMAGE_SIZE)
+    plain = _plain_grey_png(data, IMAGE_SIZE, max_pixels)
     if plain is not None:
         return _to_float(plain, 255.0)
     img = decode_image(data, max_pixels=max_pixels, exact_size=IMAGE_SIZE)  # (EXIF keeps a square square)
@@ -554,18 +563,24 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Chunks that carry no pixel information: a PNG with any other (transparency, palette, gamma,
 # significant bits, EXIF orientation ...) takes Pillow's path, which knows what they mean.
 _PNG_TEXT_CHUNKS = frozenset((b"tEXt", b"zTXt", b"iTXt", b"pHYs", b"tIME"))
+# Where the image may be rotated by what it says of itself, text is out too: Pillow reads an EXIF or
+# XMP orientation from a text chunk, and `preprocess=mnist` turns the image as it says.
+_PNG_INERT_CHUNKS = frozenset((b"pHYs", b"tIME"))
 
 
-def _plain_grey_png(data: bytes, side: int) -> npt.NDArray[np.uint8] | None:
-    """The pixels of a `side` x `side` PNG in the form MNIST digits are usually sent (8-bit grey, not
-    interlaced, no chunk that changes what a pixel means), decoded by OpenCV; None for any other
-    input, which Pillow's path then decodes or refuses.
+def _plain_grey_png(
+    data: bytes, side: int | None, max_pixels: int, chunks: frozenset[bytes] = _PNG_TEXT_CHUNKS
+) -> npt.NDArray[np.uint8] | None:
+    """The pixels of a PNG in the form MNIST digits are usually sent (8-bit grey, not interlaced, no
+    chunk that changes what a pixel means; `side` x `side` unless `side` is None, and no more than
+    `max_pixels`), decoded by OpenCV; None for any other input, which Pillow's path then decodes or
+    refuses. `chunks`: the ancillary chunks it may hold besides.
 
-    For the 28x28 digits of `preprocess=none` Pillow's open, load, copy and EXIF look-up cost several
-    times OpenCV's decode. The structure, every chunk's CRC, the inflated size and the row
-    filters are checked here first, so libpng is only handed files it decodes without complaint
-    (on a corrupt file it would print to stderr, past our logging); the pixels are the same either
-    way (lossless, tested bit for bit)."""
+    For the 28x28 digits Pillow's open, load, copy and EXIF look-up cost several times OpenCV's
+    decode, and more so where inference has just filled the caches. The structure, every chunk's CRC,
+    the inflated size and the row filters are checked here first, so libpng is only handed files it
+    decodes without complaint (on a corrupt file it would print to stderr, past our logging); the
+    pixels are the same either way (lossless, tested bit for bit)."""
     if not data.startswith(_PNG_SIGNATURE):
         return None
     pos, end, idat = len(_PNG_SIGNATURE), len(data), []
@@ -581,26 +596,29 @@ def _plain_grey_png(data: bytes, side: int) -> npt.NDArray[np.uint8] | None:
         if pos == len(_PNG_SIGNATURE):  # IHDR first: the size and the pixel format
             if kind != b"IHDR" or length != 13:
                 return None
-            if struct.unpack_from(">IIBBBBB", data, pos + 8) != (side, side, 8, 0, 0, 0, 0):
+            width, height, *form = struct.unpack_from(">IIBBBBB", data, pos + 8)
+            if form != [8, 0, 0, 0, 0] or not 0 < width * height <= max_pixels:
+                return None
+            if side is not None and (width, height) != (side, side):
                 return None
         elif kind == b"IDAT":
             idat.append(memoryview(data)[pos + 8 : body_end])
         elif kind == b"IEND":
             break
-        elif kind not in _PNG_TEXT_CHUNKS:
+        elif kind not in chunks:
             return None
         pos = body_end + 4
     else:
         return None  # no IEND
-    inflate = zlib.decompressobj()
+    inflate, size = zlib.decompressobj(), height * (width + 1)  # each row: its filter byte, its pixels
     try:
-        rows = inflate.decompress(b"".join(idat), side * (side + 1) + 1)
+        rows = inflate.decompress(b"".join(idat), size + 1)
     except zlib.error:
         return None
-    if not inflate.eof or len(rows) != side * (side + 1) or max(rows[:: side + 1]) > 4:
+    if not inflate.eof or len(rows) != size or max(rows[:: width + 1]) > 4:
         return None  # short, long or trailing data, or a row filter that does not exist
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if pixels is None or pixels.shape != (side, side) or pixels.dtype != np.uint8:
+    if pixels is None or pixels.shape != (height, width) or pixels.dtype != np.uint8:
         return None
     return np.asarray(pixels, dtype=np.uint8)
 

@@ -13,6 +13,8 @@ from PIL import Image
 
 from model_export.data import load_split
 from service.preprocess import (
+    _PNG_INERT_CHUNKS,
+    _WORK_SIDE,
     PreprocessError,
     _grey,
     _plain_grey_png,
@@ -305,6 +307,54 @@ def test_plain_grey_pngs_decode_through_opencv_bit_for_bit_as_through_pillow(
         np.testing.assert_array_equal(out, digit.astype(np.float32) / 255)
 
 
+def pillow_mnist(data: bytes) -> np.ndarray:
+    """Mode "mnist" through Pillow's decoding: what the OpenCV path for plain grey PNGs must equal."""
+    return to_mnist(decode_image(data, max_pixels=MAX_PIXELS, work_side=_WORK_SIDE))
+
+
+def test_plain_grey_pngs_of_any_size_give_mode_mnist_byte_for_byte_as_through_pillow(
+    mnist: tuple[np.ndarray, np.ndarray], monkeypatch
+) -> None:
+    digits = mnist[0][:30]
+    pages = [
+        np.asarray(paper_digit(d, side)) for d, side in zip(digits[:4], (40, 112, 227, 700), strict=True)
+    ]
+    wide = np.asarray(paper_digit(digits[5], 300).resize((600, 300)))  # wider than the working side
+    images = [*digits, *pages, wide]
+    files = [encode(Image.fromarray(a), "PNG", optimize=k % 2 == 0, compress_level=k % 10) for k, a in
+             enumerate(images)]  # fmt: skip
+    files += [grey_png(pages[1], png_chunk(b"pHYs", bytes(9)))]  # an inert chunk
+    want = [pillow_mnist(f) for f in files]
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    got = [preprocess_bytes(f, mode="mnist", max_pixels=MAX_PIXELS) for f in files]
+    assert opened == []  # not one of them went through Pillow
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == np.float32 and g.shape == (28, 28) and g.tobytes() == w.tobytes()
+    assert max(pages[3].shape) > _WORK_SIDE  # (the 700-pixel page is reduced on the way, as Pillow's is)
+
+
+def test_a_plain_grey_png_with_text_or_more_pixels_than_allowed_takes_pillows_path_in_mode_mnist(
+    mnist: tuple[np.ndarray, np.ndarray],
+) -> None:
+    page = np.asarray(paper_digit(mnist[0][0], 112))
+    xmp = (
+        b'XML:com.adobe.xmp\x00\x00\x00\x00\x00<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    )
+    turned = grey_png(page, png_chunk(b"iTXt", xmp))
+    assert _plain_grey_png(turned, None, MAX_PIXELS, _PNG_INERT_CHUNKS) is None
+    assert (
+        preprocess_bytes(turned, mode="mnist", max_pixels=MAX_PIXELS).tobytes()
+        == pillow_mnist(turned).tobytes()
+    )
+    plain = grey_png(page)
+    assert _plain_grey_png(plain, None, 112 * 112 - 1, _PNG_INERT_CHUNKS) is None
+    with pytest.raises(PreprocessError) as err:
+        preprocess_bytes(plain, mode="mnist", max_pixels=112 * 112 - 1)
+    assert err.value.status_code == 413
+
+
 def outcome(fn, data: bytes) -> np.ndarray | tuple[int, str]:
     try:
         return fn(data)
@@ -356,13 +406,20 @@ def test_other_pngs_take_pillows_path_and_corrupt_ones_are_refused_quietly(
         "bad CRC": good[:-16] + bytes([good[-16] ^ 1]) + good[-15:],
         "not zlib": good[:33] + png_chunk(b"IDAT", b"\x00" * 40) + png_chunk(b"IEND", b""),
     }[kind]
-    assert _plain_grey_png(data, 28) is None
+    assert _plain_grey_png(data, 28, MAX_PIXELS) is None
+    assert _plain_grey_png(data, None, MAX_PIXELS, _PNG_INERT_CHUNKS) is None
     got = outcome(lambda d: preprocess_bytes(d, mode="none", max_pixels=MAX_PIXELS), data)
     want = outcome(pillow_none, data)
     if isinstance(want, tuple):
         assert got == want and want[0] == 400
     else:
         np.testing.assert_array_equal(got, want)
+    got_mnist = outcome(lambda d: preprocess_bytes(d, mode="mnist", max_pixels=MAX_PIXELS), data)
+    want_mnist = outcome(pillow_mnist, data)
+    if isinstance(want_mnist, tuple):
+        assert got_mnist == want_mnist
+    else:
+        assert got_mnist.tobytes() == want_mnist.tobytes()
     if kind == "exif orientation":
         np.testing.assert_array_equal(got, np.rot90(digit, -1).astype(np.float32) / 255)
     if kind == "transparency":  # black is transparent, composited over MNIST's black: unchanged
