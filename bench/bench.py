@@ -47,7 +47,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _time(fn: Any, iters: int, warmup: int = 2, sync: Any = None) -> list[float]:
+def timed_calls(fn: Any, iters: int, warmup: int = 2, sync: Any = None) -> list[float]:
     """Wall time of each of `iters` calls after `warmup` ones; `sync` (e.g. torch.cuda.synchronize)
     waits for work a call leaves running on a device."""
     wait = sync or (lambda: None)
@@ -63,7 +63,7 @@ def _time(fn: Any, iters: int, warmup: int = 2, sync: Any = None) -> list[float]
     return out
 
 
-def _stats(samples: list[float], batch: int, core_s: float | None = None) -> dict[str, float]:
+def latency_stats(samples: list[float], batch: int, core_s: float | None = None) -> dict[str, float]:
     """Latency percentiles and throughput; with `core_s` (the process's CPU time over the samples),
     the core time each image cost."""
     a = np.array(samples)
@@ -79,11 +79,11 @@ def _stats(samples: list[float], batch: int, core_s: float | None = None) -> dic
 
 
 def _timed_with_cpu(fn: Any, iters: int) -> tuple[list[float], float]:
-    """`_time` plus the process's CPU time (all threads) over the timed calls."""
+    """`timed_calls` plus the process's CPU time (all threads) over the timed calls."""
     fn()
     fn()
     cpu0 = time.process_time()
-    samples = _time(fn, iters, warmup=0)
+    samples = timed_calls(fn, iters, warmup=0)
     return samples, time.process_time() - cpu0
 
 
@@ -96,7 +96,7 @@ def _side_by_side(fn: Any, threads: int, iters: int) -> tuple[list[float], float
     def worker(k: int) -> None:
         fn()
         start.wait()
-        samples[k] = _time(fn, iters, warmup=0)
+        samples[k] = timed_calls(fn, iters, warmup=0)
 
     pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     for t in pool:
@@ -140,7 +140,7 @@ def raw_int8_cases(model_dir: Path, batches: list[int], iters: int) -> dict[str,
             int8.run(None, {"image": x})
             t8.append(time.perf_counter() - t0)
             cpu8 += time.process_time() - c0
-        row = _stats(t8, B, cpu8)
+        row = latency_stats(t8, B, cpu8)
         row["vs_fp32_alternating"] = float(np.median(t32) / np.median(t8))
         rows.append(row)
     return {"onnxruntime_int8": rows}
@@ -191,12 +191,17 @@ def reference_cases(
         x = rng.random((B, 1, 28, 28), dtype=np.float32)
         n = max(3, iters // max(1, B // 8))
         samples, core_s = _timed_with_cpu(lambda: sess.run(None, {"image": x}), n)
-        out["onnxruntime"].append(_stats(samples, B, core_s))
+        out["onnxruntime"].append(latency_stats(samples, B, core_s))
         if cores > 1:
             calls, wall, core_s = _side_by_side(lambda: one_core.run(None, {"image": x}), cores, n)
-            row = _stats(calls, B, core_s) | {"images_per_s": B * len(calls) / wall, "batches_at_once": cores}
+            row = latency_stats(calls, B, core_s) | {
+                "images_per_s": B * len(calls) / wall,
+                "batches_at_once": cores,
+            }
             out["onnxruntime_side_by_side"].append(row)
-        out["conv_only_ceiling"].append(_stats(_time(lambda: conv.run(None, {"image": x}), n), B))
+        out["conv_only_ceiling"].append(
+            latency_stats(timed_calls(lambda: conv.run(None, {"image": x}), n), B)
+        )
     return out
 
 
@@ -220,7 +225,7 @@ def raw_cases(model_dir: Path, batches: list[int], iters: int, tmp: Path) -> dic
             with torch.inference_mode():
                 model(xt)
 
-        out["pytorch_eager"].append(_stats(_time(eager, n), B))
+        out["pytorch_eager"].append(latency_stats(timed_calls(eager, n), B))
     return out
 
 
@@ -245,7 +250,7 @@ def _cpu_seconds(stat_path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _proc_cpu_rss(pid: int) -> tuple[float, int]:
+def proc_cpu_rss(pid: int) -> tuple[float, int]:
     cpu = _cpu_seconds(f"/proc/{pid}/stat")
     rss = 0
     with open(f"/proc/{pid}/status") as f:
@@ -255,7 +260,7 @@ def _proc_cpu_rss(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-def _tail(log: Any) -> str:
+def log_tail(log: Any) -> str:
     log.seek(0)
     return str(log.read().decode(errors="replace")[-2000:])
 
@@ -275,7 +280,7 @@ def start_server(cmd: list[str], port: int, env: dict[str, str]) -> subprocess.P
                     return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {_tail(log)}") from None
+                raise RuntimeError(f"server exited: {log_tail(log)}") from None
             time.sleep(0.1)
     proc.kill()
     proc.wait(30)
@@ -400,12 +405,12 @@ def loads_on_one_server(
             for load in loads:
                 url = f"http://127.0.0.1:{port}{load.path}"
                 batches0 = batch_totals(port)
-                cpu0, _ = _proc_cpu_rss(proc.pid)
+                cpu0, _ = proc_cpu_rss(proc.pid)
                 loop0 = _cpu_seconds(loop_stat)
                 t0 = time.perf_counter()
                 row = wrk(url, load.body, c, seconds, tmp, load.content_type)
                 wall = time.perf_counter() - t0
-                cpu1, rss = _proc_cpu_rss(proc.pid)
+                cpu1, rss = proc_cpu_rss(proc.pid)
                 batches1 = batch_totals(port)
                 requests = max(row["requests_per_s"] * wall, 1e-9)
                 if batches0 is not None and batches1 is not None and batches1[1] > batches0[1]:
@@ -453,9 +458,16 @@ def input_forms(digit: np.ndarray, model: str, tmp: Path) -> list[tuple[Load, An
     multipart = part.encode() + b"Content-Type: image/png\r\n\r\n" + png + f"\r\n--{boundary}--\r\n".encode()
     json_body = orjson.dumps({"images": [grid]})
     image = TensorSpec("image", "FP32", "<f4", [-1, 1, 28, 28])
-    signature = Signature(model, "1", [image], [TensorSpec("probabilities", "FP32", "<f4", [-1, 10])])
-    v2 = orjson.dumps(
-        {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": grid}]}
+    outputs = [
+        TensorSpec("probabilities", "FP32", "<f4", [-1, 10]),
+        TensorSpec("poses", "FP32", "<f4", [-1, 10, 16]),
+    ]
+    signature = Signature(model, "1", [image], outputs)
+    v2 = orjson.dumps(  # asking for the outputs /predict answers with, as the gRPC case does
+        {
+            "inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": grid}],
+            "outputs": [{"name": name} for name in GRPC_OUTPUTS],
+        }
     )
     files = {}
     for name, data in {"digit.png": png, "scan.png": scan, "images.json": json_body, "multipart": multipart,
@@ -477,25 +489,64 @@ def input_forms(digit: np.ndarray, model: str, tmp: Path) -> list[tuple[Load, An
     ]  # fmt: skip
 
 
-def own_cost_ms(work: Any, iters: int) -> float:
-    """The median wall time of one call of `work` by itself, in ms (after a few to warm it)."""
-    return float(np.median(_time(work, iters, warmup=5)) * 1e3)
+def own_cost_ms(work: Any, iters: int, between: Any = None) -> float:
+    """The median wall time of one call of `work` by itself, in ms (after a few to warm it); with
+    `between`, each call comes right after one of `between` (untimed), as in the service, where an
+    inference has just filled the caches with its own code and weights."""
+    if between is None:
+        return float(np.median(timed_calls(work, iters, warmup=5)) * 1e3)
+    samples = []
+    for _ in range(iters):
+        between()
+        t0 = time.perf_counter()
+        work()
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples) * 1e3)
+
+
+FORM_ROUNDS = 2  # each form's turn at each concurrency comes this often, for a median against drift
 
 
 def form_cases(
     model_dir: Path, serve: list[str], digit: np.ndarray, seconds: float, iters: int, tmp: Path
 ) -> list[dict[str, Any]]:
-    """The input forms against one server, taking turns, each row with the form's own cost."""
+    """The input forms against one server, taking turns (FORM_ROUNDS rounds of seconds / rounds
+    each, the medians kept), each row with the form's own cost alone and right after an inference."""
     import onnxruntime as ort
+
+    from service.engine import available_cores, session_options
 
     meta = ort.InferenceSession(str(model_dir / "capsnet.onnx")).get_modelmeta().custom_metadata_map
     forms = input_forms(digit, meta.get("name", model_dir.name), tmp)  # (the name v2 routes by)
+    sess = ort.InferenceSession(
+        str(model_dir / "capsnet.onnx"),
+        session_options(available_cores()),
+        providers=["CPUExecutionProvider"],
+    )
+    one = {"image": (digit[None, None] / 255.0).astype(np.float32)}
+    infer = lambda: sess.run(None, one)  # noqa: E731
     own = {load.case: own_cost_ms(work, max(iters, 50)) for load, work in forms}
+    cold = {load.case: own_cost_ms(work, max(iters, 50), between=infer) for load, work in forms}
     env = {"CAPSNET_LOG_LEVEL": "warning"}
-    rows = loads_on_one_server(serve, env, [load for load, _ in forms], FORM_CONCURRENCIES, seconds, tmp)
-    for row in rows:
-        row["own_cost_ms"] = own[row["case"]]
+    loads, per_round = [load for load, _ in forms], seconds / FORM_ROUNDS
+    concs = [c for c in FORM_CONCURRENCIES for _ in range(FORM_ROUNDS)]  # [1, 1, 32, 32]
+    runs = loads_on_one_server(serve, env, loads, concs, per_round, tmp)
+    rows = []
+    for case in [load.case for load in loads]:
+        for c in FORM_CONCURRENCIES:
+            mine = [r for r in runs if r["case"] == case and r["connections"] == c]
+            row = {
+                k: float(np.median([r[k] for r in mine])) for k in MEDIAN_KEYS if all(k in r for r in mine)
+            }
+            row |= {"case": case, "connections": c, "rounds": len(mine), "non_2xx": sum(r["non_2xx"] for r in mine),
+                    "server_rss_mb": max(r["server_rss_mb"] for r in mine)}  # fmt: skip
+            row |= {"own_cost_ms": own[case], "own_cost_after_inference_ms": cold[case]}
+            rows.append(row)
     return rows
+
+
+MEDIAN_KEYS = ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_cores", "server_core_ms_per_request",
+               "event_loop_core_ms_per_request", "mean_batch")  # fmt: skip
 
 
 GRPC_BATCH, GRPC_STREAMS, GRPC_OUTPUTS = 64, 4, ["probabilities", "poses"]
@@ -531,7 +582,7 @@ def grpc_case(model_dir: Path, serve: list[str], seconds: float, iters: int, rou
     ort_rounds, grpc_rounds, latencies = [], [], []
     wall = cpu = 0.0
     try:
-        name = _model_name(port)
+        name = served_model_name(port)
         image = grpcclient.InferInput("image", list(x.shape), "FP32")
         image.set_data_from_numpy(x)
         outputs = [grpcclient.InferRequestedOutput(n) for n in GRPC_OUTPUTS]
@@ -547,16 +598,16 @@ def grpc_case(model_dir: Path, serve: list[str], seconds: float, iters: int, rou
             return out
 
         for _ in range(rounds):
-            samples = _time(lambda: sess.run(GRPC_OUTPUTS, {"image": x}), n)
+            samples = timed_calls(lambda: sess.run(GRPC_OUTPUTS, {"image": x}), n)
             ort_samples += samples
-            ort_rounds.append(_stats(samples, B)["images_per_s"])
-            cpu0, _ = _proc_cpu_rss(proc.pid)
+            ort_rounds.append(latency_stats(samples, B)["images_per_s"])
+            cpu0, _ = proc_cpu_rss(proc.pid)
             t0 = time.perf_counter()
             end = t0 + seconds / rounds
             with ThreadPoolExecutor(GRPC_STREAMS) as pool:
                 per_stream = list(pool.map(stream, clients, [end] * len(clients)))
             round_wall = time.perf_counter() - t0
-            cpu1, rss = _proc_cpu_rss(proc.pid)
+            cpu1, rss = proc_cpu_rss(proc.pid)
             calls = sum(len(s) for s in per_stream)
             grpc_rounds.append(calls * B / round_wall)
             latencies += [t for s in per_stream for t in s]
@@ -580,12 +631,12 @@ def grpc_case(model_dir: Path, serve: list[str], seconds: float, iters: int, rou
         "p99_ms": 1e3 * latencies[min(calls - 1, int(calls * 0.99))],
         "server_cpu_cores": cpu / wall,
         "server_rss_mb": rss / 2**20,
-        "onnxruntime_b64": _stats(ort_samples, B),  # every round's runs together
+        "onnxruntime_b64": latency_stats(ort_samples, B),  # every round's runs together
         "rounds": {"onnxruntime_images_per_s": ort_rounds, "grpc_images_per_s": grpc_rounds},
     }
 
 
-def _model_name(port: int) -> str:
+def served_model_name(port: int) -> str:
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata", timeout=10) as r:
@@ -880,17 +931,20 @@ FORM_TARGETS = {
 
 def form_split(r: dict[str, Any], case: str, connections: int) -> dict[str, float]:
     """What a form costs the server beyond a PNG taken as it is, at one concurrency: core ms per
-    request in all, on the event loop's thread, the form's own work (timed alone), and the rest,
-    which is hand-offs and waiting (to threads, between them, for the GIL)."""
+    request in all, on the event loop's thread, the form's own work (timed alone, and right after an
+    inference as the service meets it), and the rest beyond the latter: hand-offs and waiting (to
+    threads, between them, for the GIL)."""
     row, none = http_row(r, case, connections), http_row(r, FORM_NONE, connections)
     beyond = row["server_core_ms_per_request"] - none["server_core_ms_per_request"]
     own = row["own_cost_ms"] - none["own_cost_ms"]
+    cold = row["own_cost_after_inference_ms"] - none["own_cost_after_inference_ms"]
     return {
         "core_ms": row["server_core_ms_per_request"],
         "beyond_none_core_ms": beyond,
         "loop_beyond_none_ms": row["event_loop_core_ms_per_request"] - none["event_loop_core_ms_per_request"],
         "own_work_ms": own,
-        "hand_offs_ms": beyond - own,
+        "own_work_after_inference_ms": cold,
+        "hand_offs_ms": beyond - cold,
         "p50_beyond_none_ms": row["p50_ms"] - none["p50_ms"],
     }
 
@@ -913,8 +967,9 @@ def form_ratios(r: dict[str, Any]) -> dict[str, Any]:
         s = form_split(r, case, c)
         return (
             f"{case} at concurrency {c}: {s['core_ms']:.2f} core ms per request, {s['beyond_none_core_ms']:+.2f} "
-            f"beyond a PNG taken as it is: its own work {s['own_work_ms']:.2f} ms (timed alone), the event "
-            f"loop's thread {s['loop_beyond_none_ms']:+.2f} ms, hand-offs and waiting {s['hand_offs_ms']:+.2f} ms"
+            f"beyond a PNG taken as it is: its own work {s['own_work_ms']:.2f} ms timed alone, "
+            f"{s['own_work_after_inference_ms']:.2f} ms right after an inference (its code and data evicted), the "
+            f"event loop's thread {s['loop_beyond_none_ms']:+.2f} ms, hand-offs and waiting {s['hand_offs_ms']:+.2f} ms"
         )
 
     whys = {
@@ -969,12 +1024,13 @@ def print_table(r: dict[str, Any]) -> None:
     forms = [h for h in r["http"] if "own_cost_ms" in h and h["case"] != FORM_NONE]
     if forms:
         print(
-            f"\n{'input forms, beyond PNG none':<32}{'conc':>5}{'own ms':>8}{'core ms':>9}{'loop':>7}{'hand-offs':>10}{'p50':>7}"
+            f"\n{'input forms, beyond PNG none':<32}{'conc':>5}{'own ms':>8}{'cold':>6}{'core ms':>9}{'loop':>7}{'hand-offs':>10}{'p50':>7}"
         )
         for h in forms:
             sp = form_split(r, h["case"], h["connections"])
             print(
-                f"{h['case']:<32}{h['connections']:>5}{sp['own_work_ms']:>8.2f}{sp['beyond_none_core_ms']:>+9.2f}"
+                f"{h['case']:<32}{h['connections']:>5}{sp['own_work_ms']:>8.2f}{sp['own_work_after_inference_ms']:>6.2f}"
+                f"{sp['beyond_none_core_ms']:>+9.2f}"
                 f"{sp['loop_beyond_none_ms']:>+7.2f}{sp['hand_offs_ms']:>+10.2f}{sp['p50_beyond_none_ms']:>+7.2f}"
             )
     g = r["grpc"]

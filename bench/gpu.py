@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench import _stats, _time
+from bench.bench import latency_stats, timed_calls
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED = ("probabilities", "poses")  # what /predict reads back
@@ -122,7 +122,7 @@ def _case(
 ) -> dict[str, Any]:
     try:
         fn = fn_factory()
-        return _stats(_time(fn, iters, warmup=3, sync=sync), batch)
+        return latency_stats(timed_calls(fn, iters, warmup=3, sync=sync), batch)
     except Exception as exc:  # a provider that cannot run a case is a result too
         return {"batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
@@ -247,7 +247,7 @@ def http(args: argparse.Namespace) -> list[dict[str, Any]]:
     import sys
 
     from bench.bench import free_port, start_server
-    from bench.load import Client, _stop, summarize
+    from bench.load import Client, stop_server, summarize
 
     rows = []
     for body_path in args.http_bodies:
@@ -285,7 +285,7 @@ def http(args: argparse.Namespace) -> list[dict[str, Any]]:
                     rows.append(row)
                     print(row, flush=True)
             finally:
-                _stop(proc)
+                stop_server(proc)
     return rows
 
 

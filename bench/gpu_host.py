@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench import _model_name, _stats, _time, free_port, start_server
-from bench.load import Client, _stop, summarize
+from bench.bench import free_port, latency_stats, served_model_name, start_server, timed_calls
+from bench.load import Client, stop_server, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -133,9 +133,9 @@ def raw(path: Path, device: str, batches: list[int], seconds: float) -> dict[str
     for batch in batches:
         x = rng.random((batch, 1, 28, 28), dtype=np.float32)
         run = lambda: session.run(SERVED, {"image": x})  # noqa: E731
-        probe = _time(run, 3, warmup=3)  # also the warm-up (cuDNN's algorithm search)
+        probe = timed_calls(run, 3, warmup=3)  # also the warm-up (cuDNN's algorithm search)
         iters = max(5, int(seconds / max(min(probe), 1e-6)))
-        rows.append(_stats(_time(run, iters, warmup=0), batch) | {"runs": iters})
+        rows.append(latency_stats(timed_calls(run, iters, warmup=0), batch) | {"runs": iters})
     return {"file": path.name, "providers": used, "batches": rows}
 
 
@@ -255,7 +255,7 @@ def service(args: argparse.Namespace, result: dict[str, Any], reference: np.ndar
         if args.device == "cuda" and out["providers"][0] != CUDA:
             raise RuntimeError(f"the service runs on {out['providers']}")
         result["memory"]["service_up"] = device_memory() if args.device == "cuda" else None
-        model = _model_name(port)
+        model = served_model_name(port)
         predict = Client("127.0.0.1", port, "/predict", args.body.read_bytes())
         out["predict"] = closed_loop(predict, args.concurrency, args.http_seconds)
         v2 = BinaryV2("127.0.0.1", port, model, x)
@@ -268,7 +268,7 @@ def service(args: argparse.Namespace, result: dict[str, Any], reference: np.ndar
         grpc["max_abs_diff_vs_raw"] = float(np.abs(grpc.pop("probabilities") - reference).max())
         out["v2_grpc"] = grpc
     finally:
-        out["tracebacks_in_log"] = _stop(proc)
+        out["tracebacks_in_log"] = stop_server(proc)
 
 
 def step(result: dict[str, Any], name: str, fn: Any, *args: Any) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench import _proc_cpu_rss, _tail, free_port, start_server, wrk
+from bench.bench import free_port, log_tail, proc_cpu_rss, start_server, wrk
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BODY = REPO / "examples" / "7.png"
@@ -169,7 +169,7 @@ def _url(port: int) -> str:
     return f"http://127.0.0.1:{port}/predict"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
+def stop_server(proc: subprocess.Popen[bytes]) -> int:
     """Stop the server; the number of tracebacks in its whole log (clients that drop their
     connections at the end of a run must not produce any)."""
     if proc.poll() is None:
@@ -191,19 +191,19 @@ def sustained_load(seconds: float, concurrency: int = 64, body: Path = DEFAULT_B
     def sample() -> None:
         t0 = time.monotonic()
         while not done.wait(1.0):
-            samples.append((time.monotonic() - t0, _proc_cpu_rss(proc.pid)[1]))
+            samples.append((time.monotonic() - t0, proc_cpu_rss(proc.pid)[1]))
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             wrk(_url(port), body, concurrency, max(5.0, seconds / 10), Path(tmp))  # warm-up
-            warm_rss = _proc_cpu_rss(proc.pid)[1]
+            warm_rss = proc_cpu_rss(proc.pid)[1]
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             row = wrk(_url(port), body, concurrency, seconds, Path(tmp))
             done.set()
             sampler.join()
     finally:
-        tracebacks = _stop(proc)
+        tracebacks = stop_server(proc)
     rss = [r for _, r in samples] or [warm_rss]
     return {
         "seconds": seconds,
@@ -247,7 +247,7 @@ def overload(
         after = Client("127.0.0.1", port, "/predict", image)
         asyncio.run(after.closed_loop(4, 2.0))
     finally:
-        tracebacks = _stop(proc)
+        tracebacks = stop_server(proc)
     rejected = [r for r in flood.results if r.status == 503]
     return {
         "capacity_req_per_s": round(capacity, 1),
@@ -295,9 +295,9 @@ def graceful_shutdown(
         asyncio.run(scenario())
         code = proc.wait(60)
         exit_s = time.monotonic() - t_wall - load_seconds
-        log = _tail(proc.log)  # type: ignore[attr-defined]
+        log = log_tail(proc.log)  # type: ignore[attr-defined]
     finally:
-        tracebacks = _stop(proc)
+        tracebacks = stop_server(proc)
     sigterm = sent_at["sigterm"]
     before = [r for r in client.results if r.due < sigterm]
     # uvicorn looks at its exit flag every 0.1 s: requests sent in that window may still be served

@@ -145,9 +145,11 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         rows = []
         for r in forms:
             sp = form_split(d, r["case"], r["connections"])
-            rows.append([r["case"], str(r["connections"]), _f(sp["own_work_ms"], 2), _f(sp["beyond_none_core_ms"], 2),
+            rows.append([r["case"], str(r["connections"]), _f(sp["own_work_ms"], 2),
+                         _f(sp["own_work_after_inference_ms"], 2), _f(sp["beyond_none_core_ms"], 2),
                          _f(sp["loop_beyond_none_ms"], 2), _f(sp["hand_offs_ms"], 2), _f(sp["p50_beyond_none_ms"], 2)])  # fmt: skip
         header = ["input form, beyond a PNG with `preprocess=none`", "concurrency", "own work ms",
+                  "own work ms after an inference",
                   "core ms per request", "of it, the event loop's", "hand-offs and waiting", "p50 ms"]  # fmt: skip
         out += [*_fill("cpu_forms"), "", *_table(header, rows), ""]
     if "grpc" in d:
