@@ -468,6 +468,7 @@ def render(results: Path = RESULTS) -> str:
         lines += before_after(runs["cpu-2core-before-hotpath.json"], runs["cpu-2core.json"])
     for name, data in sorted(runs.items(), key=lambda kv: (kv[0] != CURRENT_CPU_RUNS[0], kv[0])):
         lines += RENDERERS.get(name, generic)(name, data)
+    lines += [*_fill("gpu_host"), ""]  # how the first GPU host measures itself (bench/gpu_host.py)
     lines += ["## Which precision where", "", *precision_table(runs), ""]
     return "\n".join(lines).rstrip() + "\n"
 
