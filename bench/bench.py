@@ -516,13 +516,13 @@ def form_cases(
 
     from service.engine import available_cores, session_options
 
-    meta = ort.InferenceSession(str(model_dir / "capsnet.onnx")).get_modelmeta().custom_metadata_map
-    forms = input_forms(digit, meta.get("name", model_dir.name), tmp)  # (the name v2 routes by)
     sess = ort.InferenceSession(
         str(model_dir / "capsnet.onnx"),
         session_options(available_cores()),
         providers=["CPUExecutionProvider"],
     )
+    meta = sess.get_modelmeta().custom_metadata_map
+    forms = input_forms(digit, meta.get("name", model_dir.name), tmp)  # (the name v2 routes by)
     one = {"image": (digit[None, None] / 255.0).astype(np.float32)}
     infer = lambda: sess.run(None, one)  # noqa: E731
     own = {load.case: own_cost_ms(work, max(iters, 50)) for load, work in forms}
