@@ -91,7 +91,7 @@ test-container: $(VENV)/.dev-installed system-deps
 
 # Side-by-side inference benchmark (needs wrk); writes bench/results/latest.json
 bench: $(VENV)/.dev-installed system-deps
-	$(BIN)/capsnet bench --output bench/results/latest.json
+	$(BIN)/python -m bench --output bench/results/latest.json
 
 # The README's picture of the web page, taken by its browser test (headless Chromium from system-deps)
 screenshot: $(VENV)/.dev-installed system-deps

@@ -1,8 +1,12 @@
 """What pyproject.toml cannot say: which packages the wheel holds, and the shipped model in it.
 
+Everything installs under the one top-level package `capsnet` (capsnet.service, capsnet.model_export,
+capsnet.models): no generic top-level name such as `service` for pip to overwrite. bench/ is a tool of
+the checkout (it reads models/, docs/ and git) and stays out of the wheel: `python -m bench`.
+
 The model is stored once, under models/ (the Dockerfile, the deploy manifests and the docs name that
-path). The wheel carries it as the data package `capsnet_models` (this directory mapped to that name),
-found at run time with importlib.resources: see service.settings.SHIPPED_MODEL.
+path). The wheel carries it as the data package `capsnet.models` (this directory mapped to that name),
+found at run time with importlib.resources: see capsnet.service.settings.SHIPPED_MODEL.
 
 A tree without models/ builds a wheel without the model, with a warning: the container build copies
 only the code into its build stage and the model beside it (/app/models, CAPSNET_MODEL_DIR), so the
@@ -20,14 +24,14 @@ MODELS = Path(__file__).resolve().parent / "models"
 SHIPPED_FILES = ["capsnet.onnx", "capsnet-int8.onnx", "decoder.onnx", "model_card.json", "MODEL_CARD.md",
                  "export.json"]  # fmt: skip
 
-packages = find_packages(include=["capsnet*", "model_export*", "service*", "bench*"])
+packages = find_packages(include=["capsnet", "capsnet.*"])
 package_dir: dict[str, str] = {}
-package_data = {"service": ["static/*"]}
+package_data = {"capsnet.service": ["static/*"]}
 if (MODELS / "__init__.py").is_file():
-    packages.append("capsnet_models")
-    package_dir["capsnet_models"] = "models"
+    packages.append("capsnet.models")
+    package_dir["capsnet.models"] = "models"
     # The files by name: a capsnet-fp16.onnx or a Triton repository written beside them stays out.
-    package_data["capsnet_models"] = [f"capsnet-mnist/{name}" for name in SHIPPED_FILES]
+    package_data["capsnet.models"] = [f"capsnet-mnist/{name}" for name in SHIPPED_FILES]
 else:
     warnings.warn("models/ is absent: this wheel carries no model (set CAPSNET_MODEL_DIR)", stacklevel=1)
 

@@ -1,1 +1,1 @@
-"""`capsnet bench`: side-by-side inference measurements in one run (needs the [train] extra and wrk)."""
+"""`python -m bench`: side-by-side inference measurements in one run (needs the [train] extra and wrk)."""

@@ -10,7 +10,7 @@ import torch
 from fastapi import Body, FastAPI
 from PIL import Image
 
-from model_export.model import CapsNet
+from capsnet.model_export.model import CapsNet
 
 torch.manual_seed(0)
 model = CapsNet().eval()

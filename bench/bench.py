@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from service.cpu import vector_extensions
+from capsnet.service.cpu import vector_extensions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def _side_by_side(fn: Any, threads: int, iters: int) -> tuple[list[float], float
     return [x for s in samples for x in s], time.perf_counter() - t0, time.process_time() - cpu0
 
 
-INT8_FILE = "capsnet-int8.onnx"  # what `capsnet quantize` writes (model_export.quantize.INT8_FILE)
+INT8_FILE = "capsnet-int8.onnx"  # what `capsnet quantize` writes (capsnet.model_export.quantize.INT8_FILE)
 
 
 def raw_int8_cases(model_dir: Path, batches: list[int], iters: int) -> dict[str, list[dict[str, float]]]:
@@ -116,7 +116,7 @@ def raw_int8_cases(model_dir: Path, batches: list[int], iters: int) -> dict[str,
     int8 / fp32 ratio of each batch comes from the same seconds of this (shared) machine."""
     import onnxruntime as ort
 
-    from service.engine import session_options
+    from capsnet.service.engine import session_options
 
     open_ = lambda f: ort.InferenceSession(  # noqa: E731
         str(model_dir / f), session_options(0), providers=["CPUExecutionProvider"]
@@ -150,8 +150,8 @@ def export_conv_only(path: Path) -> None:
     """Conv1 + ReLU + PrimaryCaps convolution alone: the part no routing code can avoid."""
     import torch
 
-    from model_export.export import to_onnx
-    from model_export.model import CapsNet
+    from capsnet.model_export.export import to_onnx
+    from capsnet.model_export.model import CapsNet
 
     class Convolutions(torch.nn.Module):
         def __init__(self, m: CapsNet) -> None:
@@ -173,7 +173,7 @@ def reference_cases(
     ceiling, at each batch size."""
     import onnxruntime as ort
 
-    from service.engine import available_cores, session_options
+    from capsnet.service.engine import available_cores, session_options
 
     def session(path: Path, threads: int) -> Any:
         return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
@@ -209,7 +209,7 @@ def raw_cases(model_dir: Path, batches: list[int], iters: int, tmp: Path) -> dic
     """The references, then PyTorch eager on the same batches."""
     import torch
 
-    from model_export.model import CapsNet
+    from capsnet.model_export.model import CapsNet
 
     export_conv_only(tmp / "conv_only.onnx")
     out = reference_cases(model_dir, batches, iters, tmp / "conv_only.onnx")
@@ -447,8 +447,8 @@ def input_forms(digit: np.ndarray, model: str, tmp: Path) -> list[tuple[Load, An
     import orjson
     from PIL import Image
 
-    from service.preprocess import preprocess_bytes, validate_array
-    from service.protocol import Signature, TensorSpec, parse_infer_request
+    from capsnet.service.preprocess import preprocess_bytes, validate_array
+    from capsnet.service.protocol import Signature, TensorSpec, parse_infer_request
 
     buf = io.BytesIO()
     Image.fromarray(digit).save(buf, format="PNG")
@@ -514,7 +514,7 @@ def form_cases(
     each, the medians kept), each row with the form's own cost alone and right after an inference."""
     import onnxruntime as ort
 
-    from service.engine import available_cores, session_options
+    from capsnet.service.engine import available_cores, session_options
 
     sess = ort.InferenceSession(
         str(model_dir / "capsnet.onnx"),
@@ -562,7 +562,7 @@ def grpc_case(model_dir: Path, serve: list[str], seconds: float, iters: int, rou
     import onnxruntime as ort
     import tritonclient.grpc as grpcclient
 
-    from service.engine import session_options
+    from capsnet.service.engine import session_options
 
     B = GRPC_BATCH
     x = np.random.default_rng(0).random((B, 1, 28, 28), dtype=np.float32)
@@ -645,7 +645,7 @@ def served_model_name(port: int) -> str:
 
 def run(*, model_dir: Path, quick: bool, iterations: int, seconds: float) -> dict[str, Any]:
     if shutil.which("wrk") is None:
-        raise SystemExit("capsnet bench needs wrk (Debian package `wrk`) for the HTTP load")
+        raise SystemExit("python -m bench needs wrk (Debian package `wrk`) for the HTTP load")
     batches = [1, 8, 32, 128]
     concurrencies = [1, 8, 32, 64]
     iters, seconds = (3, 2.0) if quick else (iterations, seconds)
@@ -653,7 +653,7 @@ def run(*, model_dir: Path, quick: bool, iterations: int, seconds: float) -> dic
         tmp = Path(tmpdir)
         from PIL import Image
 
-        from model_export.data import load_split
+        from capsnet.model_export.data import load_split
 
         x, _ = load_split("mnist", "test")
         body = tmp / "digit.png"
@@ -872,7 +872,7 @@ def explanations(
         "ort_best_vs_conv_ceiling": (
             f"convolutions are {prof.get('conv_share', float('nan')):.1%} of onnxruntime's kernel time at "
             f"B = {prof.get('batch')}; the rest is the routing: {', '.join(others)} (memory-bound: see "
-            "model_export/capsules.py, route_without_votes)"
+            "capsnet/model_export/capsules.py, route_without_votes)"
         ),
         "service_c32_vs_baseline_c32": (
             f"the baseline answered {base32['requests_per_s']:.0f} requests/s; raw onnxruntime at its best "

@@ -65,7 +65,7 @@ class OrtCases:
         self.used = self.session.get_providers()
 
     def _session(self, model: bytes, providers: list[Any]) -> Any:
-        from service.engine import session_options  # the service's own options
+        from capsnet.service.engine import session_options  # the service's own options
 
         return self.ort.InferenceSession(model, session_options(self.threads), providers=providers)
 
@@ -131,9 +131,9 @@ def torch_model(model_dir: Path, device: str) -> Any:
     """The shipped weights in the PyTorch model (read back from the ONNX files, no checkpoint needed)."""
     import json as _json
 
-    from model_export.config import CapsNetConfig
-    from model_export.model import CapsNet
-    from model_export.train import weights_from_export
+    from capsnet.model_export.config import CapsNetConfig
+    from capsnet.model_export.model import CapsNet
+    from capsnet.model_export.train import weights_from_export
 
     weights, meta = weights_from_export(model_dir)
     model = CapsNet(CapsNetConfig.from_dict(_json.loads(meta["config"])))
@@ -157,7 +157,7 @@ def run(
     import onnxruntime as ort
     import torch
 
-    from model_export.fp16 import to_fp16
+    from capsnet.model_export.fp16 import to_fp16
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fp32 = OrtCases(model_dir / "capsnet.onnx", device, threads)
@@ -220,8 +220,8 @@ def run(
             cases.setdefault(name, []).append(_case(factory, n, B, sync))
             print(name, cases[name][-1], flush=True)
     if accuracy:
-        from model_export.card import evaluate_onnx
-        from model_export.data import load_split
+        from capsnet.model_export.card import evaluate_onnx
+        from capsnet.model_export.data import load_split
 
         images, labels = load_split("mnist", "test")
         result["accuracy"] = {

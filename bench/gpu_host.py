@@ -54,7 +54,7 @@ def no_gpu_reason() -> str | None:
     """Why the CUDA provider cannot run here, or None when it can be tried."""
     import onnxruntime as ort
 
-    from service.engine import cuda_driver_present
+    from capsnet.service.engine import cuda_driver_present
 
     if CUDA not in ort.get_available_providers():
         return f"this onnxruntime has no CUDA provider ({ort.get_available_providers()}): install onnxruntime-gpu"
@@ -103,7 +103,7 @@ def fp16_model(model_dir: Path, workdir: Path) -> Path:
     try:
         import onnx
 
-        from model_export.fp16 import to_fp16
+        from capsnet.model_export.fp16 import to_fp16
     except ImportError as exc:
         raise RuntimeError(
             f"no capsnet-fp16.onnx in {model_dir} and no onnx to write one ({exc}): run "
@@ -119,7 +119,7 @@ def raw(path: Path, device: str, batches: list[int], seconds: float) -> dict[str
     images/s at each batch size over at least `seconds` of runs."""
     import onnxruntime as ort
 
-    from service.engine import session_options
+    from capsnet.service.engine import session_options
 
     providers: list[Any] = [CPU]
     if device == "cuda":
@@ -224,7 +224,7 @@ def grpc_v2(port: int, model: str, x: np.ndarray, seconds: float) -> dict[str, A
 
 def all_workers_ready(proc: subprocess.Popen[bytes], workers: int, timeout: float = 180.0) -> None:
     """start_server returns when one worker answers ready; another may still be warming up, busy, not
-    accepting connections, and answer 503 later. Each worker logs its warm-up (service.state): wait
+    accepting connections, and answer 503 later. Each worker logs its warm-up (capsnet.service.state): wait
     for one such line per worker."""
     log = proc.log.fileno()  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout

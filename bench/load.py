@@ -1,6 +1,6 @@
 """Reliability under load: sustained load, overload and SIGTERM against the real `capsnet serve`.
 
-`capsnet load` runs the three scenarios and prints JSON; the tests in tests/reliability/ run them in a
+`python -m bench.load` runs the three scenarios and prints JSON; the tests in tests/reliability/ run them in a
 quick mode. Sustained load comes from wrk (C, leaves the cores to the server). Overload and shutdown
 need per-request status and timing, which wrk does not give, so they use the small asyncio client
 below: raw HTTP/1.1 on kept-alive connections, no per-request Python objects beyond a tuple.
@@ -8,6 +8,7 @@ below: raw HTTP/1.1 on kept-alive connections, no per-request Python objects bey
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -327,3 +328,19 @@ def main(*, seconds: float, concurrency: int, output: Path | None) -> None:
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.load",
+        description="sustained load, 4x overload and SIGTERM against `capsnet serve`",
+    )
+    p.add_argument("--seconds", type=float, default=300.0, help="sustained load duration (wrk)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--output", type=Path, default=None, help="also write the JSON report here")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    main(seconds=args.seconds, concurrency=args.concurrency, output=args.output)

@@ -73,7 +73,7 @@ def inputs() -> dict[str, tuple[bytes, str, str]]:
     """name -> (encoded image, preprocess mode, what it is)."""
     from PIL import Image
 
-    from model_export.data import load_split
+    from capsnet.model_export.data import load_split
     from tests.service.photos import render_photo
 
     digit = load_split("mnist", "test")[0][0]  # a 7
@@ -133,7 +133,7 @@ def time_cases(
 def peak_memory(which: str, rev: str, image: Path) -> float:
     """MB by which one preprocessing of `image` raises the peak RSS of a fresh process (the peak
     only grows, so each implementation gets a process of its own)."""
-    impl = load_baseline(rev) if which == "before" else importlib.import_module("service.preprocess")
+    impl = load_baseline(rev) if which == "before" else importlib.import_module("capsnet.service.preprocess")
     assert impl is not None
     impl.preprocess_bytes((ROOT / "examples" / "7.png").read_bytes(), mode="mnist", max_pixels=MAX_PIXELS)
     start = _peak_rss_kib()
@@ -166,7 +166,7 @@ def peak_memory_of(impls: dict[str, ModuleType], rev: str, data: bytes, tmp: Pat
 def accuracy(impls: dict[str, ModuleType], model: Path, n_digits: int) -> dict[str, Any]:
     """The photo test's procedure (tests/service/test_preprocess_accuracy.py): MNIST test digits
     rendered as photos, brought back by each implementation, classified by the shipped model."""
-    from model_export.data import load_split
+    from capsnet.model_export.data import load_split
     from tests.service.photos import render_photo
     from tests.service.test_preprocess_accuracy import classify
 
@@ -209,8 +209,8 @@ def examples(impls: dict[str, ModuleType], model: Path) -> dict[str, dict[str, i
 
 
 def main(*, baseline: str, quick: bool, output: Path) -> dict[str, Any]:
-    import service.preprocess as after
-    from service.settings import SHIPPED_MODEL
+    import capsnet.service.preprocess as after
+    from capsnet.service.settings import SHIPPED_MODEL
 
     before = load_baseline(baseline)
     impls: dict[str, ModuleType] = {"after": after} if before is None else {"before": before, "after": after}

@@ -75,7 +75,7 @@ def core_time(
 
     import onnxruntime as ort
 
-    from service.engine import session_options
+    from capsnet.service.engine import session_options
 
     sessions = {
         f: ort.InferenceSession(str(model_dir / f), session_options(1), providers=["CPUExecutionProvider"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _data(args: argparse.Namespace) -> None:
-    from model_export.data import DataError, default_cache_dir, fetch
+    from capsnet.model_export.data import DataError, default_cache_dir, fetch
 
     for name in args.datasets:
         try:
@@ -26,7 +26,7 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from model_export.train import parse_overrides, train
+    from capsnet.model_export.train import parse_overrides, train
 
     state = train(
         dataset=args.dataset,
@@ -56,14 +56,14 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _average(args: argparse.Namespace) -> None:
-    from model_export.train import write_average
+    from capsnet.model_export.train import write_average
 
     state = write_average(args.checkpoints, args.output)
     print(f"averaged epochs {state['averaged_epochs']} into {args.output}")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from model_export.export import ExportError, export_directory
+    from capsnet.model_export.export import ExportError, export_directory
 
     try:
         summary = export_directory(
@@ -82,7 +82,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _fp16(args: argparse.Namespace) -> None:
-    from model_export.fp16 import write_fp16
+    from capsnet.model_export.fp16 import write_fp16
 
     if not (args.model_dir / "capsnet.onnx").is_file():
         raise SystemExit(
@@ -94,7 +94,7 @@ def _fp16(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from model_export.quantize import QuantizeError, write_int8
+    from capsnet.model_export.quantize import QuantizeError, write_int8
 
     try:
         r = write_int8(args.model_dir, calibration=args.calibration_images, max_drop=args.max_drop / 100)
@@ -110,7 +110,7 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _triton(args: argparse.Namespace) -> None:
-    from model_export.triton import TritonExportError, TritonOptions, write_repository
+    from capsnet.model_export.triton import TritonExportError, TritonOptions, write_repository
 
     options = TritonOptions(
         max_batch_size=args.max_batch_size,
@@ -127,7 +127,7 @@ def _triton(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from service.cli import serve
+    from capsnet.service.cli import serve
 
     serve(host=args.host, port=args.port, workers=args.workers, model_dir=args.model_dir)
 
@@ -153,24 +153,6 @@ def _predict(args: argparse.Namespace) -> None:
     except PredictError as exc:
         raise SystemExit(f"capsnet predict: {exc}") from None
     raise SystemExit(status)
-
-
-def _bench(args: argparse.Namespace) -> None:
-    from bench.bench import main
-
-    main(
-        model_dir=args.model_dir,
-        output=args.output,
-        quick=args.quick,
-        iterations=args.iterations,
-        seconds=args.seconds,
-    )
-
-
-def _load(args: argparse.Namespace) -> None:
-    from bench.load import main
-
-    main(seconds=args.seconds, concurrency=args.concurrency, output=args.output)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -330,20 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="with --url: requests at once")
     p.add_argument("--api-key", default=None, help="with --url: bearer key (default: $CAPSNET_API_KEY)")
     p.set_defaults(func=_predict)
-
-    p = sub.add_parser("bench", help="PyTorch vs onnxruntime vs the service over HTTP, side by side")
-    p.add_argument("--model-dir", type=Path, default=Path("models/capsnet-mnist"))
-    p.add_argument("--output", type=Path, default=Path("bench/results/latest.json"))
-    p.add_argument("--quick", action="store_true", help="few iterations, 1 s per HTTP case (CI)")
-    p.add_argument("--iterations", type=int, default=30, help="timed runs per raw case")
-    p.add_argument("--seconds", type=float, default=10.0, help="wrk duration per HTTP case")
-    p.set_defaults(func=_bench)
-
-    p = sub.add_parser("load", help="sustained load, 4x overload and SIGTERM against `capsnet serve`")
-    p.add_argument("--seconds", type=float, default=300.0, help="sustained load duration (wrk)")
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--output", type=Path, default=None, help="also write the JSON report here")
-    p.set_defaults(func=_load)
     return parser
 
 

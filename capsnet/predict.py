@@ -76,8 +76,8 @@ class LocalClassifier:
         batch_size: int,
         decode_threads: int,
     ) -> None:
-        from service.engine import Engine, EngineError
-        from service.settings import Settings
+        from capsnet.service.engine import Engine, EngineError
+        from capsnet.service.settings import Settings
 
         # CAPSNET_* apply as they do to the service: providers, precision, threads, the pixel limit.
         self.settings = Settings()
@@ -90,7 +90,7 @@ class LocalClassifier:
         self.batch_size, self.decode_threads = batch_size, decode_threads
 
     def _load(self, path: Path) -> np.ndarray | str:
-        from service.preprocess import PreprocessError, preprocess_bytes
+        from capsnet.service.preprocess import PreprocessError, preprocess_bytes
 
         try:
             data = path.read_bytes()

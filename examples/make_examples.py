@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model_export.data import load_split
+from capsnet.model_export.data import load_split
 
 HERE = Path(__file__).resolve().parent
 JPEG_DIGITS = (1, 3, 7)

@@ -41,6 +41,9 @@ echo "check-wheel: $(basename "$wheel"), $(du -k "$wheel" | cut -f1) KiB"
 VPY=$WORK/venv/bin/python
 
 cd /tmp  # nothing of the checkout on sys.path
+# One top-level package: nothing of ours for pip to overwrite in another project's `service` or `bench`.
+"$VPY" -c 'import importlib.util as u; found = [m for m in ("service", "bench", "model_export", "capsnet_models") if u.find_spec(m)]; assert not found, found; import capsnet.service.app' \
+    || fail "the wheel installs a top-level module other than capsnet"
 port=$("$VPY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 env -u CAPSNET_MODEL_DIR "$WORK/venv/bin/capsnet" serve --port "$port" >"$WORK/serve.log" 2>&1 &
 SERVER_PID=$!

@@ -35,7 +35,7 @@ def transposed(c: np.ndarray) -> np.ndarray:
 
 def predicted_classes(model, images_uint8: np.ndarray, batch: int = 1000) -> np.ndarray:
     """argmax of the probabilities for uint8 images (N, 28, 28), by onnxruntime's CPU provider, written
-    here so that a test does not check model_export.card.evaluate_onnx with itself."""
+    here so that a test does not check capsnet.model_export.card.evaluate_onnx with itself."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])

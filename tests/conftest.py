@@ -24,7 +24,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A real (seeded, tiny, untrained) CapsNet exported with `capsnet export`'s code."""
-    from model_export.export import export
+    from capsnet.model_export.export import export
     from tests.factories import make_checkpoint, mnist_test_images
 
     d = tmp_path_factory.mktemp("tiny-model")
@@ -37,7 +37,7 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_fashion_model_dir(tmp_path_factory):
     """The same tiny CapsNet (other seed) as if trained on Fashion-MNIST: its class names as labels and
     `preprocess=fashion` in its metadata, exported under the name `tiny-fashion`."""
-    from model_export.export import export
+    from capsnet.model_export.export import export
     from tests.factories import make_checkpoint, mnist_test_images
 
     d = tmp_path_factory.mktemp("tiny-fashion-model")

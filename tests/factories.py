@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_export.config import CapsNetConfig
-from model_export.data import get_spec
-from model_export.model import CapsNet
-from model_export.train import CHECKPOINT_FORMAT, save_checkpoint
+from capsnet.model_export.config import CapsNetConfig
+from capsnet.model_export.data import get_spec
+from capsnet.model_export.model import CapsNet
+from capsnet.model_export.train import CHECKPOINT_FORMAT, save_checkpoint
 
 TINY = {"conv1_channels": 16, "primary_types": 4}
 # Untrained at its initial scale, the tiny model's numbers are minute (capsule lengths ~1e-5, coupling
@@ -48,7 +48,7 @@ def make_checkpoint(path: Path, r: int = 3, seed: int = 0, dataset: str = "mnist
 
 
 def mnist_test_images(n: int) -> np.ndarray:
-    from model_export.data import load_split
+    from capsnet.model_export.data import load_split
 
     x, _ = load_split("mnist", "test")
     return (x[:n].astype(np.float32) / 255.0)[:, None]

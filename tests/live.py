@@ -19,8 +19,8 @@ import httpx
 import uvicorn
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from capsnet.service.app import create_app
+from capsnet.service.settings import Settings
 
 READY_TIMEOUT_S = 120  # the shipped model's warm-up at batch 64 on 2 busy cores takes seconds
 

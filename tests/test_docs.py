@@ -25,8 +25,8 @@ from pydantic import TypeAdapter
 
 from bench.report import CURRENT_CPU_RUNS, readme_with_table, render
 from capsnet.cli import build_parser
-from service.app import create_app
-from service.settings import SHIPPED_MODEL, Settings
+from capsnet.service.app import create_app
+from capsnet.service.settings import SHIPPED_MODEL, Settings
 from tests.live import serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,11 +102,11 @@ def test_every_setting_is_documented_with_the_codes_default():
 
 
 def test_the_shipped_model_default_is_what_the_page_says():
-    """The default, "the shipped model": capsnet_models when installed, else the checkout's models/."""
+    """The default, "the shipped model": capsnet.models when installed, else the checkout's models/."""
     assert SHIPPED_MODEL.name == "capsnet-mnist" and (SHIPPED_MODEL / "capsnet.onnx").is_file()
     assert Settings().model_dir == SHIPPED_MODEL or "CAPSNET_MODEL_DIR" in os.environ
     row = section(CONFIG, "## Service settings")
-    assert "`capsnet_models`" in row and "`models/capsnet-mnist/`" in row
+    assert "`capsnet.models`" in row and "`models/capsnet-mnist/`" in row
 
 
 def test_readme_settings_are_real_and_their_defaults_match():
@@ -205,12 +205,11 @@ def test_every_make_target_named_exists():
     assert sorted(n for n in named if n[1] not in targets) == []
 
 
-TOP = ("service", "model_export", "capsnet", "bench", "models", "examples", "docker", "deploy", "tests",
+TOP = ("capsnet", "bench", "models", "examples", "docker", "deploy", "tests",
        "scripts", "docs", ".ci")  # fmt: skip
 TOP_FILES = {"README.md", "LICENSE", "Makefile", "pyproject.toml", "setup.py", "docker-compose.yml"}
 # Paths the pages name as something a command writes, not as something the repository holds.
 WRITTEN = {"bench/results/latest.json", "bench/results/gpu.json", "models/capsnet-mnist/capsnet-fp16.onnx"}
-NOT_PATHS = {"service/capsnet"}  # `kubectl port-forward service/capsnet`: a Kubernetes object
 
 
 def test_every_repository_path_named_exists():
@@ -220,7 +219,7 @@ def test_every_repository_path_named_exists():
         for c in code(text):
             for p in path_re.findall(c):
                 p = p.rstrip(".")
-                if p not in WRITTEN | NOT_PATHS and not (ROOT / p).exists():
+                if p not in WRITTEN and not (ROOT / p).exists():
                     missing.append((page.name, p))
             if c in TOP_FILES and not (ROOT / c).exists():
                 missing.append((page.name, c))
@@ -365,8 +364,8 @@ def test_capsnet_predict_row_is_what_the_command_prints():
 
 
 def test_every_metric_named_exists():
-    source = (ROOT / "service" / "metrics.py").read_text()
-    not_metrics = {"capsnet_models", "capsnet_service"}  # the wheel's data package and its file name
+    source = (ROOT / "capsnet" / "service" / "metrics.py").read_text()
+    not_metrics = {"capsnet_service"}  # the wheel's file name
     named = {m for text in TEXT.values() for c in code(text) for m in re.findall(r"\bcapsnet_[a-z_]+", c)}
     named -= not_metrics
     assert len(named) >= 8

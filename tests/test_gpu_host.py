@@ -46,7 +46,7 @@ def test_every_step_runs_on_the_cpu_and_its_figures_add_up(tmp_path, capsys):
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("service.engine.cuda_driver_present", lambda: False)
+    monkeypatch.setattr("capsnet.service.engine.cuda_driver_present", lambda: False)
     out = tmp_path / "host.json"
     assert gpu_host.main(["--output", str(out)]) == 2
     r = json.loads(out.read_text())

@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 from capsnet.cli import main
+from capsnet.model_export.data import DATASETS, load_split
 from capsnet.predict import Progress
-from model_export.data import DATASETS, load_split
-from service.settings import SHIPPED_MODEL, Settings
+from capsnet.service.settings import SHIPPED_MODEL, Settings
 from tests import live
 from tests.service.photos import render_product
 
@@ -89,19 +89,26 @@ def test_settings_default_to_the_shipped_model_and_the_environment_overrides_it(
 def test_the_shipped_model_comes_from_the_installed_data_package_when_there_is_one(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from service.settings import _shipped_model
+    from capsnet.service.settings import _shipped_model
 
-    package = tmp_path / "capsnet_models"
+    package = tmp_path / "capsnet" / "models"
     (package / "capsnet-mnist").mkdir(parents=True)
     (package / "__init__.py").write_text("")
+    # a `capsnet` of its own whose `models` is found, as in a wheel; the real one back afterwards
+    (package.parent / "__init__.py").write_text("")
+    names = ("capsnet", "capsnet.models")
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "capsnet_models", raising=False)
-    assert _shipped_model() == package / "capsnet-mnist"
-    monkeypatch.delitem(sys.modules, "capsnet_models")
+    try:
+        assert _shipped_model() == package / "capsnet-mnist"
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
     # Nothing installed (a checkout on sys.path, an editable install made before this package existed):
     # the checkout's own models/.
-    if importlib.util.find_spec("capsnet_models") is None:
+    if importlib.util.find_spec("capsnet.models") is None:
         assert _shipped_model() == ROOT / "models" / "capsnet-mnist"
 
 
@@ -282,12 +289,13 @@ def test_sdist_and_wheel_carry_the_model_and_the_web_page_and_pass_twine(tmp_pat
         meta = Parser().parsestr(z.read(next(n for n in sizes if n.endswith(".dist-info/METADATA"))).decode())
         entry_points = z.read(next(n for n in sizes if n.endswith(".dist-info/entry_points.txt"))).decode()
     for name in SHIPPED_FILES:  # the model, byte for byte the size of the repository's files
-        assert sizes[f"capsnet_models/capsnet-mnist/{name}"] == (SHIPPED_MODEL / name).stat().st_size
-    for p in (ROOT / "service" / "static").iterdir():
-        assert sizes[f"service/static/{p.name}"] == p.stat().st_size
-    for package in ("capsnet", "service", "model_export", "bench"):
-        for p in (ROOT / package).rglob("*.py"):
-            assert p.relative_to(ROOT).as_posix() in sizes, p
+        assert sizes[f"capsnet/models/capsnet-mnist/{name}"] == (SHIPPED_MODEL / name).stat().st_size
+    for p in (ROOT / "capsnet" / "service" / "static").iterdir():
+        assert sizes[f"capsnet/service/static/{p.name}"] == p.stat().st_size
+    for p in (ROOT / "capsnet").rglob("*.py"):
+        assert p.relative_to(ROOT).as_posix() in sizes, p
+    # one top-level name: nothing for pip to overwrite in another project's `service` or `bench`
+    assert {n.split("/")[0] for n in sizes if not n.startswith("capsnet_service-")} == {"capsnet"}
     assert not [
         n for n in sizes if n.startswith(("tests/", "examples/", "models/")) or n.endswith("-fp16.onnx")
     ]
@@ -309,8 +317,9 @@ def test_sdist_and_wheel_carry_the_model_and_the_web_page_and_pass_twine(tmp_pat
 def test_a_tree_without_models_builds_a_wheel_without_the_model_and_says_so(tmp_path: Path) -> None:
     """The container's build stage: the code only, the model copied beside the venv (one copy)."""
     src = tmp_path / "src"
-    for name in ("capsnet", "service"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(  # what docker/Dockerfile copies: capsnet/ without the training side
+        ROOT / "capsnet", src / "capsnet", ignore=shutil.ignore_patterns("__pycache__", "model_export")
+    )
     for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     result = _build(src, tmp_path / "dist", "--wheel")
@@ -318,6 +327,6 @@ def test_a_tree_without_models_builds_a_wheel_without_the_model_and_says_so(tmp_
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-    assert "service/static/index.html" in names and "capsnet/predict.py" in names
-    assert not [n for n in names if "capsnet_models" in n or n.startswith("model_export/")]
+    assert "capsnet/service/static/index.html" in names and "capsnet/predict.py" in names
+    assert not [n for n in names if n.startswith(("capsnet/models/", "capsnet/model_export/"))]
     assert wheel.stat().st_size < 1 * 2**20

@@ -8,9 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from model_export.card import evaluate_onnx, onnx_probabilities
-from model_export.data import load_split
-from service.settings import SHIPPED_MODEL, Settings
+from capsnet.model_export.card import evaluate_onnx, onnx_probabilities
+from capsnet.model_export.data import load_split
+from capsnet.service.settings import SHIPPED_MODEL, Settings
 from tests.live import ready_client
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ from bench.bench import (
     per_run_cost,
     ratios,
 )
-from service.cpu import vector_extensions
-from service.engine import available_cores
-from service.settings import SHIPPED_MODEL
+from capsnet.service.cpu import vector_extensions
+from capsnet.service.engine import available_cores
+from capsnet.service.settings import SHIPPED_MODEL
 from tests.tools import installed_tool
 
 
@@ -192,3 +192,26 @@ def test_per_run_cost_recovers_the_cost_per_image_and_per_run_from_the_faster_ro
     slow = [dict(row, core_ms_per_image=row["core_ms_per_image"] * 1.5) for row in rows]
     c, fixed = per_run_cost(slow + rows)
     assert c == pytest.approx(4.0) and fixed == pytest.approx(1.2)
+
+
+def test_the_benchmarks_run_as_modules_of_the_checkout_not_as_capsnet_subcommands():
+    """bench/ stays out of the wheel: `python -m bench` and `python -m bench.load` from the repository
+    root, with the options the docs give; the installed `capsnet` command has no such subcommands."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import bench.load
+    from bench.__main__ import parse_args
+    from capsnet.cli import build_parser
+
+    a = parse_args(["--quick", "--seconds", "1", "--output", "x.json"])
+    assert (a.quick, a.seconds, a.iterations, a.output) == (True, 1.0, 30, Path("x.json"))
+    assert parse_args([]).model_dir == Path("models/capsnet-mnist")
+    b = bench.load.parse_args(["--seconds", "20"])
+    assert (b.seconds, b.concurrency, b.output) == (20.0, 64, None)
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("usage: python -m bench "), run.stderr
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench"])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from bench.gpu import main, static_batch
-from model_export.data import load_split
-from service.settings import SHIPPED_MODEL
+from capsnet.model_export.data import load_split
+from capsnet.service.settings import SHIPPED_MODEL
 from tests.checks import predicted_classes
 
 
@@ -74,7 +74,7 @@ def test_static_batch_keeps_the_graph_and_answers_what_the_dynamic_model_answers
     import onnx
     import onnxruntime as ort
 
-    from model_export.export import graph_control_flow
+    from capsnet.model_export.export import graph_control_flow
     from tests.factories import mnist_test_images
 
     model = onnx.load(str(tiny_model_dir / "capsnet.onnx"))

@@ -6,7 +6,7 @@ Rates = dict[int, float]  # images/s by batch size
 
 
 def run(fp32: Rates, int8: Rates, again: Rates, c32: float, c1_ms: float) -> dict:
-    """A `capsnet bench` result with only what the routing table reads (each p50 = B / rate)."""
+    """A `python -m bench` result with only what the routing table reads (each p50 = B / rate)."""
 
     def rows(rates: Rates) -> list[dict]:
         return [{"batch": b, "images_per_s": v, "p50_ms": 1e3 * b / v} for b, v in rates.items()]

@@ -134,7 +134,7 @@ def test_runs_as_non_root(image: str, server: Server) -> None:
 
 def test_serving_install_only(server: Server) -> None:
     """No torch, no training code, no pip, no compilers: the runtime holds what serving needs."""
-    modules = ("torch", "model_export", "pip", "onnxruntime")
+    modules = ("torch", "capsnet.model_export", "pip", "onnxruntime")
     probe = f"import importlib.util as u; print(*[m for m in {modules} if u.find_spec(m)])"
     found = buildah(*run_in(server.container), "python3", "-c", probe)
     assert found.stdout.split() == ["onnxruntime"]

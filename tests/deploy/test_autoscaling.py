@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from capsnet.service.app import create_app
+from capsnet.service.settings import Settings
 from tests.deploy.test_manifests import K8S_VERSIONS, _k8s_validate, by_kind, quantity
 from tests.tools import installed_tool
 

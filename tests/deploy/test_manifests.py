@@ -23,7 +23,7 @@ import yaml
 from fastapi.testclient import TestClient
 from referencing import Registry, Resource
 
-from service.settings import Settings
+from capsnet.service.settings import Settings
 from tests.live import ready_client
 from tests.tools import installed_module, installed_tool
 

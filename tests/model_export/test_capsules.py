@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from model_export.capsules import DigitCaps, PrimaryCaps, route, route_without_votes, squash
-from model_export.config import CapsNetConfig
+from capsnet.model_export.capsules import DigitCaps, PrimaryCaps, route, route_without_votes, squash
+from capsnet.model_export.config import CapsNetConfig
 
 TINY = CapsNetConfig(conv1_channels=16, primary_types=4, primary_dim=8, num_classes=10, digit_dim=16)
 
@@ -129,7 +129,7 @@ def test_primary_caps_order_is_type_row_col():
 
 @pytest.mark.parametrize(("size", "kernel", "stride"), [(20, 9, 2), (21, 9, 2), (11, 3, 3), (9, 4, 2)])
 def test_conv2d_gradients_equal_autograds(size, kernel, stride):
-    from model_export.capsules import conv2d
+    from capsnet.model_export.capsules import conv2d
 
     torch.manual_seed(size + kernel)
     conv = torch.nn.Conv2d(3, 5, kernel, stride=stride).double()
@@ -146,7 +146,7 @@ def test_conv2d_gradients_equal_autograds(size, kernel, stride):
 
 
 def test_conv2d_is_the_plain_module_when_exporting_or_without_gradients(monkeypatch):
-    from model_export.capsules import _ConvGradsAsConvs, conv2d
+    from capsnet.model_export.capsules import _ConvGradsAsConvs, conv2d
 
     conv = torch.nn.Conv2d(2, 2, 3, stride=2)
     x = torch.randn(1, 2, 9, 9)

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from model_export.card import build_card, evaluate_onnx, render_markdown
-from model_export.config import CapsNetConfig
-from model_export.data import load_split
-from model_export.model import CapsNet
+from capsnet.model_export.card import build_card, evaluate_onnx, render_markdown
+from capsnet.model_export.config import CapsNetConfig
+from capsnet.model_export.data import load_split
+from capsnet.model_export.model import CapsNet
 from tests.checks import predicted_classes
 from tests.factories import TINY
 
@@ -72,7 +72,7 @@ def test_card_of_a_warm_started_averaged_model_tells_the_whole_story(tiny_model_
 
 
 def test_phases_chain_across_several_warm_starts():
-    from model_export.card import _phases
+    from capsnet.model_export.card import _phases
 
     first = {"epochs": [1, 2], "hardware": "cpu", "wall_seconds": 60.0, "images_per_second": [30.0, 31.0]}
     second = {"epochs": [3, 3], "hardware": "cpu", "wall_seconds": 30.0, "images_per_second": [32.0]}

@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from model_export import data
+from capsnet.model_export import data
 
 
 def write_idx(path, array: np.ndarray, compress=False):

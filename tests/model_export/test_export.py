@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model_export.export import (
+from capsnet.model_export.export import (
     MODEL_OUTPUTS,
     OPSET,
     PARITY_BATCHES,
@@ -170,7 +170,7 @@ def test_every_batch_routes_without_forming_the_votes(exported, tmp_path, B):
 
 def test_weights_come_back_from_the_files(exported):
     """`capsnet train --init-from` reads the weights back by initializer name."""
-    from model_export.train import weights_from_export
+    from capsnet.model_export.train import weights_from_export
 
     model, out, _ = exported
     weights, meta = weights_from_export(out)
@@ -181,7 +181,7 @@ def test_weights_come_back_from_the_files(exported):
 
 
 def test_cli_exports_with_torch_export_only(tmp_path, monkeypatch, capsys):
-    import model_export.export as ex
+    import capsnet.model_export.export as ex
     from capsnet.cli import main
 
     seen = []
@@ -201,7 +201,7 @@ def test_cli_exports_with_torch_export_only(tmp_path, monkeypatch, capsys):
 def test_control_flow_in_the_classifier_fails_the_export(tmp_path, real_images, monkeypatch):
     """A classifier recorded with a branch (here torch.cond, exported as an If) is refused: the file
     must be one static graph."""
-    import model_export.export as ex
+    import capsnet.model_export.export as ex
 
     class Branchy(torch.nn.Module):
         def __init__(self, model):
@@ -241,7 +241,7 @@ def test_a_dead_capsule_squashes_to_zero_through_the_eps(tmp_path, real_images):
 def test_w_folded_or_renamed_fails_the_export(exported):
     """`train.weights_from_export` needs every parameter under its name, and W once: a layout of it
     folded into the file would be one more copy."""
-    from model_export.export import _check_weights
+    from capsnet.model_export.export import _check_weights
 
     model, out, _ = exported
     classifier = onnx.load(str(out / "capsnet.onnx"))
@@ -280,7 +280,7 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, real_images):
 
 
 def test_parity_failure_writes_nothing(tmp_path, real_images, monkeypatch):
-    import model_export.export as ex
+    import capsnet.model_export.export as ex
 
     make_checkpoint(tmp_path / "ckpt.pt")
     monkeypatch.setattr(ex, "PARITY_ATOL", 0.0)  # any float difference now fails
@@ -344,7 +344,7 @@ def test_exported_routing_equals_numpy_routing(exported, real_images):
 def test_the_shipped_files_are_one_static_graph(real_images, file):
     """The shipped classifier (fp32 and int8) is what the export writes today: no control flow, so
     TensorRT and CUDA graphs take it as it is, and real digits get a confident class at any batch size."""
-    from service.settings import SHIPPED_MODEL
+    from capsnet.service.settings import SHIPPED_MODEL
 
     proto = onnx.load(str(SHIPPED_MODEL / file))
     assert graph_control_flow(proto) == []

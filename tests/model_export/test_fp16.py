@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from model_export.card import evaluate_onnx
-from model_export.data import load_split
-from model_export.fp16 import FP16_FILE, to_fp16, write_fp16
-from service.settings import SHIPPED_MODEL
+from capsnet.model_export.card import evaluate_onnx
+from capsnet.model_export.data import load_split
+from capsnet.model_export.fp16 import FP16_FILE, to_fp16, write_fp16
+from capsnet.service.settings import SHIPPED_MODEL
 from tests.factories import mnist_test_images
 
 FP16_IMAGES = 1000  # MNIST test images compared class by class with fp32 (about 5 s per precision)

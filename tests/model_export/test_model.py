@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from model_export.config import CapsNetConfig
-from model_export.model import CapsNet, capsnet_loss, margin_loss
+from capsnet.model_export.config import CapsNetConfig
+from capsnet.model_export.model import CapsNet, capsnet_loss, margin_loss
 from tests.factories import CONV_GAIN, W_GAIN, mnist_test_images
 
 TINY = CapsNetConfig(conv1_channels=16, primary_types=4)

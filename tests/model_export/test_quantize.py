@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 
-import model_export.quantize as quantize
-from model_export.data import load_split
-from model_export.export import graph_control_flow
-from model_export.quantize import INT8_FILE, QuantizeError, calibration_images, write_int8
-from service.cpu import host
-from service.settings import SHIPPED_MODEL
+import capsnet.model_export.quantize as quantize
+from capsnet.model_export.data import load_split
+from capsnet.model_export.export import graph_control_flow
+from capsnet.model_export.quantize import INT8_FILE, QuantizeError, calibration_images, write_int8
+from capsnet.service.cpu import host
+from capsnet.service.settings import SHIPPED_MODEL
 from tests.factories import mnist_test_images
 
 TEST_LIMIT = 1000  # test images for the accuracy gate in these tests (the shipped file: all 10,000)
@@ -103,7 +103,7 @@ def test_int8_outputs_follow_fp32(int8_dir):
 def test_report_figures_are_measured_not_assumed(int8_dir):
     d, report = int8_dir
     x, y = load_split("mnist", "test")
-    from model_export.card import evaluate_onnx, onnx_probabilities
+    from capsnet.model_export.card import evaluate_onnx, onnx_probabilities
 
     for prefix, path in (("", d / INT8_FILE), ("fp32_", d / "capsnet.onnx")):
         preds = evaluate_onnx(path, x[:TEST_LIMIT])
@@ -235,9 +235,9 @@ def test_capsnet_quantize_command_writes_or_refuses_with_a_message(tiny_model_di
 
 def test_service_serves_int8_and_metadata_names_the_file(int8_dir, tmp_path):
     """CAPSNET_PRECISION=int8 through the real app (the service-side half of this feature)."""
-    from service.app import create_app
-    from service.engine import Engine, EngineError
-    from service.settings import Settings
+    from capsnet.service.app import create_app
+    from capsnet.service.engine import Engine, EngineError
+    from capsnet.service.settings import Settings
 
     d, _ = int8_dir
     bare = tmp_path / "bare"
@@ -274,18 +274,18 @@ VNNI = {"model": "AMD EPYC", "present": ["avx2", "avx512_vnni"], "int8_kernels":
 def test_the_service_refuses_8_bit_weights_where_they_saturate_and_says_where_int8_gains_less(
     int8_dir, tmp_path, monkeypatch, caplog, cpu
 ):
-    import service.engine
-    from service.engine import Engine, EngineError
+    import capsnet.service.engine
+    from capsnet.service.engine import Engine, EngineError
 
     d, _ = int8_dir
-    monkeypatch.setattr(service.engine, "host", lambda: cpu)
+    monkeypatch.setattr(capsnet.service.engine, "host", lambda: cpu)
     eight = tmp_path / "eight-bit"
     shutil.copytree(d, eight)
     # a file from another tool: 8-bit weights and no `weight_bits` in its metadata
     quantize.quantize_file(
         d / "capsnet.onnx", eight / INT8_FILE, calibration_images("mnist", 32), reduce_range=False
     )
-    with caplog.at_level("WARNING", logger="service.engine"):
+    with caplog.at_level("WARNING", logger="capsnet.service.engine"):
         if cpu["int8_saturates"]:
             with pytest.raises(
                 EngineError, match=r"8-bit weights, whose int8 sums saturate on this CPU \(AVX2"
@@ -300,7 +300,7 @@ def test_the_service_refuses_8_bit_weights_where_they_saturate_and_says_where_in
         assert warned == ([] if cpu["vnni"] else [
             "CAPSNET_PRECISION=int8 on a CPU without VNNI (AVX2 (vpmaddubsw, no VNNI)): answers as on "
             "any CPU, but int8 gains less over fp32 here than on VNNI or AMX CPUs; compare both with "
-            "`capsnet bench`"
+            "`python -m bench`"
         ])  # fmt: skip
         caplog.clear()
         Engine(d, providers="CPUExecutionProvider", precision="fp32")

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from model_export.train import build_model, load_checkpoint, train
+from capsnet.model_export.train import build_model, load_checkpoint, train
 
 NARROW = {"conv1_channels": 32, "primary_types": 8}
 
@@ -52,7 +52,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
 
 
 def test_init_from_an_exported_model_continues_its_epochs(tiny_model_dir, tmp_path):
-    from model_export.train import weights_from_export
+    from capsnet.model_export.train import weights_from_export
     from tests.factories import TINY, make_checkpoint
 
     weights, meta = weights_from_export(tiny_model_dir)
@@ -82,7 +82,7 @@ def test_init_from_an_exported_model_continues_its_epochs(tiny_model_dir, tmp_pa
 
 
 def test_average_checkpoints_means_the_weights_and_drops_the_optimizer(tmp_path):
-    from model_export.train import average_checkpoints, save_checkpoint
+    from capsnet.model_export.train import average_checkpoints, save_checkpoint
 
     kw = {"limit": 64, "batch_size": 32, "eval_limit": 100, "progress": False}
     kw["config_overrides"] = {"conv1_channels": 8, "primary_types": 2}

@@ -25,7 +25,7 @@ import pytest
 from google.protobuf import text_format
 
 from capsnet.cli import main as capsnet_main
-from model_export.triton import TritonExportError, TritonOptions, to_pbtxt, write_repository
+from capsnet.model_export.triton import TritonExportError, TritonOptions, to_pbtxt, write_repository
 from tests.tools import skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,7 +176,7 @@ def test_cli_options_reach_the_config(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_export_triton_flag_writes_the_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`capsnet export CKPT --triton REPO` writes the repository from what it just exported (the export
     itself is replaced by a copy of the shipped model: it has its own tests)."""
-    import model_export.export as export_mod
+    import capsnet.model_export.export as export_mod
 
     def fake_export(checkpoint: Path, output: Path, *, name: str) -> dict[str, Any]:
         output.mkdir(parents=True)

@@ -1,5 +1,5 @@
 """Sustained load, overload and SIGTERM against the real `capsnet serve` (quick mode; the full run is
-`capsnet load --seconds 300`, figures in the README)."""
+`python -m bench.load --seconds 300`, figures in the README)."""
 
 import os
 

@@ -4,7 +4,7 @@ of the two models those servers serve, and the images sent to them."""
 import onnxruntime as ort
 import pytest
 
-from service.settings import SHIPPED_MODEL
+from capsnet.service.settings import SHIPPED_MODEL
 from tests.factories import mnist_test_images
 
 

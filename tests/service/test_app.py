@@ -13,11 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.cpu import host
-from service.engine import Engine
-from service.preprocess import preprocess_bytes
-from service.settings import Settings
+from capsnet.service.app import create_app
+from capsnet.service.cpu import host
+from capsnet.service.engine import Engine
+from capsnet.service.preprocess import preprocess_bytes
+from capsnet.service.settings import Settings
 from tests.factories import mnist_test_images
 from tests.live import ReadyClient, ready_client
 
@@ -599,7 +599,7 @@ def test_perturb_sweeps_pose_dimensions_like_the_paper(client, tiny_model_dir, d
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_routing_heatmap_pixels_follow_the_coupling(client, digits, weighted):
-    from service.render import HeatmapLayout, colormap
+    from capsnet.service.render import HeatmapLayout, colormap
 
     png = png_bytes(digits[5])
     t = client.post("/routing-trace", content=png, headers={"content-type": "image/png"}).json()
@@ -630,8 +630,8 @@ def test_capsnet_serve_takes_its_workers_from_capsnet_workers_unless_the_flag_sa
 ):
     import uvicorn
 
-    from service.cli import serve
-    from service.settings import get_settings
+    from capsnet.service.cli import serve
+    from capsnet.service.settings import get_settings
 
     if env is None:
         monkeypatch.delenv("CAPSNET_WORKERS", raising=False)
@@ -650,8 +650,8 @@ def test_capsnet_serve_takes_its_workers_from_capsnet_workers_unless_the_flag_sa
 def test_precision_fp16_serves_the_half_precision_file_with_the_same_api(tiny_model_dir, tmp_path):
     import shutil
 
-    from model_export.fp16 import write_fp16
-    from service.engine import Engine, EngineError
+    from capsnet.model_export.fp16 import write_fp16
+    from capsnet.service.engine import Engine, EngineError
 
     d = tmp_path / "model"
     shutil.copytree(tiny_model_dir, d)

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import orjson
 import pytest
 
-from service.settings import Settings
+from capsnet.service.settings import Settings
 from tests.factories import mnist_test_images
 from tests.live import ready_client
 from tests.service.test_preprocess import BAD_ARRAYS, BAD_IMAGES, MAX_PIXELS

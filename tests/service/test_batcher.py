@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, EngineClosedError, QueueFullError
+from capsnet.service.batcher import Batcher, EngineClosedError, QueueFullError
 
 
 class FakeEngine:

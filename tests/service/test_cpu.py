@@ -3,7 +3,7 @@ bench` report, and what decides whether an int8 file is served as it is."""
 
 import pytest
 
-from service.cpu import VECTOR_FLAGS, host, vector_extensions
+from capsnet.service.cpu import VECTOR_FLAGS, host, vector_extensions
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import positive_data_acceptance
 
-from service.auth import management_route
-from service.settings import SHIPPED_MODEL, Settings
+from capsnet.service.auth import management_route
+from capsnet.service.settings import SHIPPED_MODEL, Settings
 from tests.live import serve
 from tests.servers import capsnet_serve
 from tests.service import fuzz_media  # noqa: F401  (registers the image bodies)

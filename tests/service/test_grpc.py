@@ -28,11 +28,11 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from service import logs
-from service.engine import Engine
-from service.oip_grpc import server as grpc_server
-from service.settings import SHIPPED_MODEL, Settings
-from service.state import State
+from capsnet.service import logs
+from capsnet.service.engine import Engine
+from capsnet.service.oip_grpc import server as grpc_server
+from capsnet.service.settings import SHIPPED_MODEL, Settings
+from capsnet.service.state import State
 from tests import live
 
 ADMIN_KEY = "adm1n"
@@ -200,7 +200,7 @@ def test_access_line_and_log_lines_carry_the_request_id(client, images, caplog):
     assert ok.access["route"] == "/inference.GRPCInferenceService/ModelInfer" and ok.access["status"] == 0
     assert (ok.access["model"], ok.access["images"]) == ("tiny", 3) and ok.access["bytes"] > 120
     assert bad.access["status"] == grpc.StatusCode.NOT_FOUND.value[0]
-    records = [r for r in caplog.records if r.name == "service.oip_grpc.servicer"]
+    records = [r for r in caplog.records if r.name == "capsnet.service.oip_grpc.servicer"]
     (line,) = [r for r in records if r.request_id == "grpc-bad"]
     assert "ModelInfer NOT_FOUND: unknown model 'nine'" in line.getMessage() and line.exc_info is None
 

@@ -15,8 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from service.auth import is_loopback, management_route, startup_problem
-from service.settings import Settings
+from capsnet.service.auth import is_loopback, management_route, startup_problem
+from capsnet.service.settings import Settings
 from tests import live
 from tests.factories import mnist_test_images
 from tests.servers import capsnet_serve, free_port

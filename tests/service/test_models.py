@@ -12,10 +12,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from model_export.data import DATASETS
-from service.engine import Engine, EngineError
-from service.preprocess import preprocess_bytes
-from service.settings import SHIPPED_MODEL, Settings
+from capsnet.model_export.data import DATASETS
+from capsnet.service.engine import Engine, EngineError
+from capsnet.service.preprocess import preprocess_bytes
+from capsnet.service.settings import SHIPPED_MODEL, Settings
 from tests.checks import sample
 from tests.live import ready_client
 from tests.service.photos import render_product

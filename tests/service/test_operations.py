@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service.settings import Settings
+from capsnet.service.settings import Settings
 from tests.factories import mnist_test_images
 from tests.live import ready_client
 from tests.servers import capsnet_serve
@@ -83,7 +83,7 @@ def test_json_logs_one_object_per_line_and_one_access_line_per_request(tiny_mode
         time.sleep(0.3)
     lines = server.log.read_text().splitlines()
     docs = [json.loads(line) for line in lines]  # every line is one JSON object: this raises otherwise
-    assert {"uvicorn.error", "service.engine", "capsnet.access"} <= {d["logger"] for d in docs}
+    assert {"uvicorn.error", "capsnet.service.engine", "capsnet.access"} <= {d["logger"] for d in docs}
     access = {d["request_id"]: d for d in docs if d["logger"] == "capsnet.access" and d["method"] == "POST"}
     assert sorted(access) == ["req-bad", "req-ok", "req-v2"]  # exactly one line per request
     line = access["req-ok"]
@@ -209,7 +209,7 @@ def test_cuda_memory_settings_reach_the_provider(tiny_model_dir, monkeypatch):
         return real(path, options, providers=["CPUExecutionProvider"])
 
     monkeypatch.setattr(ort, "InferenceSession", spy)
-    from service.engine import Engine
+    from capsnet.service.engine import Engine
 
     # parallel_batches=1: no one-core CPU twin of the classifier (on a CPU fall-back) among `seen`
     s = Settings(model_dir=tiny_model_dir, providers="CUDAExecutionProvider,CPUExecutionProvider",
@@ -240,7 +240,7 @@ def test_intra_op_spinning_reaches_the_sessions(tiny_model_dir, monkeypatch, set
         return real(path, options, providers=providers)
 
     monkeypatch.setattr(ort, "InferenceSession", spy)
-    from service.engine import Engine
+    from capsnet.service.engine import Engine
 
     Engine.from_settings(Settings(model_dir=tiny_model_dir, intra_op_spinning=setting, parallel_batches=2))
     assert len(seen) == 3  # classifier, its one-core twin for parallel batches, decoder
@@ -261,7 +261,7 @@ def test_parallel_batches_add_a_one_core_session_that_answers_bit_for_bit_alike(
         return real(path, options, providers=providers)
 
     monkeypatch.setattr(ort, "InferenceSession", spy)
-    from service.engine import Engine, available_cores
+    from capsnet.service.engine import Engine, available_cores
 
     engine = Engine.from_settings(Settings(model_dir=tiny_model_dir, parallel_batches=2))
     assert engine.parallel_batches == 2 and threads == [0, 1, 0]  # classifier, its twin, decoder

@@ -1,4 +1,5 @@
-"""service.preprocess: the MNIST procedure on photos, and every kind of bad input mapped to its status."""
+"""capsnet.service.preprocess: the MNIST procedure on photos, and every kind of bad input mapped to its
+status."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_export.data import load_split
-from service.preprocess import (
+from capsnet.model_export.data import load_split
+from capsnet.service.preprocess import (
     _PNG_INERT_CHUNKS,
     _WORK_SIDE,
     PreprocessError,
@@ -725,7 +726,7 @@ def test_header_pixels_of_a_cut_or_odd_header_is_none(data: bytes) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 784, 4096, 4097, 50_000, 196_608])
 def test_quantiles_are_numpys_nearest_order_statistics(n: int) -> None:
-    from service.preprocess import _quantiles
+    from capsnet.service.preprocess import _quantiles
 
     rng = np.random.default_rng(n)
     qs = (0.0, 0.005, 0.05, 0.5, 0.95, 0.995, 1.0)
@@ -745,7 +746,7 @@ def test_quantiles_are_numpys_nearest_order_statistics(n: int) -> None:
 def test_level_quantiles_are_those_of_the_grey_image(dtype: type, full: float) -> None:
     # The polarity rule reads its order statistics from a histogram of the integer levels: they must
     # be, bit for bit, those of the float32 grey image the levels become.
-    from service.preprocess import _level_quantiles, _quantiles, _to_float
+    from capsnet.service.preprocess import _level_quantiles, _quantiles, _to_float
 
     rng = np.random.default_rng(17)
     qs = (0.0, 0.005, 0.5, 0.995, 1.0)
@@ -773,7 +774,7 @@ def test_area_reduction_averages_what_lies_under_each_target_pixel(
     # rounding of 8-bit levels.
     import cv2
 
-    from service.preprocess import _area
+    from capsnet.service.preprocess import _area
 
     h, w = shape
     scale = side / max(h, w)
@@ -805,7 +806,7 @@ def test_paper_statistics_of_every_other_pixel_are_those_of_all() -> None:
     # The median and the MAD of a large image come from a quarter of its pixels: on a noisy paper they
     # must stay within 3 % of the noise's deviation of those of every pixel (their standard error on
     # 12,712 pixels is 1.1 %), and a flat paper must keep a deviation of exactly 0.
-    from service.preprocess import _quantiles, _statistics_sample
+    from capsnet.service.preprocess import _quantiles, _statistics_sample
 
     rng = np.random.default_rng(5)
     sigma = 0.02
@@ -827,7 +828,7 @@ def test_paper_statistics_of_every_other_pixel_are_those_of_all() -> None:
 
 
 def test_background_is_the_lighting_under_the_strokes() -> None:
-    from service.preprocess import _background
+    from capsnet.service.preprocess import _background
 
     h, w = 240, 320
     yy, xx = np.mgrid[0:h, 0:w]
@@ -843,7 +844,7 @@ def test_background_is_the_lighting_under_the_strokes() -> None:
 
 
 def test_specks_go_and_strokes_stay_whatever_their_direction() -> None:
-    from service.preprocess import _drop_specks
+    from capsnet.service.preprocess import _drop_specks
 
     ink = np.zeros((90, 90), dtype=np.float32)
     ink[10:30, 10:30] = 1.0  # the digit's main stroke: mass 400 (with its edges, 412)

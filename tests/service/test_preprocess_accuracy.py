@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_export.data import load_split
-from service.preprocess import preprocess_bytes
+from capsnet.model_export.data import load_split
+from capsnet.service.preprocess import preprocess_bytes
 from tests.service.photos import render_photo
 
 REPO = Path(__file__).resolve().parents[2]

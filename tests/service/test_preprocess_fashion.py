@@ -1,6 +1,6 @@
-"""service.preprocess's Fashion-MNIST procedure (`preprocess=fashion`) on product photos: the product bright
-on black, its longest side 28, centred, in 8-bit levels, as Zalando made Fashion-MNIST; and the bad
-inputs refused as in every mode."""
+"""capsnet.service.preprocess's Fashion-MNIST procedure (`preprocess=fashion`) on product photos: the
+product bright on black, its longest side 28, centred, in 8-bit levels, as Zalando made Fashion-MNIST;
+and the bad inputs refused as in every mode."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_export.data import load_split
-from service.preprocess import PreprocessError, preprocess_bytes
+from capsnet.model_export.data import load_split
+from capsnet.service.preprocess import PreprocessError, preprocess_bytes
 from tests.service.photos import render_product
 from tests.service.test_preprocess import BAD_IMAGES, MAX_PIXELS, encode
 

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from service.settings import Settings
+from capsnet.service.settings import Settings
 from tests.factories import make_checkpoint, mnist_test_images
 from tests.live import serve
 from tests.servers import capsnet_serve
@@ -29,7 +29,7 @@ EXPLICIT = {"model_control": "explicit", "admin_key": ADMIN_KEY}
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory):
     """Two exports of a model named `tiny` from different weights, and one named `other`."""
-    from model_export.export import export
+    from capsnet.model_export.export import export
 
     root = tmp_path_factory.mktemp("versions")
     for key, name, seed in [("v1", "tiny", 1), ("v2", "tiny", 2), ("other", "other", 3)]:

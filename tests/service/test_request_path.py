@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_export.data import DATASETS
-from service import inputs, logs
-from service.engine import available_cores
-from service.preprocess import preprocess_bytes
-from service.routes.predict import fast_query, fast_route
-from service.settings import Settings
+from capsnet.model_export.data import DATASETS
+from capsnet.service import inputs, logs
+from capsnet.service.engine import available_cores
+from capsnet.service.preprocess import preprocess_bytes
+from capsnet.service.routes.predict import fast_query, fast_route
+from capsnet.service.settings import Settings
 from tests.checks import sample
 from tests.factories import mnist_test_images
 from tests.live import ready_client

@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.preprocess import preprocess_bytes
-from service.settings import SHIPPED_MODEL, Settings
+from capsnet.service.preprocess import preprocess_bytes
+from capsnet.service.settings import SHIPPED_MODEL, Settings
 from tests.checks import assert_right_not_wrong, skip_last_update, transposed
 from tests.factories import mnist_test_images
 from tests.live import ready_client

@@ -1,5 +1,5 @@
-"""service/server.py's one write per answer: what a request's cycle writes within one turn of the event
-loop leaves in one transport write, and nothing waits longer than that turn."""
+"""capsnet/service/server.py's one write per answer: what a request's cycle writes within one turn of the
+event loop leaves in one transport write, and nothing waits longer than that turn."""
 
 import asyncio
 
@@ -7,7 +7,7 @@ from starlette.responses import Response, StreamingResponse
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from service.server import LimitedHttpToolsProtocol, OneWrite
+from capsnet.service.server import LimitedHttpToolsProtocol, OneWrite
 
 
 class RecordingTransport(asyncio.Transport):

@@ -13,9 +13,9 @@ import tritonclient.http as httpclient
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
-from service.app import create_app
-from service.engine import EngineError
-from service.settings import SHIPPED_MODEL, Settings
+from capsnet.service.app import create_app
+from capsnet.service.engine import EngineError
+from capsnet.service.settings import SHIPPED_MODEL, Settings
 from tests import live
 from tests.checks import assert_right_not_wrong, transposed
 

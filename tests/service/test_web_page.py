@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
 
-from model_export.data import DATASETS
-from service.settings import SHIPPED_MODEL, Settings
-from service.web import STATIC_DIR
+from capsnet.model_export.data import DATASETS
+from capsnet.service.settings import SHIPPED_MODEL, Settings
+from capsnet.service.web import STATIC_DIR
 from tests import live
 from tests.tools import installed_file
 
