@@ -91,7 +91,6 @@ class PreprocessError(ValueError):
 
 
 FloatImage = npt.NDArray[np.float32]
-U8Image = npt.NDArray[np.uint8]
 
 
 # --------------------------------------------------------------------------------------------- decoding
