@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -391,9 +392,12 @@ def loads_on_one_server(
     concurrencies: list[int],
     seconds: float,
     tmp: Path,
+    between: Callable[[int], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Each load at each concurrency against one server, the loads taking turns at each concurrency
-    so that a drift in what else the machine runs falls on all of them alike."""
+    so that a drift in what else the machine runs falls on all of them alike. With `between`, its
+    row (called with the concurrency) opens each pass while the server idles: a reference measured in
+    the same minutes as the loads."""
     port = free_port()
     proc = start_server([*cmd, "--port", str(port)], port, env)
     try:
@@ -402,6 +406,8 @@ def loads_on_one_server(
             wrk(f"http://127.0.0.1:{port}{load.path}", load.body, 4, 1.0, tmp, load.content_type)
         loop_stat = f"/proc/{proc.pid}/task/{proc.pid}/stat"  # the main thread: the event loop
         for c in concurrencies:
+            if between is not None:
+                rows.append(between(c))
             for load in loads:
                 url = f"http://127.0.0.1:{port}{load.path}"
                 batches0 = batch_totals(port)
@@ -507,11 +513,21 @@ def own_cost_ms(work: Any, iters: int, between: Any = None) -> float:
 FORM_ROUNDS = 2  # each form's turn at each concurrency comes this often, for a median against drift
 
 
+FORM_REFERENCE = "onnxruntime alone, between the forms"
+
+
 def form_cases(
-    model_dir: Path, serve: list[str], digit: np.ndarray, seconds: float, iters: int, tmp: Path
-) -> list[dict[str, Any]]:
+    model_dir: Path,
+    serve: list[str],
+    digit: np.ndarray,
+    seconds: float,
+    iters: int,
+    tmp: Path,
+    best_batch: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The input forms against one server, taking turns (FORM_ROUNDS rounds of seconds / rounds
-    each, the medians kept), each row with the form's own cost alone and right after an inference."""
+    each, the medians kept), each row with the form's own cost alone and right after an inference;
+    and raw onnxruntime at `best_batch` before each pass, in the same minutes (the median of those)."""
     import onnxruntime as ort
 
     from capsnet.service.engine import available_cores, session_options
@@ -530,7 +546,23 @@ def form_cases(
     env = {"CAPSNET_LOG_LEVEL": "warning"}
     loads, per_round = [load for load, _ in forms], seconds / FORM_ROUNDS
     concs = [c for c in FORM_CONCURRENCIES for _ in range(FORM_ROUNDS)]  # [1, 1, 32, 32]
-    runs = loads_on_one_server(serve, env, loads, concs, per_round, tmp)
+    batch = {"image": np.repeat(one["image"], best_batch, axis=0)}
+
+    def raw(c: int) -> dict[str, Any]:
+        calls, t0 = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - t0 < per_round / 2:
+            sess.run(None, batch)
+            calls += 1
+        return {
+            "case": FORM_REFERENCE,
+            "before": c,
+            "images_per_s": calls * best_batch / (time.perf_counter() - t0),
+        }
+
+    sess.run(None, batch)  # warm at this batch size
+    runs = loads_on_one_server(serve, env, loads, concs, per_round, tmp, between=raw)
+    passes = [r["images_per_s"] for r in runs if r["case"] == FORM_REFERENCE]
+    reference = {"batch": best_batch, "images_per_s": float(np.median(passes)), "passes": passes}
     rows = []
     for case in [load.case for load in loads]:
         for c in FORM_CONCURRENCIES:
@@ -542,7 +574,7 @@ def form_cases(
                     "server_rss_mb": max(r["server_rss_mb"] for r in mine)}  # fmt: skip
             row |= {"own_cost_ms": own[case], "own_cost_after_inference_ms": cold[case]}
             rows.append(row)
-    return rows
+    return rows, reference
 
 
 MEDIAN_KEYS = ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_cores", "server_core_ms_per_request",
@@ -700,7 +732,9 @@ def run(*, model_dir: Path, quick: bool, iterations: int, seconds: float) -> dic
             seconds,
             tmp,
         )
-        http += form_cases(model_dir, serve, x[0], seconds, iters, tmp)
+        best = max(result["raw"]["onnxruntime"], key=lambda row: row["images_per_s"])["batch"]
+        forms, result["forms_reference"] = form_cases(model_dir, serve, x[0], seconds, iters, tmp, best)
+        http += forms
         base = [py, "-m", "uvicorn", "bench.baseline_app:app", "--log-level", "warning"]
         http += http_cases(
             "FastAPI + PyTorch baseline",
@@ -955,12 +989,16 @@ def form_ratios(r: dict[str, Any]) -> dict[str, Any]:
     none1, default1, scan1 = (http_row(r, case, 1) for case in (FORM_NONE, FORM_DEFAULT, FORM_SCAN))
     none32, default32, json32 = (http_row(r, case, 32) for case in (FORM_NONE, FORM_DEFAULT, FORM_JSON))
     ort_best = max(references(r, "onnxruntime"), key=lambda s: s["images_per_s"])
+    # Raw onnxruntime at its best batch as measured between the forms' passes: the same minutes as the
+    # JSON load, so that a slow or fast phase of a shared machine falls on both (the raw passes before
+    # and after the HTTP cases are minutes away from it; their best is in the explanation).
+    ort_json = r["forms_reference"]
     fn_default, fn_scan = default1["own_cost_ms"], scan1["own_cost_ms"]
     values = {
         "default_c32_vs_none_c32": default32["requests_per_s"] / none32["requests_per_s"],
         "default_c1_p50_beyond_none_and_preprocessing_ms": default1["p50_ms"] - none1["p50_ms"] - fn_default,
         "scan_c1_added_vs_preprocessing": (scan1["p50_ms"] - none1["p50_ms"]) / fn_scan,
-        "json_c32_vs_ort_best": json32["requests_per_s"] / ort_best["images_per_s"],
+        "json_c32_vs_ort_best": json32["requests_per_s"] / ort_json["images_per_s"],
     }
 
     def split(case: str, c: int) -> str:
@@ -987,7 +1025,10 @@ def form_ratios(r: dict[str, Any]) -> dict[str, Any]:
         ),
         "json_c32_vs_ort_best": (
             f'{{"images": [28x28]}} bodies: {json32["requests_per_s"]:.0f} requests/s against raw onnxruntime\'s '
-            f"{ort_best['images_per_s']:.0f} images/s at its best batch ({form(ort_best)}); {split(FORM_JSON, 32)}"
+            f"{ort_json['images_per_s']:.0f} images/s at its best batch (B = {ort_json['batch']}), the median "
+            f"of {len(ort_json['passes'])} runs between the forms' passes (its best in the raw passes before "
+            f"and after the HTTP cases: {ort_best['images_per_s']:.0f}, {form(ort_best)})"
+            f"; {split(FORM_JSON, 32)}"
         ),
     }
     return judged(values, whys, FORM_TARGETS)
@@ -1033,6 +1074,11 @@ def print_table(r: dict[str, Any]) -> None:
                 f"{sp['beyond_none_core_ms']:>+9.2f}"
                 f"{sp['loop_beyond_none_ms']:>+7.2f}{sp['hand_offs_ms']:>+10.2f}{sp['p50_beyond_none_ms']:>+7.2f}"
             )
+    if ref := r.get("forms_reference"):
+        passes = ", ".join(f"{v:.0f}" for v in ref["passes"])
+        print(
+            f"{FORM_REFERENCE}: B = {ref['batch']}, {ref['images_per_s']:.1f} images/s (median of {passes})"
+        )
     g = r["grpc"]
     print(
         f"\n{'gRPC ModelInfer':<28}{'B':>5}{'streams':>8}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu':>6}{'ORT B=64 img/s':>16}"
