@@ -510,7 +510,9 @@ def own_cost_ms(work: Any, iters: int, between: Any = None) -> float:
     return float(np.median(samples) * 1e3)
 
 
-FORM_ROUNDS = 2  # each form's turn at each concurrency comes this often, for a median against drift
+# Each form's turn at each concurrency comes this often, in the same total time, for a median against
+# drift: with two the "median" is a mean, and one slow minute of a shared VM moves it (--quick: 2).
+FORM_ROUNDS = 6
 
 
 FORM_REFERENCE = "onnxruntime alone, between the forms"
@@ -524,9 +526,10 @@ def form_cases(
     iters: int,
     tmp: Path,
     best_batch: int,
+    rounds: int = FORM_ROUNDS,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The input forms against one server, taking turns (FORM_ROUNDS rounds of seconds / rounds
-    each, the medians kept), each row with the form's own cost alone and right after an inference;
+    """The input forms against one server, taking turns (`rounds` rounds of seconds / rounds each,
+    the medians kept), each row with the form's own cost alone and right after an inference;
     and raw onnxruntime at `best_batch` before each pass, in the same minutes (the median of those)."""
     import onnxruntime as ort
 
@@ -544,8 +547,8 @@ def form_cases(
     own = {load.case: own_cost_ms(work, max(iters, 50)) for load, work in forms}
     cold = {load.case: own_cost_ms(work, max(iters, 50), between=infer) for load, work in forms}
     env = {"CAPSNET_LOG_LEVEL": "warning"}
-    loads, per_round = [load for load, _ in forms], seconds / FORM_ROUNDS
-    concs = [c for c in FORM_CONCURRENCIES for _ in range(FORM_ROUNDS)]  # [1, 1, 32, 32]
+    loads, per_round = [load for load, _ in forms], seconds / rounds
+    concs = [c for c in FORM_CONCURRENCIES for _ in range(rounds)]  # [1, 1, ..., 32, 32, ...]
     batch = {"image": np.repeat(one["image"], best_batch, axis=0)}
 
     def raw(c: int) -> dict[str, Any]:
@@ -733,7 +736,10 @@ def run(*, model_dir: Path, quick: bool, iterations: int, seconds: float) -> dic
             tmp,
         )
         best = max(result["raw"]["onnxruntime"], key=lambda row: row["images_per_s"])["batch"]
-        forms, result["forms_reference"] = form_cases(model_dir, serve, x[0], seconds, iters, tmp, best)
+        rounds = 2 if quick else FORM_ROUNDS
+        forms, result["forms_reference"] = form_cases(
+            model_dir, serve, x[0], seconds, iters, tmp, best, rounds
+        )
         http += forms
         base = [py, "-m", "uvicorn", "bench.baseline_app:app", "--log-level", "warning"]
         http += http_cases(
