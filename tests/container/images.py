@@ -46,8 +46,20 @@ def missing_prerequisite() -> str | None:
     return None
 
 
+# buildah 1.28 (Debian bookworm) re-executes itself from a sealed in-memory copy of its binary before
+# it runs anything; now and then the seal fails with EBUSY ("Close_Fd sealing memfd copy: Device or
+# resource busy", runc's old cloned_binary race, which buildah vendors). Nothing has run in the
+# container at that point, so the same call is simply made again.
+NOTHING_RAN = "sealing memfd copy"
+
+
 def buildah(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["buildah", *args], capture_output=True, text=True, timeout=timeout, check=False)
+    for _ in range(3):
+        result = subprocess.run(
+            ["buildah", *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if result.returncode == 0 or NOTHING_RAN not in result.stderr:
+            break
     if check and result.returncode != 0:
         pytest.fail(f"buildah {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
     return result
@@ -128,18 +140,25 @@ def serving(
     for name, value in (env or {}).items():
         options += ["--env", f"{name}={value}"]
     serve = ["capsnet", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["buildah", *run_in(container, *options), *serve],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so teardown reaches the server
-        )
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            return subprocess.Popen(
+                ["buildah", *run_in(container, *options), *serve],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so teardown reaches the server
+            )
+
+    proc, starts = start(), 1
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if proc.poll() is not None:
+                if starts < 3 and NOTHING_RAN in log.read_text(errors="replace"):  # see buildah()
+                    proc, starts = start(), starts + 1
+                    continue
                 pytest.fail(f"server exited {proc.returncode} before it was ready:\n{tail(log)}")
             try:
                 if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
