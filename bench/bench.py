@@ -64,6 +64,11 @@ def timed_calls(fn: Any, iters: int, warmup: int = 2, sync: Any = None) -> list[
     return out
 
 
+def calls_per_case(batch: int, iters: int) -> int:
+    """Timed calls of one raw case: `iters` at B <= 15, fewer for bigger batches (at least 3)."""
+    return max(3, iters // max(1, batch // 8))
+
+
 def latency_stats(samples: list[float], batch: int, core_s: float | None = None) -> dict[str, float]:
     """Latency percentiles and throughput; with `core_s` (the process's CPU time over the samples),
     the core time each image cost."""
@@ -127,7 +132,7 @@ def raw_int8_cases(model_dir: Path, batches: list[int], iters: int) -> dict[str,
     rows = []
     for B in batches:
         x = rng.random((B, 1, 28, 28), dtype=np.float32)
-        n = max(3, iters // max(1, B // 8))
+        n = calls_per_case(B, iters)
         for s in (fp32, int8, fp32, int8):  # warm-up
             s.run(None, {"image": x})
         t32: list[float] = []
@@ -190,7 +195,7 @@ def reference_cases(
     }
     for B in batches:
         x = rng.random((B, 1, 28, 28), dtype=np.float32)
-        n = max(3, iters // max(1, B // 8))
+        n = calls_per_case(B, iters)
         samples, core_s = _timed_with_cpu(lambda: sess.run(None, {"image": x}), n)
         out["onnxruntime"].append(latency_stats(samples, B, core_s))
         if cores > 1:
@@ -220,7 +225,7 @@ def raw_cases(model_dir: Path, batches: list[int], iters: int, tmp: Path) -> dic
     out["pytorch_eager"] = []
     for B in batches:
         xt = torch.from_numpy(rng.random((B, 1, 28, 28), dtype=np.float32))
-        n = max(3, iters // max(1, B // 8))
+        n = calls_per_case(B, iters)
 
         def eager() -> None:
             with torch.inference_mode():
@@ -392,12 +397,11 @@ def loads_on_one_server(
     concurrencies: list[int],
     seconds: float,
     tmp: Path,
-    between: Callable[[int], dict[str, Any]] | None = None,
+    between: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Each load at each concurrency against one server, the loads taking turns at each concurrency
-    so that a drift in what else the machine runs falls on all of them alike. With `between`, its
-    row (called with the concurrency) opens each pass while the server idles: a reference measured in
-    the same minutes as the loads."""
+    so that a drift in what else the machine runs falls on all of them alike. `between` is called
+    before each pass, while the server idles: for a reference measured in the same minutes."""
     port = free_port()
     proc = start_server([*cmd, "--port", str(port)], port, env)
     try:
@@ -407,7 +411,7 @@ def loads_on_one_server(
         loop_stat = f"/proc/{proc.pid}/task/{proc.pid}/stat"  # the main thread: the event loop
         for c in concurrencies:
             if between is not None:
-                rows.append(between(c))
+                between()
             for load in loads:
                 url = f"http://127.0.0.1:{port}{load.path}"
                 batches0 = batch_totals(port)
@@ -513,8 +517,6 @@ def own_cost_ms(work: Any, iters: int, between: Any = None) -> float:
 # Each form's turn at each concurrency comes this often, in the same total time, for a median against
 # drift: with two the "median" is a mean, and one slow minute of a shared VM moves it (--quick: 2).
 FORM_ROUNDS = 6
-
-
 FORM_REFERENCE = "onnxruntime alone, between the forms"
 
 
@@ -550,21 +552,13 @@ def form_cases(
     loads, per_round = [load for load, _ in forms], seconds / rounds
     concs = [c for c in FORM_CONCURRENCIES for _ in range(rounds)]  # [1, 1, ..., 32, 32, ...]
     batch = {"image": np.repeat(one["image"], best_batch, axis=0)}
+    passes: list[float] = []
 
-    def raw(c: int) -> dict[str, Any]:
-        calls, t0 = 0, time.perf_counter()
-        while calls < 3 or time.perf_counter() - t0 < per_round / 2:
-            sess.run(None, batch)
-            calls += 1
-        return {
-            "case": FORM_REFERENCE,
-            "before": c,
-            "images_per_s": calls * best_batch / (time.perf_counter() - t0),
-        }
+    def raw() -> None:  # images/s as the raw rows have it: batch / median latency
+        samples = timed_calls(lambda: sess.run(None, batch), calls_per_case(best_batch, iters), warmup=1)
+        passes.append(latency_stats(samples, best_batch)["images_per_s"])
 
-    sess.run(None, batch)  # warm at this batch size
     runs = loads_on_one_server(serve, env, loads, concs, per_round, tmp, between=raw)
-    passes = [r["images_per_s"] for r in runs if r["case"] == FORM_REFERENCE]
     reference = {"batch": best_batch, "images_per_s": float(np.median(passes)), "passes": passes}
     rows = []
     for case in [load.case for load in loads]:
@@ -1080,11 +1074,9 @@ def print_table(r: dict[str, Any]) -> None:
                 f"{sp['beyond_none_core_ms']:>+9.2f}"
                 f"{sp['loop_beyond_none_ms']:>+7.2f}{sp['hand_offs_ms']:>+10.2f}{sp['p50_beyond_none_ms']:>+7.2f}"
             )
-    if ref := r.get("forms_reference"):
-        passes = ", ".join(f"{v:.0f}" for v in ref["passes"])
-        print(
-            f"{FORM_REFERENCE}: B = {ref['batch']}, {ref['images_per_s']:.1f} images/s (median of {passes})"
-        )
+    ref = r["forms_reference"]
+    passes = ", ".join(f"{v:.0f}" for v in ref["passes"])
+    print(f"{FORM_REFERENCE}: B = {ref['batch']}, {ref['images_per_s']:.1f} images/s (median of {passes})")
     g = r["grpc"]
     print(
         f"\n{'gRPC ModelInfer':<28}{'B':>5}{'streams':>8}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'cpu':>6}{'ORT B=64 img/s':>16}"
