@@ -161,7 +161,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--lr-decay", type=float, default=0.96, help="exponential decay per epoch")
+    p.add_argument(
+        "--lr-decay",
+        type=float,
+        default=None,
+        help="exponential decay per epoch (default 0.96; with --resume the checkpoint's, or this one "
+        "from the next epoch on)",
+    )
     p.add_argument("--routing-iterations", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -25,6 +25,7 @@ from capsnet.model_export.model import CapsNet, capsnet_loss
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "capsnet-checkpoint/1"
+DEFAULT_LR_DECAY = 0.96
 
 
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -135,7 +136,7 @@ def train(
     epochs: int = 1,
     batch_size: int = 128,
     lr: float = 1e-3,
-    lr_decay: float = 0.96,
+    lr_decay: float | None = None,
     routing_iterations: int = 3,
     seed: int = 0,
     device: str | None = None,
@@ -153,7 +154,11 @@ def train(
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Train and return the final checkpoint dict (also written to output/last.pt every epoch)."""
+    """Train and return the final checkpoint dict (also written to output/last.pt every epoch).
+
+    `lr_decay` is the learning rate's factor per epoch: DEFAULT_LR_DECAY for a new run; on `resume`,
+    the checkpoint's unless one is given, which then applies from the next epoch on (a slower decay
+    for a run that still underfits, with or without `resume_lr`)."""
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -174,7 +179,7 @@ def train(
     cfg = CapsNetConfig(routing_iterations=routing_iterations, **(config_overrides or {}))
     model = CapsNet(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=DEFAULT_LR_DECAY if lr_decay is None else lr_decay)
     start_epoch, history, best_acc = 0, [], -1.0
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
@@ -182,7 +187,9 @@ def train(
             raise SystemExit(f"{last_path} was trained with another config or dataset; not resuming")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        sched.load_state_dict(state["scheduler"])  # its gamma too: the run's decay so far
+        if lr_decay is not None:
+            sched.gamma = lr_decay
         start_epoch, history = state["epoch"], state["history"]
         if resume_lr is not None:  # a new phase of the schedule (e.g. a final low-rate one); logged per epoch
             for group in opt.param_groups:
@@ -204,7 +211,7 @@ def train(
             raise SystemExit(f"{init_from}: weights do not fit the model: {exc}") from exc
         start_epoch = int(meta["epochs"])
         for group in opt.param_groups:
-            group["lr"] = lr * lr_decay**start_epoch
+            group["lr"] = lr * sched.gamma**start_epoch
         sched.last_epoch = start_epoch
         initialized_from = {
             "model_dir": str(init_from),
@@ -283,7 +290,7 @@ def train(
             "args": {
                 "batch_size": batch_size,
                 "lr": lr,
-                "lr_decay": lr_decay,
+                "lr_decay": sched.gamma,
                 "seed": seed,
                 "max_shift": max_shift,
                 "hflip": hflip,

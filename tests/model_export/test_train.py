@@ -103,3 +103,16 @@ def test_resume_lr_starts_a_new_phase_of_the_schedule(tmp_path):
     assert first["history"][0]["lr"] == pytest.approx(1e-3 * 0.96)
     second = train(epochs=3, resume=True, resume_lr=1e-5, **kw)
     assert [h["lr"] for h in second["history"]] == pytest.approx([1e-3 * 0.96, 1e-5 * 0.96, 1e-5 * 0.96**2])
+
+
+def test_resume_keeps_the_checkpoints_decay_unless_one_is_given(tmp_path):
+    kw = {"limit": 32, "batch_size": 32, "eval_limit": 50, "progress": False}
+    kw["config_overrides"] = {"conv1_channels": 8, "primary_types": 2}
+    train(epochs=1, lr_decay=0.5, output=tmp_path / "a", **kw)
+    kept = train(epochs=2, resume=True, output=tmp_path / "a", **kw)  # no decay given: the run's 0.5 goes on
+    assert [h["lr"] for h in kept["history"]] == pytest.approx([1e-3 * 0.5, 1e-3 * 0.5**2])
+    train(epochs=1, lr_decay=0.5, output=tmp_path / "b", **kw)
+    slower = train(epochs=3, resume=True, lr_decay=0.9, output=tmp_path / "b", **kw)
+    expected = [1e-3 * 0.5, 1e-3 * 0.5 * 0.9, 1e-3 * 0.5 * 0.9**2]
+    assert [h["lr"] for h in slower["history"]] == pytest.approx(expected)
+    assert slower["args"]["lr_decay"] == pytest.approx(0.9)
