@@ -97,8 +97,8 @@ class PrimaryCaps(nn.Module):
         return squash(u)
 
     def components_first(self, x: Tensor) -> Tensor:
-        """The same capsules as `forward`, laid out (B, dim, N): the exported graph's layout, where the
-        convolution's channels need one move of whole rows (G*G floats) and routing reads every
+        """The same capsules as `forward`, laid out (B, dim, N): the layout the model routes in, where
+        the convolution's channels need one move of whole rows (G*G floats) and routing reads every
         component across the N children contiguously."""
         y = conv2d(self.conv, x)  # (B, types*dim, G, G)
         B, G = y.shape[0], y.shape[-1]
@@ -141,11 +141,10 @@ class DigitCaps(nn.Module):
         )
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """u (B, N, D_in) -> v (B, J, D_out), coupling (B, r, N, J): the textbook form, for training.
+        """u (B, N, D_in) -> v (B, J, D_out), coupling (B, r, N, J): the textbook form, votes and all.
 
-        einsum picks a batched GEMM whose forward + backward is faster than a bmm over the children. The
-        exported graph routes without the votes instead (`CapsNet.run` calls `route_without_votes`
-        while exporting)."""
+        The reference the model's routing is tested against: `CapsNet.run` routes without the votes
+        (`route_without_votes`), in training as in the exported graph."""
         return route(torch.einsum("bnk,njdk->bjnd", u, self.W).contiguous(), self.iterations)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capsnet.model_export.capsules import DigitCaps, PrimaryCaps, conv2d, exporting, route_without_votes
+from capsnet.model_export.capsules import DigitCaps, PrimaryCaps, conv2d, route_without_votes
 from capsnet.model_export.config import CapsNetConfig
 
 
@@ -57,18 +57,13 @@ class CapsNet(nn.Module):
         return out.lengths, out.poses, out.coupling
 
     def run(self, x: Tensor) -> CapsNetOutput:
-        """Everything the service shows, the primary capsules' activations included. Exported, the
-        routing never forms the votes (`route_without_votes`); in eager mode it is the training form
-        (einsum + `route`), which the export's parity check compares the graph against."""
+        """Everything the service shows, the primary capsules' activations included. Training and the
+        exported graph route alike, without forming the votes (`route_without_votes`, tested equal to
+        `route` on û): its backward pass too streams W and c * u instead of û, 20 times u."""
         h = F.relu(conv2d(self.conv1, x))  # (B, 256, 20, 20)
-        if exporting():  # the capsules components first, the layout the exported routing reads
-            u = self.primary.components_first(h)  # (B, 8, N)
-            v, coupling = route_without_votes(u, self.digits.W, self.digits.iterations)
-            activations = torch.linalg.vector_norm(u, dim=1)
-        else:
-            u = self.primary(h)  # (B, N, 8)
-            v, coupling = self.digits(u)  # (B, J, D), (B, r, N, J)
-            activations = torch.linalg.vector_norm(u, dim=-1)
+        u = self.primary.components_first(h)  # (B, 8, N): components first, the layout routing reads
+        v, coupling = route_without_votes(u, self.digits.W, self.digits.iterations)  # (B, J, D), (B, r, N, J)
+        activations = torch.linalg.vector_norm(u, dim=1)  # (B, N)
         lengths = torch.linalg.vector_norm(v, dim=-1)  # (B, J): probability that class j is present
         return CapsNetOutput(lengths, v, coupling, activations)
 

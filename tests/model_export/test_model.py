@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from capsnet.model_export.capsules import DigitCaps
 from capsnet.model_export.config import CapsNetConfig
-from capsnet.model_export.model import CapsNet, capsnet_loss, margin_loss
+from capsnet.model_export.model import CapsNet, CapsNetOutput, capsnet_loss, margin_loss
 from tests.factories import CONV_GAIN, W_GAIN, mnist_test_images
 
 TINY = CapsNetConfig(conv1_channels=16, primary_types=4)
@@ -60,3 +61,36 @@ def test_margin_loss_values():
     targets = torch.tensor([0, 0])
     # image 0: present 0 (0.95 > 0.9), absent: 0.5*(0.5-0.1)^2 = 0.08 ; image 1: (0.9-0.2)^2 = 0.49
     assert margin_loss(lengths, targets).item() == pytest.approx((0.08 + 0.49) / 2)
+
+
+def test_training_routes_without_the_votes_and_its_gradients_are_the_textbooks(monkeypatch):
+    """CapsNet.run routes without forming û (the faster backward pass); every parameter's gradient of
+    the training loss equals the one through the textbook form (DigitCaps: û, then Procedure 1)."""
+    torch.manual_seed(0)
+    model = CapsNet(TINY).double()
+    with torch.no_grad():
+        model.digits.W.mul_(W_GAIN)  # votes long enough that routing moves the coupling
+    x = torch.from_numpy(mnist_test_images(3)).double()
+    y = torch.tensor([7, 2, 1])
+
+    def textbook(images: torch.Tensor) -> CapsNetOutput:
+        u = model.primary(torch.relu(model.conv1(images)))  # (B, N, 8)
+        v, coupling = model.digits(u)  # einsum -> û (B, J, N, D) -> route
+        return CapsNetOutput(v.norm(dim=-1), v, coupling, u.norm(dim=-1))
+
+    def no_votes(*args: object) -> None:
+        raise AssertionError("CapsNet.run formed the votes")
+
+    grads = []
+    for run in (model.run, textbook):
+        model.zero_grad()
+        with monkeypatch.context() as m:
+            if run == model.run:
+                m.setattr(DigitCaps, "forward", no_votes)
+            out = run(x)
+        loss = margin_loss(out.lengths, y) + 0.0005 * ((model.reconstruct(out.poses, y) - x) ** 2).sum() / 3
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert grads[0]["digits.W"].abs().max() > 1e-6  # the routing's weights do get a gradient
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-9, atol=1e-12, msg=name)
