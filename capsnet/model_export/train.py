@@ -179,7 +179,8 @@ def train(
     cfg = CapsNetConfig(routing_iterations=routing_iterations, **(config_overrides or {}))
     model = CapsNet(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=DEFAULT_LR_DECAY if lr_decay is None else lr_decay)
+    decay = DEFAULT_LR_DECAY if lr_decay is None else lr_decay
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay)
     start_epoch, history, best_acc = 0, [], -1.0
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
