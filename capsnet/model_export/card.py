@@ -102,14 +102,34 @@ def build_card(
         },
         "evaluation": ev,
         "export": {k: export_meta[k] for k in ("checkpoint_sha256", "exported_at", "opset")},
-        "known_limits": [
-            "Trained on MNIST digits only: anything else (letters, several digits, objects) still gets "
-            "the closest digit; capsule lengths are independent, so look at the lengths, not only argmax.",
-            "Photos and scans go through an MNIST-style preprocessing (invert, crop, 20x20, centre of "
-            "mass); heavy clutter, several digits or very thin strokes can defeat it.",
-            "Shift augmentation of +-2 px only, as in the paper; no rotation or scale augmentation.",
-        ],
+        "known_limits": known_limits(state["dataset"], state.get("args", {})),
     }
+
+
+# What a model of each dataset cannot do, as its card says it; the augmentation line follows the run's args.
+DATASET_LIMITS = {
+    "mnist": [
+        "Trained on MNIST digits only: anything else (letters, several digits, objects) still gets "
+        "the closest digit; capsule lengths are independent, so look at the lengths, not only argmax.",
+        "Photos and scans go through an MNIST-style preprocessing (invert, crop, 20x20, centre of "
+        "mass); heavy clutter, several digits or very thin strokes can defeat it.",
+    ],
+    "fashion-mnist": [
+        "Trained on Fashion-MNIST only (T-shirts, trousers, pullovers, dresses, coats, sandals, shirts, "
+        "sneakers, bags, ankle boots as 28x28 grey product photos): anything else still gets the closest "
+        "of the 10 classes; capsule lengths are independent, so look at the lengths, not only argmax.",
+        "Photos go through Zalando's product-photo conversion (`preprocess=fashion`: trim a light "
+        "background, fit to 28x28, negate): one product on a plain light background; a worn garment, "
+        "a busy background or several items can defeat it.",
+    ],
+}
+
+
+def known_limits(dataset: str, args: dict[str, Any]) -> list[str]:
+    shift = args.get("max_shift", 2)
+    mirrored = ", and left-right mirroring of half the images" if args.get("hflip") else ""
+    augmentation = f"Shift augmentation of +-{shift} px{mirrored}; no rotation or scale augmentation."
+    return [*DATASET_LIMITS[dataset], augmentation]
 
 
 def evaluation(model: Path, dataset: str, labels: list[str]) -> dict[str, Any]:

@@ -85,3 +85,20 @@ def test_phases_chain_across_several_warm_starts():
         {"epochs": [4, 4], "hardware": "gpu", "wall_seconds": 4.1, "images_per_second": [15000.0]},
     ]
     assert _phases({}, history, "gpu", epochs=1)[0]["epochs"] == [1, 1]  # a run from scratch: one phase
+
+
+def test_known_limits_name_the_dataset_and_the_runs_augmentation():
+    from capsnet.model_export.card import known_limits
+
+    fashion = known_limits("fashion-mnist", {"max_shift": 2, "hflip": True})
+    assert "Trained on Fashion-MNIST only" in fashion[0] and "preprocess=fashion" in fashion[1]
+    assert not any("digit" in line.lower() for line in fashion)
+    assert fashion[-1] == (
+        "Shift augmentation of +-2 px, and left-right mirroring of half the images; "
+        "no rotation or scale augmentation."
+    )
+    mnist = known_limits("mnist", {"max_shift": 3})
+    assert "Trained on MNIST digits only" in mnist[0] and "MNIST-style preprocessing" in mnist[1]
+    assert mnist[-1] == "Shift augmentation of +-3 px; no rotation or scale augmentation."
+    # checkpoints without args: the paper's 2 px
+    assert known_limits("mnist", {})[-1].startswith("Shift augmentation of +-2 px;")
