@@ -85,6 +85,9 @@ def build_card(
         },
         "training": {
             "command": command,
+            # each command and the epochs it trained, when the run was resumed with other flags (and no
+            # --train-command replaced the checkpoint's own)
+            "runs": state.get("runs") if command == state.get("command") else None,
             "hardware": hardware,
             "epochs": state["epoch"],
             "wall_seconds": round(sum(ph["wall_seconds"] for ph in phases), 1),
@@ -196,6 +199,18 @@ def _phase_line(ph: dict[str, Any]) -> str:
     )
 
 
+def _command_lines(tr: dict[str, Any]) -> list[str]:
+    runs = tr.get("runs") or []
+    if len(runs) < 2:
+        return [f"- Command: `{tr['command']}`"]
+    lines = ["- Commands, in order (each resumed the run where the one before stopped):"]
+    for run in runs:
+        first, last = run["epochs"]
+        span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+        lines.append(f"  - {span}: `{run['command']}`")
+    return lines
+
+
 def _provenance(tr: dict[str, Any]) -> list[str]:
     """Card lines for a warm start (`capsnet train --init-from`) and for averaged weights."""
     lines = []
@@ -232,7 +247,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- Training: {tr['epochs']} epoch(s), {tr['wall_seconds'] / 60:.1f} min wall time in all "
         "(per-epoch figures in model_card.json):",
         *[_phase_line(ph) for ph in tr["phases"]],
-        f"- Command: `{tr['command']}`",
+        *_command_lines(tr),
         *_provenance(tr),
         f"- Data: {ds['name']} in IDX format, {ds['train_images']:,} training images, dataset SHA-256 "
         f"`{ds['sha256']}` (hash of the four file hashes, listed in model_card.json).",

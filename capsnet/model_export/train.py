@@ -182,8 +182,11 @@ def train(
     decay = DEFAULT_LR_DECAY if lr_decay is None else lr_decay
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay)
     start_epoch, history, best_acc = 0, [], -1.0
+    this_command = " ".join(["capsnet", *sys.argv[1:]]) if command is None else command
+    earlier_runs: list[dict[str, Any]] = []  # the commands that trained the epochs before this one's
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
+        earlier_runs = state.get("runs") or [{"epochs": [1, state["epoch"]], "command": state["command"]}]
         if state["config"] != cfg.to_dict() or state["dataset"] != dataset:
             raise SystemExit(f"{last_path} was trained with another config or dataset; not resuming")
         model.load_state_dict(state["model"])
@@ -286,7 +289,8 @@ def train(
             "labels": list(get_spec(dataset).labels),
             "test_accuracy": test_acc,
             "train_images": len(x_train),
-            "command": " ".join(["capsnet", *sys.argv[1:]]) if command is None else command,
+            "command": this_command,
+            "runs": runs_so_far(earlier_runs, this_command, start_epoch, epoch + 1),
             "hardware": hardware_description(dev),
             "args": {
                 "batch_size": batch_size,
@@ -307,6 +311,20 @@ def train(
     if not state:  # nothing left to train: hand back what is on disk
         state = load_checkpoint(last_path)
     return state
+
+
+def runs_so_far(
+    earlier: list[dict[str, Any]], command: str, first_done: int, last: int
+) -> list[dict[str, Any]]:
+    """Which command trained which epochs, for the model card of a run resumed across sessions with
+    other flags: the earlier runs, then this one (epochs first_done + 1 to last), merged into the last
+    earlier run when it is the same command continuing it."""
+    runs = [dict(run) for run in earlier]
+    if runs and runs[-1]["command"] == command and runs[-1]["epochs"][1] == first_done:
+        runs[-1]["epochs"] = [runs[-1]["epochs"][0], last]
+    else:
+        runs.append({"epochs": [first_done + 1, last], "command": command})
+    return runs
 
 
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:

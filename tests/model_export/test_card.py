@@ -102,3 +102,25 @@ def test_known_limits_name_the_dataset_and_the_runs_augmentation():
     assert mnist[-1] == "Shift augmentation of +-3 px; no rotation or scale augmentation."
     # checkpoints without args: the paper's 2 px
     assert known_limits("mnist", {})[-1].startswith("Shift augmentation of +-2 px;")
+
+
+def test_a_run_resumed_with_other_flags_lists_each_command():
+    from capsnet.model_export.card import _command_lines
+
+    runs = [
+        {"epochs": [1, 8], "command": "capsnet train --lr-decay 0.9"},
+        {"epochs": [9, 30], "command": "capsnet train --lr-decay 0.97 --resume"},
+    ]
+    assert _command_lines({"command": runs[-1]["command"], "runs": runs}) == [
+        "- Commands, in order (each resumed the run where the one before stopped):",
+        "  - epochs 1-8: `capsnet train --lr-decay 0.9`",
+        "  - epochs 9-30: `capsnet train --lr-decay 0.97 --resume`",
+    ]
+    one = {
+        "command": "capsnet train --epochs 3",
+        "runs": [{"epochs": [1, 3], "command": "capsnet train --epochs 3"}],
+    }
+    assert _command_lines(one) == ["- Command: `capsnet train --epochs 3`"]
+    assert _command_lines({"command": "told by --train-command", "runs": None}) == [
+        "- Command: `told by --train-command`"
+    ]

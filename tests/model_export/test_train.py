@@ -116,3 +116,24 @@ def test_resume_keeps_the_checkpoints_decay_unless_one_is_given(tmp_path):
     expected = [1e-3 * 0.5, 1e-3 * 0.5 * 0.9, 1e-3 * 0.5 * 0.9**2]
     assert [h["lr"] for h in slower["history"]] == pytest.approx(expected)
     assert slower["args"]["lr_decay"] == pytest.approx(0.9)
+
+
+def test_the_checkpoint_says_which_command_trained_which_epochs(tmp_path):
+    kw = {"limit": 32, "batch_size": 32, "eval_limit": 50, "progress": False, "output": tmp_path}
+    kw["config_overrides"] = {"conv1_channels": 8, "primary_types": 2}
+    train(epochs=1, command="capsnet train --epochs 1", **kw)
+    same = train(epochs=2, resume=True, command="capsnet train --epochs 1", **kw)  # the same command goes on
+    assert same["runs"] == [{"epochs": [1, 2], "command": "capsnet train --epochs 1"}]
+    other = train(epochs=4, resume=True, lr_decay=0.9, command="capsnet train --epochs 4 --resume", **kw)
+    assert other["runs"] == [
+        {"epochs": [1, 2], "command": "capsnet train --epochs 1"},
+        {"epochs": [3, 4], "command": "capsnet train --epochs 4 --resume"},
+    ]
+    old = torch.load(tmp_path / "last.pt", weights_only=True)  # a checkpoint from before runs were kept
+    old.pop("runs")
+    torch.save(old, tmp_path / "last.pt")
+    later = train(epochs=5, resume=True, command="capsnet train --epochs 5 --resume", **kw)
+    assert later["runs"] == [
+        {"epochs": [1, 4], "command": "capsnet train --epochs 4 --resume"},
+        {"epochs": [5, 5], "command": "capsnet train --epochs 5 --resume"},
+    ]
