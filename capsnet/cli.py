@@ -48,6 +48,7 @@ def _train(args: argparse.Namespace) -> None:
         data_dir=args.data_dir,
         init_from=args.init_from,
         resume_lr=args.resume_lr,
+        keep_epochs=args.keep_epochs,
     )
     print(
         f"epoch {state['epoch']}: test accuracy {state['test_accuracy']:.4f}; "
@@ -184,6 +185,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         type=Path,
         default=None,
         help="start from the weights and epoch count of an exported model directory (fresh optimizer)",
+    )
+    p.add_argument(
+        "--keep-epochs",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also keep the last K epochs' weights (OUTPUT/epoch-NNN.pt, no optimizer state) for "
+        "`capsnet average`",
     )
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")

@@ -151,6 +151,7 @@ def train(
     data_dir: Path | None = None,
     init_from: Path | None = None,
     resume_lr: float | None = None,
+    keep_epochs: int = 0,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -308,9 +309,23 @@ def train(
         if test_acc > best_acc:
             best_acc = test_acc
             save_checkpoint(best_path, state)
+        if keep_epochs:
+            keep_weights(output, state, keep_epochs)
     if not state:  # nothing left to train: hand back what is on disk
         state = load_checkpoint(last_path)
     return state
+
+
+def keep_weights(output: Path, state: dict[str, Any], keep: int) -> None:
+    """epoch-NNN.pt: this epoch's checkpoint without the optimizer state (a third of last.pt), for
+    `capsnet average` over a run's last epochs; only the newest `keep` stay."""
+    save_checkpoint(output / f"epoch-{state['epoch']:03d}.pt", without_optimizer(state))
+    for old in sorted(output.glob("epoch-[0-9][0-9][0-9].pt"))[:-keep]:
+        old.unlink()
+
+
+def without_optimizer(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
 
 
 def runs_so_far(
@@ -341,7 +356,7 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
             raise ValueError(f"{path} is from another config or dataset than {paths[0]}")
     model = {k: sum(st["model"][k].float() for st in states) / len(states) for k in first["model"]}
     last = max(states, key=lambda st: st["epoch"])
-    averaged = {k: v for k, v in last.items() if k not in ("optimizer", "scheduler")}
+    averaged = without_optimizer(last)
     averaged["model"] = model
     averaged["averaged_epochs"] = [st["epoch"] for st in states]
     averaged["test_accuracy"] = None  # not measured yet (write_average and the export measure it)

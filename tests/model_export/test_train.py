@@ -137,3 +137,20 @@ def test_the_checkpoint_says_which_command_trained_which_epochs(tmp_path):
         {"epochs": [1, 4], "command": "capsnet train --epochs 4 --resume"},
         {"epochs": [5, 5], "command": "capsnet train --epochs 5 --resume"},
     ]
+
+
+def test_keep_epochs_leaves_the_last_epochs_weights_for_averaging(tmp_path):
+    from capsnet.model_export.train import average_checkpoints
+
+    kw = {"limit": 32, "batch_size": 32, "eval_limit": 50, "progress": False, "output": tmp_path}
+    kw["config_overrides"] = {"conv1_channels": 8, "primary_types": 2}
+    state = train(epochs=3, keep_epochs=2, **kw)
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-002.pt", "epoch-003.pt"]
+    kept = load_checkpoint(tmp_path / "epoch-003.pt")
+    assert "optimizer" not in kept and "scheduler" not in kept and kept["epoch"] == 3
+    for name, w in state["model"].items():
+        assert torch.equal(kept["model"][name], w), name
+    size = (tmp_path / "epoch-003.pt").stat().st_size
+    assert size < 0.5 * (tmp_path / "last.pt").stat().st_size  # Adam's two moments left out
+    avg = average_checkpoints(sorted(tmp_path.glob("epoch-*.pt")))
+    assert avg["averaged_epochs"] == [2, 3]
