@@ -3,7 +3,7 @@ import torch
 
 from capsnet.model_export.capsules import DigitCaps
 from capsnet.model_export.config import CapsNetConfig
-from capsnet.model_export.model import CapsNet, CapsNetOutput, capsnet_loss, margin_loss
+from capsnet.model_export.model import CapsNet, CapsNetOutput, capsnet_loss, margin_loss, reconstruction_loss
 from tests.factories import CONV_GAIN, W_GAIN, mnist_test_images
 
 TINY = CapsNetConfig(conv1_channels=16, primary_types=4)
@@ -88,7 +88,7 @@ def test_training_routes_without_the_votes_and_its_gradients_are_the_textbooks(m
             if run == model.run:
                 m.setattr(DigitCaps, "forward", no_votes)
             out = run(x)
-        loss = margin_loss(out.lengths, y) + 0.0005 * ((model.reconstruct(out.poses, y) - x) ** 2).sum() / 3
+        loss = margin_loss(out.lengths, y) + 0.0005 * reconstruction_loss(model.reconstruct(out.poses, y), x)
         loss.backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     assert grads[0]["digits.W"].abs().max() > 1e-6  # the routing's weights do get a gradient
