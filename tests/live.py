@@ -22,6 +22,9 @@ from fastapi.testclient import TestClient
 from capsnet.service.app import create_app
 from capsnet.service.settings import Settings
 
+# Every model warm (Triton's strict readiness), not only the default one that /health/ready covers: a
+# test that starts two models and asks the second must not race its warm-up.
+READY_PATH = "/v2/health/ready"
 READY_TIMEOUT_S = 120  # the shipped model's warm-up at batch 64 on 2 busy cores takes seconds
 
 
@@ -29,7 +32,7 @@ class ReadyClient(TestClient):
     """`with ReadyClient(app) as client:` returns once `ready_path` answers 200, and fails (never
     carries on) when it does not within READY_TIMEOUT_S."""
 
-    def __init__(self, app: Any, ready_path: str = "/health/ready", **kwargs: Any) -> None:
+    def __init__(self, app: Any, ready_path: str = READY_PATH, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.ready_path = ready_path
 
@@ -44,12 +47,12 @@ class ReadyClient(TestClient):
         return self
 
 
-def ready_client(settings: Settings, ready_path: str = "/health/ready") -> ReadyClient:
+def ready_client(settings: Settings, ready_path: str = READY_PATH) -> ReadyClient:
     return ReadyClient(create_app(settings), ready_path=ready_path)
 
 
 @contextlib.contextmanager
-def serve(settings: Settings, ready_path: str = "/health/ready") -> Iterator[str]:
+def serve(settings: Settings, ready_path: str = READY_PATH) -> Iterator[str]:
     """Yields host:port once `ready_path` answers 200; stops the server on exit."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

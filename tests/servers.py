@@ -39,7 +39,7 @@ class Server:
 
 @contextlib.contextmanager
 def capsnet_serve(
-    tmp_path: Path, env: dict[str, str], args: tuple[str, ...] = (), ready: str = "/health/ready"
+    tmp_path: Path, env: dict[str, str], args: tuple[str, ...] = (), ready: str = "/v2/health/ready"
 ) -> Iterator[Server]:
     port = free_port()
     log = tmp_path / f"serve-{port}.log"

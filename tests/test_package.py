@@ -201,7 +201,7 @@ def test_predict_preprocesses_as_the_models_metadata_says_offline_and_through_th
     clothes = list(DATASETS["fashion-mnist"].labels)
     assert all(r["label"] == clothes[r["class_index"]] for r in default)  # type: ignore[index]
     settings = Settings(model_dir=SHIPPED_MODEL, model_dirs=str(tiny_fashion_model_dir), max_batch_size=8)
-    with live.serve(settings, ready_path="/v2/health/ready") as host_port:
+    with live.serve(settings) as host_port:
         remote = rows("--url", f"http://{host_port}", "--model", "tiny-fashion")
     assert [(r["file"], r["label"]) for r in remote] == [(r["file"], r["label"]) for r in default]
     for r, o in zip(remote, default, strict=True):

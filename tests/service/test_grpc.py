@@ -58,7 +58,7 @@ def serve(tiny_model_dir, shipped=True, **kw):
         else {"model_dir": tiny_model_dir}
     )
     settings = Settings(**models, max_batch_size=8, grpc_port=port, grpc_host="127.0.0.1", **kw)
-    with live.serve(settings, ready_path="/v2/health/ready") as url:
+    with live.serve(settings) as url:
         yield url, f"127.0.0.1:{port}"
 
 

@@ -31,7 +31,7 @@ JPEG = {"content-type": "image/jpeg"}
 def client(tiny_fashion_model_dir):
     settings = Settings(model_dir=SHIPPED_MODEL, model_dirs=str(tiny_fashion_model_dir), max_batch_size=8,
                         model_control="explicit", admin_key="adm1n")  # fmt: skip
-    with ready_client(settings, ready_path="/v2/health/ready") as c:  # both models warm
+    with ready_client(settings) as c:  # both models warm
         yield c
 
 

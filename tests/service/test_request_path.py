@@ -81,7 +81,7 @@ def test_fast_lane_answers_byte_for_byte_like_the_route(client, query, body_kind
 def two_models(tiny_model_dir, tiny_fashion_model_dir):
     """The tiny model as the default and the tiny Fashion-MNIST one beside it."""
     settings = Settings(model_dir=tiny_model_dir, model_dirs=str(tiny_fashion_model_dir))
-    with ready_client(settings, ready_path="/v2/health/ready") as c:
+    with ready_client(settings) as c:
         yield c
 
 

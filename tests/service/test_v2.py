@@ -22,15 +22,11 @@ from tests.checks import assert_right_not_wrong, transposed
 OUTPUTS = ["probabilities", "poses", "coupling", "primary_activations"]
 
 
-def serve(settings: Settings):
-    return live.serve(settings, ready_path="/v2/health/ready")
-
-
 @pytest.fixture(scope="module")
 def url(tiny_model_dir):
     settings = Settings(model_dir=SHIPPED_MODEL, model_dirs=str(tiny_model_dir), max_batch_size=8,
                         max_upload_bytes=1_000_000)  # fmt: skip
-    with serve(settings) as u:
+    with live.serve(settings) as u:
         yield u
 
 
