@@ -110,6 +110,10 @@ class Repository:
             raise APIError(404, f"model {name!r} has no version {version!r}; it has [{slot.model.version!r}]")
         return slot.model
 
+    def warming(self) -> list[str]:
+        """The loaded models whose warm-up has not run yet (an unloaded model is not waited for)."""
+        return [name for name, model in self.models.items() if not model.ready]
+
     def index(self) -> list[dict[str, str]]:
         """Triton's repository index: every model directory, READY or UNAVAILABLE with the reason."""
         out = []
@@ -146,11 +150,18 @@ class State:
             raise APIError(503, "the models are not loaded yet", {"Retry-After": "1"})
         return self.models
 
-    @property
-    def ready(self) -> bool:
-        """The default model is loaded and warmed up (what /health/ready answers)."""
-        model = self.models.default if self.models is not None else None
-        return model is not None and model.ready
+    def not_ready(self) -> str | None:
+        """Why /health/ready answers 503, or None when it answers 200: every loaded model warmed up
+        (as Triton's strict readiness and /v2/health/ready have it) and the default one loaded, for
+        the requests that name no model. A probe that passed while a second model still warmed up
+        would send traffic that model answers with 503."""
+        if self.models is None:
+            return "the models are not loaded (starting or shutting down)"
+        if self.models.default is None:
+            return "the default model is unloaded"
+        if warming := self.models.warming():
+            return f"warming up: {', '.join(warming)}"
+        return None
 
     def default_model(self) -> ServedModel:
         """The default model once it is warm, else 503."""

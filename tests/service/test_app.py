@@ -342,26 +342,61 @@ def test_requests_beyond_max_in_flight_get_503_before_their_body_is_read(tiny_mo
         assert c.post("/predict", json=body).status_code == 200  # recovers by itself
 
 
-def test_readiness_is_false_until_warm_up_ran(tiny_model_dir, monkeypatch):
+def gate_warm_up(monkeypatch, name: str | None = None) -> threading.Event:
+    """Engine warm-ups (of the model `name` only, if given) wait until the event is set."""
     gate = threading.Event()
     real = Engine.warm_up
 
     def gated(self, max_batch):
-        gate.wait(10)
+        if name is None or self.info.name == name:
+            gate.wait(10)
         return real(self, max_batch)
 
     monkeypatch.setattr(Engine, "warm_up", gated)
+    return gate
+
+
+def wait_for(client: TestClient, path: str) -> None:
+    """Until GET `path` answers 200 (10 s at most; the assertions after it say what went wrong)."""
+    for _ in range(200):
+        if client.get(path).status_code == 200:
+            return
+        time.sleep(0.05)
+
+
+def test_readiness_is_false_until_warm_up_ran(tiny_model_dir, monkeypatch):
+    gate = gate_warm_up(monkeypatch)
     with TestClient(create_app(Settings(model_dir=tiny_model_dir))) as c:
         r = c.get("/health/ready")
         assert r.status_code == 503 and r.json()["status"] == "starting"
         assert c.post("/predict", json={"images": [np.zeros((28, 28)).tolist()]}).status_code == 503
         assert c.get("/health/live").status_code == 200
         gate.set()
-        for _ in range(100):
-            if c.get("/health/ready").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_for(c, "/health/ready")
         assert c.get("/health/ready").json() == {"status": "ready"}
+
+
+def test_readiness_waits_for_every_model_not_only_the_default(
+    tiny_model_dir, tiny_fashion_model_dir, monkeypatch
+):
+    """A second model still warming up keeps /health/ready (and /v2's) at 503 while the default one
+    already answers: a probe that passed then would send traffic the second model refuses."""
+    gate = gate_warm_up(monkeypatch, "tiny-fashion")
+    settings = Settings(model_dir=tiny_model_dir, model_dirs=str(tiny_fashion_model_dir))
+    with TestClient(create_app(settings)) as c:
+        wait_for(c, "/v2/models/tiny/ready")  # the default model warms up by itself
+        body = {"images": [np.zeros((28, 28)).tolist()]}
+        assert c.post("/predict", json=body).status_code == 200
+        assert c.post("/predict?model=tiny-fashion", json=body).status_code == 503
+        r = c.get("/health/ready")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json() == {"status": "starting", "detail": "warming up: tiny-fashion"}
+        assert c.get("/v2/health/ready").status_code == 503
+        gate.set()
+        wait_for(c, "/health/ready")
+        assert c.get("/health/ready").json() == {"status": "ready"}
+        assert c.get("/v2/health/ready").status_code == 200
+        assert c.post("/predict?model=tiny-fashion", json=body).status_code == 200
 
 
 def has_cuda_driver() -> bool:

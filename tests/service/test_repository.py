@@ -72,6 +72,7 @@ def test_index_unload_load_and_a_reload_that_changes_the_version(versions, tmp_p
         assert (index["other"]["state"], index["other"]["reason"], index["other"]["version"]) == (
             "UNAVAILABLE", "unloaded", "")  # fmt: skip
         assert not client.is_model_ready("other") and client.is_server_ready()  # the loaded ones are
+        assert httpx.get(f"http://{url}/health/ready").json() == {"status": "ready"}  # not waited for
         with pytest.raises(InferenceServerException, match="'other' is not loaded"):
             _infer(client, "other", x)
         ready_only = httpx.post(f"http://{url}/v2/repository/index", json={"ready": True}).json()
@@ -109,6 +110,11 @@ def test_index_unload_load_and_a_reload_that_changes_the_version(versions, tmp_p
         r = httpx.post(f"http://{url}/v2/repository/models/tiny/load", headers=ADMIN)
         assert r.status_code == 400 and "failed to load model 'tiny'" in r.json()["error"]
         np.testing.assert_allclose(_infer(client, "tiny", x), new, rtol=1e-5)
+
+        client.unload_model("tiny", headers=ADMIN)  # the default: requests that name no model get 503
+        r = httpx.get(f"http://{url}/health/ready")
+        assert r.status_code == 503 and r.json()["detail"] == "the default model is unloaded"
+        assert client.is_server_ready()  # /v2 as Triton: every loaded model is warm
 
 
 def test_reloading_under_load_fails_no_request(versions, tmp_path):

@@ -68,7 +68,7 @@ class Health(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio-health-
     async def update(self) -> bool:
         """SERVING once every model is ready (ignored once draining began); whether it is."""
         models = self.state.models
-        if not self.warm and models is not None and all(m.ready for m in models.models.values()):
+        if not self.warm and models is not None and not models.warming():
             self.warm = True
             for service in ("", SERVICE):
                 await self.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -143,7 +143,7 @@ class InferenceServicer:
 
     async def server_ready(self, request: Message, context: Context) -> Message:
         models = self.state.models
-        ready = models is not None and all(m.ready for m in models.models.values())
+        ready = models is not None and not models.warming()
         return pb.ServerReadyResponse(ready=ready)
 
     async def model_ready(self, request: Message, context: Context) -> Message:

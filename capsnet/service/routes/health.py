@@ -24,11 +24,9 @@ async def live() -> Response:
 
 @router.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
 async def ready(state: StateDep) -> Response:
-    if state.ready:
+    if (why := state.not_ready()) is None:
         return json_response({"status": "ready"})
-    return json_response(
-        {"status": "starting", "detail": "model loading or warming up"}, 503, {"Retry-After": "1"}
-    )
+    return json_response({"status": "starting", "detail": why}, 503, {"Retry-After": "1"})
 
 
 def model_entry(model: ServedModel, default: ServedModel | None) -> dict[str, Any]:

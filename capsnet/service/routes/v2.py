@@ -102,8 +102,7 @@ async def server_live() -> Response:
 @router.get("/health/ready", summary="200 once every model is loaded and warmed up, 503 before",
             response_class=Response, responses=EMPTY_200)  # fmt: skip
 async def server_ready(repo: RepositoryDep) -> Response:
-    waiting = [name for name, m in repo.models.items() if not m.ready]
-    if waiting:
+    if waiting := repo.warming():
         raise APIError(503, f"models not ready yet: {waiting}", {"Retry-After": "1"})
     return Response(status_code=200)
 
