@@ -57,10 +57,14 @@ class _ConvGradsAsConvs(torch.autograd.Function):
             gx = torch.nn.functional.conv_transpose2d(g, w, stride=s, output_padding=pad)  # (B, C_in, H, W)
         if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
             # The batch as the contracted channel: (C_in, B, H, W) with (C_out, B, H', W') dilated.
+            # Only the rows and columns the forward pass read: those the stride skipped at the far
+            # edge would add whole rows of weight gradient to throw away (PrimaryCaps: 10x10 for
+            # 9x9, 23 % more work).
+            h, w_ = kh + s * (g.shape[-2] - 1), kw + s * (g.shape[-1] - 1)
             gw = torch.nn.functional.conv2d(
-                x.transpose(0, 1), g.transpose(0, 1), dilation=s
-            )  # (C_in, C_out, >=kh, >=kw)
-            gw = gw[:, :, :kh, :kw].transpose(0, 1)  # (C_out, C_in, kh, kw)
+                x[:, :, :h, :w_].transpose(0, 1), g.transpose(0, 1), dilation=s
+            )  # (C_in, C_out, kh, kw)
+            gw = gw.transpose(0, 1)  # (C_out, C_in, kh, kw)
         return gx, gw, g.sum(dim=(0, 2, 3)), None
 
 
