@@ -744,8 +744,8 @@ def test_quantiles_are_numpys_nearest_order_statistics(n: int) -> None:
 
 @pytest.mark.parametrize(("dtype", "full"), [(np.uint8, 255.0), (np.uint16, 65535.0)])
 def test_level_quantiles_are_those_of_the_grey_image(dtype: type, full: float) -> None:
-    # The polarity rule reads its order statistics from a histogram of the integer levels: they must
-    # be, bit for bit, those of the float32 grey image the levels become.
+    # The polarity rule reads its order statistics from a histogram of the integer levels (from a sort
+    # of them, up to 4,096): they must be, bit for bit, those of the float32 grey image they become.
     from capsnet.service.preprocess import _level_quantiles, _quantiles, _to_float
 
     rng = np.random.default_rng(17)
@@ -755,6 +755,8 @@ def test_level_quantiles_are_those_of_the_grey_image(dtype: type, full: float) -
         rng.integers(0, top + 1, size=(224, 227)).astype(dtype),
         np.round(rng.normal(0.8, 0.05, (300, 200)).clip(0, 1) * top).astype(dtype),  # paper and ties
         np.full((31, 17), top // 3, dtype=dtype),
+        rng.integers(0, top + 1, size=(28, 28)).astype(dtype),  # a digit's size: sorted
+        rng.integers(0, top + 1, size=(64, 65)).astype(dtype),  # just over 4,096: the histogram
     ):
         assert _level_quantiles(levels, qs, full) == _quantiles(_to_float(levels, full), qs)
 
