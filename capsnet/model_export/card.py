@@ -177,14 +177,18 @@ def _phases(
             }
         ]
     if history:
-        phases.append(
-            {
-                "epochs": [epochs - len(history) + 1, epochs],
-                "hardware": hardware,
-                "wall_seconds": round(sum(h["train_seconds"] + h["eval_seconds"] for h in history), 1),
-                "images_per_second": [round(h["images_per_second"], 1) for h in history],
-            }
-        )
+        phase: dict[str, Any] = {
+            "epochs": [epochs - len(history) + 1, epochs],
+            "hardware": hardware,
+            "wall_seconds": round(sum(h["train_seconds"] + h["eval_seconds"] for h in history), 1),
+            "images_per_second": [round(h["images_per_second"], 1) for h in history],
+        }
+        if any("steady_images_per_second" in h for h in history):  # recorded since 2026-12-07: None before
+            phase["steady_images_per_second"] = [
+                round(h["steady_images_per_second"], 1) if "steady_images_per_second" in h else None
+                for h in history
+            ]
+        phases.append(phase)
     return phases
 
 
@@ -193,10 +197,18 @@ def _phase_line(ph: dict[str, Any]) -> str:
     first, last = ph["epochs"]
     span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
     speed = f"{rates[0]:,.1f}" if len(rates) == 1 else f"{min(rates):,.1f}-{max(rates):,.1f}"
-    return (
+    line = (
         f"  - {span}: {ph['wall_seconds'] / 60:.1f} min on {ph['hardware']}, "
         f"{speed} images/s (median {float(np.median(rates)):,.1f})"
     )
+    steady = [r for r in ph.get("steady_images_per_second") or [] if r is not None]
+    if steady:
+        which = "" if len(steady) == len(rates) else f" over {len(steady)} of its {len(rates)} epochs"
+        line += (
+            f"; at the median step's pace {float(np.median(steady)):,.1f} images/s{which} (pauses and other "
+            "work on the machine move the mean, not the median)"
+        )
+    return line
 
 
 def _command_lines(tr: dict[str, Any]) -> list[str]:

@@ -238,6 +238,7 @@ def train(
         order = rng.permutation(len(x_train))
         model.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        step_seconds: list[float] = []  # each step's wall time, data preparation included
         bar = tqdm(
             range(steps),
             desc=f"epoch {epoch + 1}/{epochs}",
@@ -246,6 +247,7 @@ def train(
             unit="batch",
         )
         for step in bar:
+            t_step = time.perf_counter()
             idx = order[step * batch_size : (step + 1) * batch_size]
             batch = random_hflip(x_train[idx], rng) if hflip else x_train[idx]
             images = to_tensor(random_shift(batch, max_shift, rng), dev)
@@ -257,6 +259,7 @@ def train(
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += int((lengths.argmax(1) == targets).sum())
+            step_seconds.append(time.perf_counter() - t_step)
             rate = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}", refresh=False)
         sched.step()
@@ -268,6 +271,10 @@ def train(
             "train_accuracy": correct / seen,
             "test_accuracy": test_acc,
             "images_per_second": seen / train_seconds,
+            # The pace of a typical step: a pause (SIGSTOP while benchmarks run) or a burst of other work
+            # on the machine slows some steps, and moves the median little where it moves the mean.
+            "step_seconds_median": float(np.median(step_seconds)),
+            "steady_images_per_second": batch_size / float(np.median(step_seconds)),
             "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - t0 - train_seconds,
             "lr": opt.param_groups[0]["lr"],

@@ -87,6 +87,30 @@ def test_phases_chain_across_several_warm_starts():
     assert _phases({}, history, "gpu", epochs=1)[0]["epochs"] == [1, 1]  # a run from scratch: one phase
 
 
+def test_a_phase_shows_the_median_steps_pace_beside_the_wall_clock_rate():
+    """An epoch paused for a benchmark: its wall-clock rate falls, its median step's pace does not."""
+    from capsnet.model_export.card import _phase_line, _phases
+
+    history = [
+        {"train_seconds": 1000.0, "eval_seconds": 50.0, "images_per_second": 60.0},
+        {"train_seconds": 2000.0, "eval_seconds": 50.0, "images_per_second": 30.0},  # half of it paused
+    ]
+    history[0]["steady_images_per_second"], history[1]["steady_images_per_second"] = 61.04, 60.0
+    (phase,) = _phases({}, history, "cpu", epochs=2)
+    assert phase["steady_images_per_second"] == [61.0, 60.0]
+    assert _phase_line(phase) == (
+        "  - epochs 1-2: 51.7 min on cpu, 30.0-60.0 images/s (median 45.0); at the median step's pace "
+        "60.5 images/s (pauses and other work on the machine move the mean, not the median)"
+    )
+    older = [{k: v for k, v in h.items() if k != "steady_images_per_second"} for h in history]
+    assert "steady_images_per_second" not in _phases({}, older, "cpu", epochs=2)[0]  # not recorded then
+    (mixed,) = _phases({}, [older[0], history[1]], "cpu", epochs=2)  # a run resumed with newer code
+    assert mixed["steady_images_per_second"] == [None, 60.0]
+    assert "(median 45.0); at the median step's pace 60.0 images/s over 1 of its 2 epochs (" in (
+        _phase_line(mixed)
+    )
+
+
 def test_known_limits_name_the_dataset_and_the_runs_augmentation():
     from capsnet.model_export.card import known_limits
 

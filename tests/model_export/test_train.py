@@ -18,6 +18,9 @@ def test_short_real_training_run_learns_mnist(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["epoch"] == 1 and log[-1]["test_accuracy"] == state["test_accuracy"]
     assert log[-1]["images_per_second"] > 0
+    median = log[-1]["step_seconds_median"]  # 94 steps of 32 (the last one of 24)
+    assert 0 < median < log[-1]["train_seconds"] / 47  # a typical step, not the sum of half of them
+    assert log[-1]["steady_images_per_second"] == pytest.approx(32 / median)
     # the checkpoint alone rebuilds the model, and carries no surprise
     ckpt = load_checkpoint(tmp_path / "last.pt")
     model = build_model(ckpt)
