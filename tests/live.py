@@ -20,6 +20,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from capsnet.service.app import create_app
+from capsnet.service.engine import Engine
 from capsnet.service.settings import Settings
 
 # Every model warm (Triton's strict readiness), not only the default one that /health/ready covers: a
@@ -75,3 +76,17 @@ def serve(settings: Settings, ready_path: str = READY_PATH) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def gate_warm_up(monkeypatch, name: str | None = None) -> threading.Event:
+    """Engine warm-ups (of the model `name` only, if given) wait until the event is set."""
+    gate = threading.Event()
+    real = Engine.warm_up
+
+    def gated(self, max_batch):
+        if name is None or self.info.name == name:
+            gate.wait(10)
+        return real(self, max_batch)
+
+    monkeypatch.setattr(Engine, "warm_up", gated)
+    return gate

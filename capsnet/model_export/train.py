@@ -265,16 +265,17 @@ def train(
         sched.step()
         train_seconds = time.perf_counter() - t0
         test_acc = evaluate(model, x_test, y_test, device=dev)
+        # The pace of a typical step: a pause (SIGSTOP while benchmarks run) or a burst of other work
+        # on the machine slows some steps, and moves the median little where it moves the mean.
+        step_median = float(np.median(step_seconds))
         record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
             "train_accuracy": correct / seen,
             "test_accuracy": test_acc,
             "images_per_second": seen / train_seconds,
-            # The pace of a typical step: a pause (SIGSTOP while benchmarks run) or a burst of other work
-            # on the machine slows some steps, and moves the median little where it moves the mean.
-            "step_seconds_median": float(np.median(step_seconds)),
-            "steady_images_per_second": batch_size / float(np.median(step_seconds)),
+            "step_seconds_median": step_median,
+            "steady_images_per_second": batch_size / step_median,
             "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - t0 - train_seconds,
             "lr": opt.param_groups[0]["lr"],

@@ -163,6 +163,11 @@ class State:
             return f"warming up: {', '.join(warming)}"
         return None
 
+    @property
+    def all_warm(self) -> bool:
+        """Every loaded model has warmed up: /v2/health/ready, gRPC ServerReady and grpc.health."""
+        return self.models is not None and not self.models.warming()
+
     def default_model(self) -> ServedModel:
         """The default model once it is warm, else 503."""
         model = self.models.default if self.models is not None else None

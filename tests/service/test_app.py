@@ -19,7 +19,7 @@ from capsnet.service.engine import Engine
 from capsnet.service.preprocess import preprocess_bytes
 from capsnet.service.settings import Settings
 from tests.factories import mnist_test_images
-from tests.live import ReadyClient, ready_client
+from tests.live import ReadyClient, gate_warm_up, ready_client
 
 
 def png_bytes(array01: np.ndarray, invert=True, scale=6) -> bytes:
@@ -340,20 +340,6 @@ def test_requests_beyond_max_in_flight_get_503_before_their_body_is_read(tiny_mo
         metrics = c.get("/metrics").text
         assert 'capsnet_requests_total{endpoint="/predict",method="POST",status="503"} 5.0' in metrics
         assert c.post("/predict", json=body).status_code == 200  # recovers by itself
-
-
-def gate_warm_up(monkeypatch, name: str | None = None) -> threading.Event:
-    """Engine warm-ups (of the model `name` only, if given) wait until the event is set."""
-    gate = threading.Event()
-    real = Engine.warm_up
-
-    def gated(self, max_batch):
-        if name is None or self.info.name == name:
-            gate.wait(10)
-        return real(self, max_batch)
-
-    monkeypatch.setattr(Engine, "warm_up", gated)
-    return gate
 
 
 def wait_for(client: TestClient, path: str) -> None:

@@ -450,9 +450,7 @@ def test_health_and_reflection(server):
 
 def test_health_not_serving_until_warm(tiny_model_dir, monkeypatch):
     """SERVING only once the warm-up ran: hold the warm-up and ask."""
-    release = threading.Event()
-    real = Engine.warm_up
-    monkeypatch.setattr(Engine, "warm_up", lambda self, b: release.wait(10) and real(self, b))
+    release = live.gate_warm_up(monkeypatch)
     port = free_port()
     settings = Settings(model_dir=tiny_model_dir, grpc_port=port, grpc_host="127.0.0.1")
     timer = threading.Timer(1.5, release.set)

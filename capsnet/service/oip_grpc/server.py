@@ -67,8 +67,7 @@ class Health(health.aio.HealthServicer):  # type: ignore[misc]  # grpcio-health-
 
     async def update(self) -> bool:
         """SERVING once every model is ready (ignored once draining began); whether it is."""
-        models = self.state.models
-        if not self.warm and models is not None and not models.warming():
+        if not self.warm and self.state.all_warm:
             self.warm = True
             for service in ("", SERVICE):
                 await self.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -142,9 +142,7 @@ class InferenceServicer:
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(self, request: Message, context: Context) -> Message:
-        models = self.state.models
-        ready = models is not None and not models.warming()
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self.state.all_warm)
 
     async def model_ready(self, request: Message, context: Context) -> Message:
         return pb.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
