@@ -90,3 +90,17 @@ def gate_warm_up(monkeypatch, name: str | None = None) -> threading.Event:
 
     monkeypatch.setattr(Engine, "warm_up", gated)
     return gate
+
+
+def slow_classify(monkeypatch, wait, when=lambda images: bool(images.any())):
+    """Make Engine.classify call `wait()` first for the batches `when` picks (the blank warm-up batches
+    pass through); return the real method."""
+    real = Engine.classify
+
+    def slow(self, images, outputs=None, narrow=False):
+        if when(images):
+            wait()
+        return real(self, images, outputs, narrow)
+
+    monkeypatch.setattr(Engine, "classify", slow)
+    return real

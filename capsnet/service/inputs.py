@@ -9,6 +9,7 @@ import asyncio
 import contextvars
 import functools
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -54,19 +55,27 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 # Where an upload is preprocessed. A digit-sized image costs less on the event loop than the hand-off
-# to a thread and back; a photo goes to a thread so that the loop keeps reading other requests.
+# to a thread and back; a photo goes to a thread so that the loop keeps reading other requests. A
+# request alone in the server has no other request for the loop to read: a scan-sized upload is
+# preprocessed there too, which spares it the two hand-offs and the move to a thread that last ran on
+# the other core, with none of the caches warm (measured in docs/performance.md).
 INLINE_PIXELS = 64 * 64  # per request, as the images' headers announce them
+INLINE_ALONE_PIXELS = 256 * 256  # ... when it is the only request in progress: a few ms at most
 INLINE_DECODE_BYTES = 4096  # preprocess=none: a 28x28 image or a refusal (its size is checked first)
 
 
-async def read_images(request: Request, settings: Settings, preprocess: Preprocess) -> np.ndarray:
-    """The request's images as float32 (k, 1, 28, 28), or an APIError."""
+async def read_images(
+    request: Request, settings: Settings, preprocess: Preprocess, alone: Callable[[], bool]
+) -> np.ndarray:
+    """The request's images as float32 (k, 1, 28, 28), or an APIError. `alone`: whether this is the
+    only request in progress once its body is read (State.alone)."""
     ctype = content_type(request)
     body = await read_body(request, settings.max_upload_bytes)
     if ctype == "multipart/form-data":
-        arrays = await _preprocessed(await _multipart_blobs(request, settings), preprocess, settings)
+        blobs = await _multipart_blobs(request, settings)
+        arrays = await _preprocessed(blobs, preprocess, settings, alone())
     elif ctype.startswith(IMAGE_TYPES):
-        arrays = await _preprocessed([body], preprocess, settings)
+        arrays = await _preprocessed([body], preprocess, settings, alone())
     elif ctype == "application/json" or ctype.endswith("+json"):
         arrays = _json_arrays(body, settings)
     else:
@@ -100,11 +109,13 @@ async def _multipart_blobs(request: Request, settings: Settings) -> list[bytes]:
         await form.close()
 
 
-async def _preprocessed(blobs: list[bytes], preprocess: Preprocess, settings: Settings) -> list[np.ndarray]:
+async def _preprocessed(
+    blobs: list[bytes], preprocess: Preprocess, settings: Settings, alone: bool
+) -> list[np.ndarray]:
     """Each upload preprocessed: here when they are small, else in one job on the preprocessing threads."""
     work = functools.partial(_preprocess_all, blobs, preprocess, settings.max_image_pixels)
     try:
-        if _small(blobs, preprocess):
+        if _small(blobs, preprocess, INLINE_ALONE_PIXELS if alone else INLINE_PIXELS):
             return work()
         loop = asyncio.get_running_loop()
         # the request's context (its ID in the log lines) goes along, as starlette's threadpool does it
@@ -117,7 +128,7 @@ def _preprocess_all(blobs: list[bytes], preprocess: Preprocess, max_pixels: int)
     return [preprocess_bytes(b, mode=preprocess, max_pixels=max_pixels) for b in blobs]
 
 
-def _small(blobs: list[bytes], preprocess: Preprocess) -> bool:
+def _small(blobs: list[bytes], preprocess: Preprocess, inline_pixels: int) -> bool:
     if preprocess == "none" and sum(map(len, blobs)) <= INLINE_DECODE_BYTES:
         return True
     total = 0
@@ -126,7 +137,7 @@ def _small(blobs: list[bytes], preprocess: Preprocess) -> bool:
         if pixels is None:  # a format whose header we do not read (TIFF, WebP): a thread's job
             return False
         total += pixels
-    return total <= INLINE_PIXELS
+    return total <= inline_pixels
 
 
 @functools.cache

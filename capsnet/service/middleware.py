@@ -94,7 +94,7 @@ class Guard:
         self.app, self.state, self.fast_lane = app, state, fast_lane
         self.key, self.control = secret(state.settings.api_key), ModelControl(state.settings)
         self.open_paths, self.open_exact = open_paths, open_exact
-        self.limit, self.in_flight = state.settings.max_in_flight, 0
+        self.limit = state.settings.max_in_flight
 
     def authorized(self, scope: Scope) -> bool:
         path = scope["path"]
@@ -129,14 +129,15 @@ class Guard:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        state = self.state
+        if state.posts_in_flight >= self.limit:
             detail = (
-                f"the server is busy: {self.in_flight} requests in progress (limit {self.limit}); "
+                f"the server is busy: {state.posts_in_flight} requests in progress (limit {self.limit}); "
                 "retry shortly"
             )
             await error_response(path, 503, detail, {"Retry-After": "1"})(scope, receive, send)
             return
-        self.in_flight += 1
+        state.posts_in_flight += 1
         try:
             fast = self.fast_lane(scope)
             if fast is None:
@@ -145,7 +146,7 @@ class Guard:
                 handler, scope["capsnet.route"] = fast
                 await self.answer(handler, scope, receive, send)
         finally:
-            self.in_flight -= 1
+            state.posts_in_flight -= 1
 
     async def answer(
         self,

@@ -143,6 +143,10 @@ class State:
         self.metrics = Metrics()
         self.models: Repository | None = None  # set while the lifespan runs
         self.sync = WorkerSync.from_environment(settings.workers)  # capsnet serve sets CAPSNET_WORKERS
+        # Inference requests in progress in this process, each kind held to max_in_flight on its own:
+        # REST POSTs (the middleware counts them) and gRPC ModelInfer calls (the servicer).
+        self.posts_in_flight = 0
+        self.infer_calls_in_flight = 0
 
     def repository(self) -> Repository:
         """The models, once the lifespan has loaded them; 503 before (and while shutting down)."""
@@ -162,6 +166,11 @@ class State:
         if warming := self.models.warming():
             return f"warming up: {', '.join(warming)}"
         return None
+
+    def alone(self) -> bool:
+        """Whether the request asking is the only one in progress: nothing else needs the event loop
+        while it works there (inputs.py preprocesses a scan-sized upload on the loop then)."""
+        return self.posts_in_flight + self.infer_calls_in_flight <= 1
 
     @property
     def all_warm(self) -> bool:

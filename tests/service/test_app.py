@@ -19,7 +19,7 @@ from capsnet.service.engine import Engine
 from capsnet.service.preprocess import preprocess_bytes
 from capsnet.service.settings import Settings
 from tests.factories import mnist_test_images
-from tests.live import ReadyClient, gate_warm_up, ready_client
+from tests.live import ReadyClient, gate_warm_up, ready_client, slow_classify
 
 
 def png_bytes(array01: np.ndarray, invert=True, scale=6) -> bytes:
@@ -284,20 +284,6 @@ def wait_until(condition, what: str, timeout_s: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"still waiting after {timeout_s} s for {what}"
         time.sleep(0.02)
-
-
-def slow_classify(monkeypatch, wait, when=lambda images: bool(images.any())):
-    """Make Engine.classify call `wait()` first for the batches `when` picks (the blank warm-up batches
-    pass through); return the real method."""
-    real = Engine.classify
-
-    def slow(self, images, outputs=None, narrow=False):
-        if when(images):
-            wait()
-        return real(self, images, outputs, narrow)
-
-    monkeypatch.setattr(Engine, "classify", slow)
-    return real
 
 
 def test_full_queue_gives_503_with_retry_after(tiny_model_dir, digits, monkeypatch):

@@ -25,7 +25,7 @@ from capsnet.service.routes.predict import fast_query, fast_route
 from capsnet.service.settings import Settings
 from tests.checks import sample
 from tests.factories import mnist_test_images
-from tests.live import ready_client
+from tests.live import ready_client, slow_classify
 from tests.servers import capsnet_serve
 from tests.service.photos import render_product
 
@@ -191,21 +191,8 @@ def _encoded(array01: np.ndarray, fmt: str) -> bytes:
 SCAN = Path(__file__).resolve().parents[2] / "examples" / "7.png"  # 227x224: 50,848 pixels
 
 
-@pytest.mark.parametrize(
-    ("uploads", "where"),
-    [
-        (["png"], "loop"),  # one 28x28 digit: 784 pixels
-        (["png"] * 5, "loop"),  # 3,920 pixels in all, under INLINE_PIXELS (4,096)
-        (["png"] * 6, "pool"),  # 4,704: one job on a preprocessing thread for all six
-        (["tiff"], "pool"),  # a header we do not read
-        (["scan"], "pool"),
-    ],
-)
-def test_small_uploads_are_preprocessed_on_the_event_loop_and_photos_on_a_thread(
-    client, sessions, monkeypatch, uploads, where
-):
-    digit = mnist_test_images(1)[0, 0]
-    blobs = {"png": _encoded(digit, "PNG"), "tiff": _encoded(digit, "TIFF"), "scan": SCAN.read_bytes()}
+def _record_threads(monkeypatch) -> list[tuple[str, str | None]]:
+    """preprocess_bytes records the thread it runs on and the request ID of its log lines."""
     calls: list[tuple[str, str | None]] = []
 
     def recorded(data, **kw):
@@ -214,6 +201,39 @@ def test_small_uploads_are_preprocessed_on_the_event_loop_and_photos_on_a_thread
         return preprocess_bytes(data, **kw)
 
     monkeypatch.setattr(inputs, "preprocess_bytes", recorded)
+    return calls
+
+
+def _upload_blobs() -> dict[str, bytes]:
+    digit = mnist_test_images(1)[0, 0]
+    big = np.kron(digit, np.ones((11, 11)))  # 308x308: 94,864 pixels, over INLINE_ALONE_PIXELS (65,536)
+    return {
+        "png": _encoded(digit, "PNG"),
+        "tiff": _encoded(digit, "TIFF"),
+        "scan": SCAN.read_bytes(),
+        "big": _encoded(big, "PNG"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("uploads", "where"),
+    [
+        (["png"], "loop"),  # one 28x28 digit: 784 pixels
+        (["png"] * 6, "loop"),  # 4,704 pixels: over INLINE_PIXELS (4,096), but the request is alone
+        (["scan"], "loop"),  # 50,848 pixels, under INLINE_ALONE_PIXELS (65,536)
+        (["scan", "png"], "loop"),  # 51,632 in all
+        (["scan", "scan"], "pool"),  # 101,696: one job on a preprocessing thread for both
+        (["big"], "pool"),  # a photo: on a thread even when alone
+        (["tiff"], "pool"),  # a header we do not read
+    ],
+)
+def test_small_uploads_are_preprocessed_on_the_event_loop_and_photos_on_a_thread(
+    client, sessions, monkeypatch, uploads, where
+):
+    """One request at a time (the server is otherwise idle): the per-request pixel bound is
+    INLINE_ALONE_PIXELS. The bound while others are in progress: the test after this one."""
+    blobs = _upload_blobs()
+    calls = _record_threads(monkeypatch)
     files = [("files", (f"{k}.{name}", blobs[name])) for k, name in enumerate(uploads)]
     r = client.post("/predict", files=files, headers={"X-Request-ID": "where-1"})
     assert r.status_code == 200, r.text
@@ -229,6 +249,46 @@ def test_small_uploads_are_preprocessed_on_the_event_loop_and_photos_on_a_thread
         probs, poses = sessions["tiny"].run(["probabilities", "poses"], {"image": x})
         np.testing.assert_allclose(item["probabilities"], probs[0], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(item["poses"], poses[0], rtol=1e-6, atol=1e-6)
+
+
+def test_uploads_go_to_a_thread_over_64x64_pixels_while_another_request_is_in_progress(
+    tiny_model_dir, sessions, monkeypatch
+):
+    """While one request waits for its inference, a second request's scan, or six digits, are
+    preprocessed on a thread (INLINE_PIXELS), so that the loop stays free to read the others; once
+    the first is answered, the scan alone is done on the loop again. The counters return to 0."""
+    blobs = _upload_blobs()
+    release, held = threading.Event(), threading.Event()
+
+    def hold():
+        held.set()
+        release.wait(10)
+
+    slow_classify(monkeypatch, hold, when=lambda images: len(images) == 1 and images[0].max() == 0.5)
+    calls = _record_threads(monkeypatch)
+    grey = {"images": [np.full((28, 28), 0.5).tolist()]}
+    settings = Settings(model_dir=tiny_model_dir, max_wait_ms=0, parallel_batches=2)  # one batch held
+    with ready_client(settings) as c, ThreadPoolExecutor(1) as pool:
+        state = c.app.state.capsnet
+        first = pool.submit(c.post, "/predict", json=grey)
+        assert held.wait(10)
+        assert state.posts_in_flight == 1 and state.alone()
+        scan = c.post("/predict", content=blobs["scan"], headers={"Content-Type": "image/png"})
+        digits = c.post("/predict", files=[("files", (f"{k}.png", blobs["png"])) for k in range(6)])
+        one = c.post("/predict", files=[("files", ("0.png", blobs["png"]))])
+        release.set()
+        assert first.result().status_code == 200
+        alone = c.post("/predict", content=blobs["scan"], headers={"Content-Type": "image/png"})
+        assert state.posts_in_flight == 0 and state.infer_calls_in_flight == 0
+    assert [r.status_code for r in (scan, digits, one, alone)] == [200] * 4
+    threads = [name.startswith("capsnet-preprocess") for name, _ in calls]
+    assert threads == [True] + [True] * 6 + [False] + [False]  # the one small digit stays on the loop
+    x = preprocess_bytes(blobs["scan"], mode="mnist", max_pixels=10**8)[None, None]
+    (expected,) = sessions["tiny"].run(["probabilities"], {"image": x})
+    for r in (scan, alone):  # the same answer on either thread
+        np.testing.assert_allclose(
+            r.json()["predictions"][0]["probabilities"], expected[0], rtol=1e-6, atol=1e-6
+        )
 
 
 def test_the_preprocessing_threads_are_one_per_core():

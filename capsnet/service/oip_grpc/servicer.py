@@ -66,7 +66,7 @@ class InferenceServicer:
         s = state.settings
         self.key, self.control = secret(s.api_key), ModelControl(s)
         self.open_health = s.open_health
-        self.limit, self.in_flight = s.max_in_flight, 0  # ModelInfer calls, as REST counts its POSTs
+        self.limit = s.max_in_flight  # ModelInfer calls in progress, as REST counts its POSTs
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's methods for `server.add_generic_rpc_handlers`."""
@@ -154,14 +154,15 @@ class InferenceServicer:
         return tensors.model_metadata(self._model(request.name, request.version).signature)
 
     async def model_infer(self, request: Message, context: Context) -> Message:
-        if self.in_flight >= self.limit:
-            raise APIError(503, f"the server is busy: {self.in_flight} inference calls in progress "
-                           f"(limit {self.limit}); retry shortly", {"Retry-After": "1"})  # fmt: skip
-        self.in_flight += 1
+        state = self.state
+        if state.infer_calls_in_flight >= self.limit:
+            raise APIError(503, f"the server is busy: {state.infer_calls_in_flight} inference calls in "
+                           f"progress (limit {self.limit}); retry shortly", {"Retry-After": "1"})  # fmt: skip
+        state.infer_calls_in_flight += 1
         try:
             return await self._infer(request, context)
         finally:
-            self.in_flight -= 1
+            state.infer_calls_in_flight -= 1
 
     async def _infer(self, request: Message, context: Context) -> Message:
         model = self._model(request.model_name, request.model_version)

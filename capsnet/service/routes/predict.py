@@ -43,7 +43,8 @@ async def read_request_images(
     refused first if its queue is full."""
     state.admit(model)
     with model.batcher.arriving():
-        return await read_images(request, state.settings, preprocess or model.engine.info.preprocess)
+        mode = preprocess or model.engine.info.preprocess
+        return await read_images(request, state.settings, mode, state.alone)
 
 
 def prediction_items(engine: Engine, out: dict[str, np.ndarray]) -> list[dict[str, Any]]:
