@@ -58,7 +58,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 # to a thread and back; a photo goes to a thread so that the loop keeps reading other requests. A
 # request alone in the server has no other request for the loop to read: a scan-sized upload is
 # preprocessed there too, which spares it the two hand-offs and the move to a thread that last ran on
-# the other core, with none of the caches warm (measured in docs/performance.md).
+# the other core, with none of the caches warm.
 INLINE_PIXELS = 64 * 64  # per request, as the images' headers announce them
 INLINE_ALONE_PIXELS = 256 * 256  # ... when it is the only request in progress: a few ms at most
 INLINE_DECODE_BYTES = 4096  # preprocess=none: a 28x28 image or a refusal (its size is checked first)
