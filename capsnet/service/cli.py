@@ -31,7 +31,7 @@ def check_models(settings: Settings) -> list[str]:
     names: dict[str, str] = {}
     for k, directory in enumerate(model_dirs(settings)):
         try:
-            name = Engine.from_settings(settings, directory).info.name
+            name = Engine.from_settings(settings, directory, beside=k > 0).info.name
         except EngineError as exc:
             if k == 0:  # the default model: its message names its files
                 raise

@@ -173,7 +173,12 @@ class Engine:
         gpu_arena_extend: str = "kSameAsRequested",
         intra_op_spinning: bool = False,
         parallel_batches: int = 1,
+        beside: bool = False,
     ) -> None:
+        """`beside`: a model served beside the default one. Where it lacks the file `precision` names
+        it is served in fp32, with a warning, and /metadata says so: one model without an int8 file
+        (its accuracy gate refused one) should not stop a server whose operator asked for int8 for
+        the model they pointed at. The default model (and `capsnet predict`'s) must have the file."""
         wanted = choose_providers(providers)
         cuda_options = {
             "cudnn_conv_algo_search": cudnn_conv_algo_search,
@@ -195,10 +200,22 @@ class Engine:
             raise EngineError(f"CAPSNET_REQUIRE_GPU=1 but CUDA is not usable: {why}")
         classifier_path = model_dir / CLASSIFIER_FILES[precision]
         if precision != "fp32" and not classifier_path.exists():
-            raise EngineError(
-                f"CAPSNET_PRECISION={precision} needs {classifier_path}: write it with "
-                f"`{WRITTEN_BY[precision]} {model_dir}` (needs the [train] extra)"
+            if not beside:
+                raise EngineError(
+                    f"CAPSNET_PRECISION={precision} needs {classifier_path}: write it with "
+                    f"`{WRITTEN_BY[precision]} {model_dir}` (needs the [train] extra)"
+                )
+            log.warning(
+                "CAPSNET_PRECISION=%s: %s has no %s, so it is served in fp32 (%s); `%s %s` writes one "
+                "where its accuracy allows (needs the [train] extra)",
+                precision,
+                model_dir,
+                classifier_path.name,
+                CLASSIFIER_FILES["fp32"],
+                WRITTEN_BY[precision],
+                model_dir,
             )
+            precision, classifier_path = "fp32", model_dir / CLASSIFIER_FILES["fp32"]
         self.precision = precision
         self.classifier_file = classifier_path.name  # what /metadata reports as in use
         self.classifier = _open(classifier_path, wanted, intra_op_threads, cuda_options, intra_op_spinning)
@@ -241,8 +258,9 @@ class Engine:
         )
 
     @classmethod
-    def from_settings(cls, s: Settings, model_dir: Path | None = None) -> Engine:
-        """The engine for `model_dir` (default: the settings' model) with the settings' options."""
+    def from_settings(cls, s: Settings, model_dir: Path | None = None, *, beside: bool = False) -> Engine:
+        """The engine for `model_dir` (default: the settings' model) with the settings' options;
+        `beside`: as in `Engine`."""
         return cls(
             model_dir or s.model_dir,
             providers=s.providers,
@@ -254,6 +272,7 @@ class Engine:
             gpu_arena_extend=s.gpu_arena_extend,
             intra_op_spinning=s.intra_op_spinning,
             parallel_batches=s.parallel_batches,
+            beside=beside,
         )
 
     def _read_info(self, model_dir: Path) -> ModelInfo:

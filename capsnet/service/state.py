@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -269,7 +270,10 @@ class State:
                 log.info("%s: unloaded", name)
                 return
             try:
-                engine = await asyncio.to_thread(Engine.from_settings, self.settings, slot.directory)
+                beside = slot.directory.resolve() != self.settings.model_dir.resolve()
+                engine = await asyncio.to_thread(
+                    functools.partial(Engine.from_settings, beside=beside), self.settings, slot.directory
+                )
             except EngineError as exc:
                 raise APIError(400, f"failed to load model {name!r}: {exc}") from None
             if engine.info.name != name:
@@ -292,8 +296,11 @@ class State:
         repo = Repository()
         tasks: list[asyncio.Task[Any]] = []
         try:
-            for directory in model_dirs(s):
-                model = self._serve(await asyncio.to_thread(Engine.from_settings, s, directory))
+            for k, directory in enumerate(model_dirs(s)):
+                engine = await asyncio.to_thread(
+                    functools.partial(Engine.from_settings, beside=k > 0), s, directory
+                )
+                model = self._serve(engine)
                 repo.add(model, directory)
                 self.metrics.model_info.labels(model.name, model.version).set(1)
                 tasks.append(asyncio.create_task(_warm_up(model, s.max_batch_size)))

@@ -682,6 +682,49 @@ def test_precision_fp16_serves_the_half_precision_file_with_the_same_api(tiny_mo
     assert (b["probabilities"].argmax(1) == a["probabilities"].argmax(1)).all()
 
 
+def test_a_model_beside_the_default_without_the_precisions_file_is_served_in_fp32_and_says_so(
+    tiny_model_dir, tiny_fashion_model_dir, tmp_path, caplog
+):
+    # The shipped Fashion-MNIST model has no int8 file (its accuracy gate refused one): with
+    # CAPSNET_PRECISION=int8 it must still be served, in fp32, while the default model must have the
+    # file. fp16 stands in for int8 here (the same rule; its file is quick to write).
+    import logging
+    import shutil
+
+    from capsnet.model_export.fp16 import write_fp16
+    from capsnet.service.cli import check_models
+    from capsnet.service.engine import EngineError
+
+    default, other = tmp_path / "default", tmp_path / "other"
+    shutil.copytree(tiny_model_dir, default)
+    shutil.copytree(tiny_fashion_model_dir, other)
+    write_fp16(default)
+    settings = Settings(model_dir=default, model_dirs=str(other), precision="fp16")
+    assert check_models(settings) == ["tiny", "tiny-fashion"]
+    x = mnist_test_images(4)
+    with caplog.at_level(logging.WARNING), ready_client(settings, "/health/ready") as c:
+        meta = {name: c.get(f"/metadata?model={name}").json() for name in ("tiny", "tiny-fashion")}
+        got = c.post("/predict?model=tiny-fashion&preprocess=none", json={"images": x[:, 0].tolist()})
+    assert (meta["tiny"]["precision"], meta["tiny"]["classifier_file"]) == ("fp16", "capsnet-fp16.onnx")
+    assert (meta["tiny-fashion"]["precision"], meta["tiny-fashion"]["classifier_file"]) == (
+        "fp32",
+        "capsnet.onnx",
+    )
+    want = Engine(other, providers="CPUExecutionProvider").classify(x)["probabilities"]
+    probs = np.array([p["probabilities"] for p in got.json()["predictions"]])
+    np.testing.assert_allclose(probs, want, rtol=0, atol=1e-6)
+    warned = [r.getMessage() for r in caplog.records if "is served in fp32" in r.getMessage()]
+    assert len(warned) == 2 and all(
+        str(other) in m and "capsnet-fp16.onnx" in m for m in warned
+    )  # check + serve
+    # The default model without the file is still refused, at the check and at startup.
+    swapped = Settings(model_dir=other, model_dirs=str(default), precision="fp16")
+    with pytest.raises(EngineError, match=r"CAPSNET_PRECISION=fp16 needs .*other/capsnet-fp16.onnx"):
+        check_models(swapped)
+    with pytest.raises(EngineError, match="CAPSNET_PRECISION=fp16 needs"), TestClient(create_app(swapped)):
+        pass
+
+
 @pytest.mark.parametrize(("step", "shown"), [("5e-324", "too many"), ("0.001", "501")])
 def test_perturb_refuses_more_than_41_sweep_values_even_for_a_vanishing_step(client, digits, step, shown):
     # 0.5 / 5e-324 overflows to inf: counted before any conversion to int (was a 500)
