@@ -148,7 +148,8 @@ def write_int8(
 
     Calibration: `calibration` training images. Accuracy: the first `test_limit` test images (all by
     default), fp32 and int8 through onnxruntime's CPU provider. Raises QuantizeError, writing nothing,
-    when int8 falls more than `max_drop` below fp32. Updates model_card.json / MODEL_CARD.md if present.
+    when int8 falls more than `max_drop` below fp32 (the card then records the refusal and its
+    figures, where no int8 file is there). Updates model_card.json / MODEL_CARD.md if present.
     """
     import onnx
 
@@ -204,10 +205,15 @@ def write_int8(
             "quantize_seconds": round(quantize_seconds, 1),
         }
         if int8_acc < fp32_acc - max_drop:
-            raise QuantizeError(
+            refused = (
                 f"int8 test accuracy {int8_acc:.4%} is more than {max_drop:.2%} below fp32's {fp32_acc:.4%} "
                 f"on {len(y_test)} test images; {INT8_FILE} not written"
             )
+            # The card says why the model has no int8 file (unless one from before is still there:
+            # the card describes that one).
+            if not (model_dir / INT8_FILE).exists():
+                _update_card(model_dir, {**report, "written": False, "refused": refused})
+            raise QuantizeError(refused)
         if gap > EXACT_TOLERANCE:
             raise QuantizeError(
                 f"int8 probabilities differ from exact integer arithmetic by up to {gap:.3f} (over "
@@ -216,6 +222,7 @@ def write_int8(
             )
         _set_metadata(out, meta, {"precision": "int8", "quantization": json.dumps(report)})
         shutil.move(str(out), model_dir / INT8_FILE)
+    report["written"] = True
     report["sha256"] = file_sha256(model_dir / INT8_FILE)
     report["bytes"] = (model_dir / INT8_FILE).stat().st_size
     _update_card(model_dir, report)

@@ -149,9 +149,26 @@ def test_a_model_that_loses_accuracy_is_refused_and_nothing_is_written(tiny_mode
         return wrong if model.name == INT8_FILE else real(model, x, exact=exact)
 
     monkeypatch.setattr(quantize, "_probabilities", int8_always_wrong)
+    shutil.copy(SHIPPED_MODEL / "model_card.json", d / "model_card.json")  # a real card to extend
     with pytest.raises(QuantizeError, match=r"more than 0.10% below fp32's .* not written"):
         write_int8(d, calibration=32, test_limit=200)
     assert not (d / INT8_FILE).exists()
+    # The card says why there is no int8 file, with the figures that refused it.
+    q = json.loads((d / "model_card.json").read_text())["int8"]
+    assert q["written"] is False and "not written" in q["refused"]
+    assert (q["test_accuracy"], q["errors"], q["test_images"]) == (0.0, 200, 200)
+    assert q["fp32_test_accuracy"] > 0.05 and "sha256" not in q
+    md = (d / "MODEL_CARD.md").read_text()
+    assert "## int8 variant: not shipped" in md and "**0.00 %** int8" in md
+    assert f"{q['fp32_test_accuracy'] * 100:.2f} % fp32" in md
+    # Where an int8 file from before is there, the card keeps describing that file.
+    (d / INT8_FILE).write_bytes(b"an older int8 file")
+    card_before = (d / "model_card.json").read_text()
+    with pytest.raises(QuantizeError, match="not written"):
+        write_int8(d, calibration=32, test_limit=200)
+    assert (d / "model_card.json").read_text() == card_before
+    assert (d / INT8_FILE).read_bytes() == b"an older int8 file"
+    (d / INT8_FILE).unlink()
     # max_drop < -1 demands int8 beat fp32 by more than everything: refused whatever the CPU computes
     monkeypatch.undo()
     with pytest.raises(QuantizeError, match=r"more than .* below fp32's .* not written"):
