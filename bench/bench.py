@@ -499,25 +499,29 @@ def input_forms(digit: np.ndarray, model: str, tmp: Path) -> list[tuple[Load, An
     ]  # fmt: skip
 
 
-def own_cost_ms(work: Any, iters: int, between: Any = None) -> float:
-    """The median wall time of one call of `work` by itself, in ms (after a few to warm it); with
-    `between`, each call comes right after one of `between` (untimed), as in the service, where an
-    inference has just filled the caches with its own code and weights."""
-    if between is None:
-        return float(np.median(timed_calls(work, iters, warmup=5)) * 1e3)
-    samples = []
-    for _ in range(iters):
-        between()
+def own_costs(work: Any, between: Any, calls: int, warm: list[float], cold: list[float]) -> None:
+    """Time `calls` calls of `work` by itself twice over, appending seconds: to `warm`, a call right after
+    another of its own (its code and data in the caches), and to `cold`, a call right after one of
+    `between` (untimed), as in the service, where an inference has just passed its weights through the
+    caches. The two alternate, so that a slow or fast phase of a shared machine falls on both."""
+    for _ in range(calls):
+        work()
         t0 = time.perf_counter()
         work()
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples) * 1e3)
+        t1 = time.perf_counter()
+        between()
+        t2 = time.perf_counter()
+        work()
+        t3 = time.perf_counter()
+        warm.append(t1 - t0)
+        cold.append(t3 - t2)
 
 
 # Each form's turn at each concurrency comes this often, in the same total time, for a median against
 # drift: with two the "median" is a mean, and one slow minute of a shared VM moves it (--quick: 2).
 FORM_ROUNDS = 6
 FORM_REFERENCE = "onnxruntime alone, between the forms"
+OWN_CALLS_PER_PASS = 10  # each form's own work, timed this often (alone and after an inference) per pass
 
 
 def form_cases(
@@ -531,8 +535,9 @@ def form_cases(
     rounds: int = FORM_ROUNDS,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The input forms against one server, taking turns (`rounds` rounds of seconds / rounds each,
-    the medians kept), each row with the form's own cost alone and right after an inference;
-    and raw onnxruntime at `best_batch` before each pass, in the same minutes (the median of those)."""
+    the medians kept), each row with the form's own cost alone and right after an inference; before
+    each pass, in the same minutes, raw onnxruntime at `best_batch` (the median of those) and the
+    forms' own costs (the medians of all their calls)."""
     import onnxruntime as ort
 
     from capsnet.service.engine import available_cores, session_options
@@ -546,19 +551,25 @@ def form_cases(
     forms = input_forms(digit, meta.get("name", model_dir.name), tmp)  # (the name v2 routes by)
     one = {"image": (digit[None, None] / 255.0).astype(np.float32)}
     infer = lambda: sess.run(None, one)  # noqa: E731
-    own = {load.case: own_cost_ms(work, max(iters, 50)) for load, work in forms}
-    cold = {load.case: own_cost_ms(work, max(iters, 50), between=infer) for load, work in forms}
+    # Each form's own work is timed before every pass too, in the same minutes as the passes.
+    own: dict[str, list[float]] = {load.case: [] for load, _ in forms}
+    cold: dict[str, list[float]] = {load.case: [] for load, _ in forms}
+    for _, work in forms:  # warm-up
+        own_costs(work, infer, 5, [], [])
     env = {"CAPSNET_LOG_LEVEL": "warning"}
     loads, per_round = [load for load, _ in forms], seconds / rounds
     concs = [c for c in FORM_CONCURRENCIES for _ in range(rounds)]  # [1, 1, ..., 32, 32, ...]
     batch = {"image": np.repeat(one["image"], best_batch, axis=0)}
     passes: list[float] = []
 
-    def raw() -> None:  # images/s as the raw rows have it: batch / median latency
+    def between_passes() -> None:
+        # raw onnxruntime: images/s as the raw rows have it, batch / median latency
         samples = timed_calls(lambda: sess.run(None, batch), calls_per_case(best_batch, iters), warmup=1)
         passes.append(latency_stats(samples, best_batch)["images_per_s"])
+        for load, work in forms:
+            own_costs(work, infer, OWN_CALLS_PER_PASS, own[load.case], cold[load.case])
 
-    runs = loads_on_one_server(serve, env, loads, concs, per_round, tmp, between=raw)
+    runs = loads_on_one_server(serve, env, loads, concs, per_round, tmp, between=between_passes)
     reference = {"batch": best_batch, "images_per_s": float(np.median(passes)), "passes": passes}
     rows = []
     for case in [load.case for load in loads]:
@@ -569,7 +580,9 @@ def form_cases(
             }
             row |= {"case": case, "connections": c, "rounds": len(mine), "non_2xx": sum(r["non_2xx"] for r in mine),
                     "server_rss_mb": max(r["server_rss_mb"] for r in mine)}  # fmt: skip
-            row |= {"own_cost_ms": own[case], "own_cost_after_inference_ms": cold[case]}
+            row |= {"own_cost_ms": float(np.median(own[case]) * 1e3),
+                    "own_cost_after_inference_ms": float(np.median(cold[case]) * 1e3),
+                    "own_cost_calls": len(own[case])}  # fmt: skip
             rows.append(row)
     return rows, reference
 
@@ -1021,7 +1034,9 @@ def form_ratios(r: dict[str, Any]) -> dict[str, Any]:
         ),
         "scan_c1_added_vs_preprocessing": (
             f"the 227x224 scan's p50 {scan1['p50_ms']:.2f} ms, {scan1['p50_ms'] - none1['p50_ms']:.2f} ms more "
-            f"than a PNG taken as it is, where preprocess_bytes itself takes {fn_scan:.2f} ms; {split(FORM_SCAN, 1)}"
+            f"than a PNG taken as it is, where preprocess_bytes itself takes {fn_scan:.2f} ms ("
+            f"{(scan1['p50_ms'] - none1['p50_ms']) / scan1['own_cost_after_inference_ms']:.2f} x the "
+            f"{scan1['own_cost_after_inference_ms']:.2f} ms it takes right after an inference); {split(FORM_SCAN, 1)}"
         ),
         "json_c32_vs_ort_best": (
             f'{{"images": [28x28]}} bodies: {json32["requests_per_s"]:.0f} requests/s against raw onnxruntime\'s '

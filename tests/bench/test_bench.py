@@ -12,6 +12,7 @@ from bench.bench import (
     FORM_NONE,
     FORM_SCAN,
     FORM_V2,
+    OWN_CALLS_PER_PASS,
     form_split,
     main,
     per_run_cost,
@@ -107,6 +108,12 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
     )
     assert split["hand_offs_ms"] == pytest.approx(split["beyond_none_core_ms"] - cold)
     assert all(h["rounds"] == 2 and h["own_cost_after_inference_ms"] > 0 for h in forms.values())
+    # each form's own work timed before each of the 4 passes, alone and after an inference
+    assert all(h["own_cost_calls"] == 4 * OWN_CALLS_PER_PASS for h in forms.values())
+    after = forms[FORM_SCAN, 1]["own_cost_after_inference_ms"]
+    scan_added = forms[FORM_SCAN, 1]["p50_ms"] - forms[FORM_NONE, 1]["p50_ms"]
+    why = r["ratios"]["scan_c1_added_vs_preprocessing"]["why"]
+    assert f"({scan_added / after:.2f} x the {after:.2f} ms it takes right after an inference)" in why
     none32, default32 = forms[FORM_NONE, 32], forms[FORM_DEFAULT, 32]
     c32 = r["ratios"]["default_c32_vs_none_c32"]["value"]
     assert c32 == pytest.approx(default32["requests_per_s"] / none32["requests_per_s"])
