@@ -314,11 +314,10 @@ def _int8_lines(q: dict[str, Any] | None) -> list[str]:
             "",
             "## int8 variant: not shipped",
             "",
-            f"- `capsnet quantize` refused it: **{q['test_accuracy'] * 100:.2f} %** int8 "
-            f"({q['errors']} errors) "
-            f"against {q['fp32_test_accuracy'] * 100:.2f} % fp32 ({q['fp32_errors']} errors) on the same "
-            f"{q['test_images']:,} test images through {q['runtime']}, {drop:.2f} points lost where at most "
-            f"{q['max_drop'] * 100:.1f} are allowed ({cal['method']} ranges from {cal['images']} "
+            f"- `capsnet quantize` refused it: **{q['test_accuracy'] * 100:.2f} %** int8 ({q['errors']} "
+            f"errors) against {q['fp32_test_accuracy'] * 100:.2f} % fp32 ({q['fp32_errors']} errors) on the "
+            f"same {q['test_images']:,} test images through {q['runtime']}, {drop:.2f} points lost where at "
+            f"most {q['max_drop'] * 100:.1f} are allowed ({cal['method']} ranges from {cal['images']} "
             f"{cal['split']} images; weights {q['weights']}, activations {q['activations']}).",
             "- With `CAPSNET_PRECISION=int8` this model is served in fp32 when it is served beside the "
             "default model (with a warning in the log; its `/metadata` says `precision: fp32`); as the "

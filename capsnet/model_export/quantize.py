@@ -13,11 +13,12 @@ saturation (capsnet/service/cpu.py), so 8-bit weights give answers that depend o
 [-64, 64] no pair can saturate: every x86 CPU computes the same integers, at the same speed as 8-bit
 weights (the same kernels), for one bit less of weight precision.
 
-Nothing is written unless, on the test images through onnxruntime, (1) the int8 accuracy is within
+No int8 file is written unless, on the test images through onnxruntime, (1) the int8 accuracy is within
 MAX_ACCURACY_DROP of the fp32 model's and (2) the int8 probabilities are within EXACT_TOLERANCE of exact
 integer arithmetic (the same file run with graph optimizations off: DequantizeLinear, then fp32 Conv),
 so a CPU whose kernels saturate is caught where the file is made. The figures go into the file's
-metadata and, where the directory has one, the model card. onnx + onnxruntime, no torch.
+metadata and, where the directory has one, the model card; so does an accuracy refusal, so that a
+model shipped without int8 says why. onnx + onnxruntime, no torch.
 """
 
 from __future__ import annotations
