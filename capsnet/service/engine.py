@@ -158,6 +158,26 @@ def _check_int8_here(session: ort.InferenceSession, path: Path) -> None:
     )
 
 
+def _missing_file(model_dir: Path, precision: str, path: Path) -> str:
+    """Why CAPSNET_PRECISION cannot be served from `model_dir`, and what to do: write the file, or,
+    where the model card records that `capsnet quantize` refused one, serve fp32."""
+    card_path = model_dir / "model_card.json"
+    try:
+        int8 = json.loads(card_path.read_text()).get("int8") if card_path.exists() else None
+    except (OSError, ValueError, AttributeError):
+        int8 = None
+    if precision == "int8" and isinstance(int8, dict) and int8.get("written") is False:
+        return (
+            f"CAPSNET_PRECISION=int8 needs {path}, which this model does not have: `capsnet quantize` "
+            f"refused to write it ({int8.get('refused', 'see its model card')}); serve it with "
+            "CAPSNET_PRECISION=fp32"
+        )
+    return (
+        f"CAPSNET_PRECISION={precision} needs {path}: write it with `{WRITTEN_BY[precision]} {model_dir}` "
+        "(needs the [train] extra)"
+    )
+
+
 class Engine:
     """The classifier and decoder sessions, shared by all requests. `run` is thread-safe (ORT is)."""
 
@@ -201,10 +221,7 @@ class Engine:
         classifier_path = model_dir / CLASSIFIER_FILES[precision]
         if precision != "fp32" and not classifier_path.exists():
             if not beside:
-                raise EngineError(
-                    f"CAPSNET_PRECISION={precision} needs {classifier_path}: write it with "
-                    f"`{WRITTEN_BY[precision]} {model_dir}` (needs the [train] extra)"
-                )
+                raise EngineError(_missing_file(model_dir, precision, classifier_path))
             log.warning(
                 "CAPSNET_PRECISION=%s: %s has no %s, so it is served in fp32 (%s); `%s %s` writes one "
                 "where its accuracy allows (needs the [train] extra)",

@@ -161,6 +161,15 @@ def test_a_model_that_loses_accuracy_is_refused_and_nothing_is_written(tiny_mode
     md = (d / "MODEL_CARD.md").read_text()
     assert "## int8 variant: not shipped" in md and "**0.00 %** int8" in md
     assert f"{q['fp32_test_accuracy'] * 100:.2f} % fp32" in md
+    # Asked to serve it in int8, the service says the file was refused, not to go and write it.
+    from capsnet.service.engine import Engine, EngineError
+
+    with pytest.raises(
+        EngineError, match=r"`capsnet quantize` refused to write it \(int8 test accuracy 0.0000%"
+    ):
+        Engine(d, providers="CPUExecutionProvider", precision="int8")
+    with pytest.raises(EngineError, match=r"serve it with CAPSNET_PRECISION=fp32$"):
+        Engine(d, providers="CPUExecutionProvider", precision="int8")
     # Where an int8 file from before is there, the card keeps describing that file.
     (d / INT8_FILE).write_bytes(b"an older int8 file")
     card_before = (d / "model_card.json").read_text()
