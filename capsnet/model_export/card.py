@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ def build_card(
         },
         "evaluation": ev,
         "export": {k: export_meta[k] for k in ("checkpoint_sha256", "exported_at", "opset")},
-        "known_limits": known_limits(state["dataset"], state.get("args", {})),
+        "known_limits": known_limits(state["dataset"], state.get("args", {}), state.get("runs")),
     }
 
 
@@ -128,9 +129,21 @@ DATASET_LIMITS = {
 }
 
 
-def known_limits(dataset: str, args: dict[str, Any]) -> list[str]:
+def known_limits(dataset: str, args: dict[str, Any], runs: list[dict[str, Any]] | None = None) -> list[str]:
+    """The dataset's limits and the augmentation line. `args` are the last run's flags; `runs` (which
+    command trained which epochs) say where a run resumed with other flags mirrored only some epochs."""
     shift = args.get("max_shift", 2)
     mirrored = ", and left-right mirroring of half the images" if args.get("hflip") else ""
+    flipped = [run["epochs"] for run in runs or [] if "--hflip" in shlex.split(run["command"])]
+    if flipped and len(flipped) < len(runs or []):
+        merged: list[list[int]] = []
+        for a, b in flipped:  # runs that follow each other make one span
+            if merged and merged[-1][1] + 1 == a:
+                merged[-1][1] = b
+            else:
+                merged.append([a, b])
+        spans = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in merged)
+        mirrored = f", and left-right mirroring of half the images in epochs {spans} only"
     augmentation = f"Shift augmentation of +-{shift} px{mirrored}; no rotation or scale augmentation."
     return [*DATASET_LIMITS[dataset], augmentation]
 

@@ -126,6 +126,18 @@ def test_known_limits_name_the_dataset_and_the_runs_augmentation():
     assert mnist[-1] == "Shift augmentation of +-3 px; no rotation or scale augmentation."
     # checkpoints without args: the paper's 2 px
     assert known_limits("mnist", {})[-1].startswith("Shift augmentation of +-2 px;")
+    # a run resumed without --hflip: the line names the mirrored epochs, not only the last run's flags
+    runs = [
+        {"epochs": [1, 8], "command": "capsnet train --lr-decay 0.9 --max-shift 2 --hflip"},
+        {"epochs": [9, 25], "command": "capsnet train --lr-decay 0.97 --max-shift 2 --hflip --resume"},
+        {"epochs": [26, 30], "command": "capsnet train --lr-decay 0.97 --max-shift 2 --resume"},
+    ]
+    assert known_limits("fashion-mnist", {"max_shift": 2, "hflip": False}, runs)[-1] == (
+        "Shift augmentation of +-2 px, and left-right mirroring of half the images in epochs 1-25 only; "
+        "no rotation or scale augmentation."
+    )
+    same = [{**run, "command": run["command"] + " --hflip"} for run in runs[2:]]
+    assert known_limits("fashion-mnist", {"max_shift": 2, "hflip": True}, runs[:2] + same)[-1] == fashion[-1]
 
 
 def test_a_run_resumed_with_other_flags_lists_each_command():
