@@ -89,8 +89,12 @@ class Repository:
         return {name: slot.model for name, slot in self.slots.items() if slot.model is not None}
 
     @property
+    def default_slot(self) -> Slot:
+        return next(iter(self.slots.values()))
+
+    @property
     def default(self) -> ServedModel | None:
-        return next(iter(self.slots.values())).model
+        return self.default_slot.model
 
     def add(self, model: ServedModel, directory: Path) -> None:
         if model.name in self.slots:
@@ -261,7 +265,8 @@ class State:
             await self.sync.publish(name, False)
 
     async def _apply(self, name: str, loaded: bool) -> None:
-        slot = self.repository().slot(name)
+        repo = self.repository()
+        slot = repo.slot(name)
         async with slot.lock:  # one change at a time per model
             if not loaded:
                 old, slot.model, slot.reason = slot.model, None, "unloaded"
@@ -270,9 +275,10 @@ class State:
                 log.info("%s: unloaded", name)
                 return
             try:
-                beside = slot.directory.resolve() != self.settings.model_dir.resolve()
-                engine = await asyncio.to_thread(
-                    functools.partial(Engine.from_settings, beside=beside), self.settings, slot.directory
+                engine = await asyncio.to_thread(  # the default model is the first slot, as at startup
+                    functools.partial(Engine.from_settings, beside=slot is not repo.default_slot),
+                    self.settings,
+                    slot.directory,
                 )
             except EngineError as exc:
                 raise APIError(400, f"failed to load model {name!r}: {exc}") from None

@@ -699,10 +699,16 @@ def test_a_model_beside_the_default_without_the_precisions_file_is_served_in_fp3
     shutil.copytree(tiny_model_dir, default)
     shutil.copytree(tiny_fashion_model_dir, other)
     write_fp16(default)
-    settings = Settings(model_dir=default, model_dirs=str(other), precision="fp16")
+    settings = Settings(
+        model_dir=default, model_dirs=str(other), precision="fp16", model_control="explicit", admin_key="k"
+    )
     assert check_models(settings) == ["tiny", "tiny-fashion"]
     x = mnist_test_images(4)
     with caplog.at_level(logging.WARNING), ready_client(settings, "/health/ready") as c:
+        # each model loaded again through the repository API keeps its role: the default one in fp16
+        for name in ("tiny-fashion", "tiny"):
+            load = c.post(f"/v2/repository/models/{name}/load", headers={"Authorization": "Bearer k"})
+            assert load.status_code == 200, load.text
         meta = {name: c.get(f"/metadata?model={name}").json() for name in ("tiny", "tiny-fashion")}
         got = c.post("/predict?model=tiny-fashion&preprocess=none", json={"images": x[:, 0].tolist()})
     assert (meta["tiny"]["precision"], meta["tiny"]["classifier_file"]) == ("fp16", "capsnet-fp16.onnx")
@@ -714,9 +720,9 @@ def test_a_model_beside_the_default_without_the_precisions_file_is_served_in_fp3
     probs = np.array([p["probabilities"] for p in got.json()["predictions"]])
     np.testing.assert_allclose(probs, want, rtol=0, atol=1e-6)
     warned = [r.getMessage() for r in caplog.records if "is served in fp32" in r.getMessage()]
-    assert len(warned) == 2 and all(
+    assert len(warned) == 3 and all(
         str(other) in m and "capsnet-fp16.onnx" in m for m in warned
-    )  # check + serve
+    )  # check, startup and the load
     # The default model without the file is still refused, at the check and at startup.
     swapped = Settings(model_dir=other, model_dirs=str(default), precision="fp16")
     with pytest.raises(EngineError, match=r"CAPSNET_PRECISION=fp16 needs .*other/capsnet-fp16.onnx"):
