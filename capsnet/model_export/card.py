@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -134,7 +133,7 @@ def known_limits(dataset: str, args: dict[str, Any], runs: list[dict[str, Any]] 
     command trained which epochs) say where a run resumed with other flags mirrored only some epochs."""
     shift = args.get("max_shift", 2)
     mirrored = ", and left-right mirroring of half the images" if args.get("hflip") else ""
-    flipped = [run["epochs"] for run in runs or [] if "--hflip" in shlex.split(run["command"])]
+    flipped = [run["epochs"] for run in runs or [] if _mirrors(run["command"])]
     if flipped and len(flipped) < len(runs or []):
         merged: list[list[int]] = []
         for a, b in flipped:  # runs that follow each other make one span
@@ -146,6 +145,12 @@ def known_limits(dataset: str, args: dict[str, Any], runs: list[dict[str, Any]] 
         mirrored = f", and left-right mirroring of half the images in epochs {spans} only"
     augmentation = f"Shift augmentation of +-{shift} px{mirrored}; no rotation or scale augmentation."
     return [*DATASET_LIMITS[dataset], augmentation]
+
+
+def _mirrors(command: str) -> bool:
+    """Whether a recorded `capsnet train` command had --hflip. The record is its argv joined by spaces
+    (not shell-quoted: shlex would choke on a quote in a path), and argparse also took a prefix (--hf)."""
+    return any(len(word) >= 4 and "--hflip".startswith(word) for word in command.split())
 
 
 def evaluation(model: Path, dataset: str, labels: list[str]) -> dict[str, Any]:

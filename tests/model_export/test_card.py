@@ -129,7 +129,7 @@ def test_known_limits_name_the_dataset_and_the_runs_augmentation():
     # a run resumed without --hflip: the line names the mirrored epochs, not only the last run's flags
     runs = [
         {"epochs": [1, 8], "command": "capsnet train --lr-decay 0.9 --max-shift 2 --hflip"},
-        {"epochs": [9, 25], "command": "capsnet train --lr-decay 0.97 --max-shift 2 --hflip --resume"},
+        {"epochs": [9, 25], "command": "capsnet train --lr-decay 0.97 --hf --output it's --resume"},
         {"epochs": [26, 30], "command": "capsnet train --lr-decay 0.97 --max-shift 2 --resume"},
     ]
     assert known_limits("fashion-mnist", {"max_shift": 2, "hflip": False}, runs)[-1] == (
