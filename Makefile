@@ -29,7 +29,7 @@ install-dev: $(VENV)/.dev-installed
 serve: $(VENV)/.serve-installed
 	$(BIN)/capsnet serve --host $(HOST) --port $(PORT)
 
-# Debian packages the tests need (Fashion-MNIST data, buildah + debootstrap for the container test, podman + podman-compose for the compose test, wrk for the benchmark, chromium for the web page's browser test);
+# Debian packages the tests need (Fashion-MNIST data, buildah + debootstrap for the container test, podman + podman-compose for the compose test, wrk for the benchmark, chromium for the web page's browser test, tcmalloc for training);
 # installed only when missing and when we may (root with apt-get).
 system-deps:
 	bash scripts/system-deps.sh

@@ -201,6 +201,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--hflip", action="store_true", help="also mirror half the images left-right (clothes, not digits)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--malloc",
+        choices=["auto", "system"],
+        default="auto",
+        help="auto: run under tcmalloc when the system has it (Debian: libtcmalloc-minimal4), whose reuse "
+        "of freed memory spares every step's large tensors their page faults; system: the C library's",
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="a directory holding the IDX files")
     p.add_argument(
         "--set",
@@ -333,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and getattr(args, "malloc", None) == "auto":  # the command line, not a caller's list
+        from capsnet.model_export.malloc import run_again_under_tcmalloc
+
+        run_again_under_tcmalloc(sys.argv[1:])
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -17,6 +17,8 @@ command -v npm >/dev/null || need+=(npm)
 command -v wrk >/dev/null || need+=(wrk)
 [ -x /usr/bin/chromium ] || need+=(chromium)  # the web page's browser test (Playwright drives it)
 [ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)  # readable text in its screenshot
+# tcmalloc: `capsnet train` runs under it when present (capsnet/model_export/malloc.py; tests/model_export/test_malloc.py)
+ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || need+=(libtcmalloc-minimal4)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   echo "system-deps: please install: ${need[*]} (Debian/Ubuntu package names); continuing without them" >&2

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from capsnet.model_export import malloc
 from capsnet.model_export.config import CapsNetConfig
 from capsnet.model_export.data import dataset_checksum, get_spec, load_split, random_hflip, random_shift
 from capsnet.model_export.model import CapsNet, capsnet_loss
@@ -55,7 +56,7 @@ def hardware_description(dev: torch.device) -> str:
         return f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
     return (
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}"
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {malloc.in_use()} allocator"
     )
 
 
@@ -229,6 +230,11 @@ def train(
     elif resume and state_initialized_from(last_path) is not None:
         initialized_from = state_initialized_from(last_path)
 
+    if dev.type == "cpu" and malloc.in_use() == "glibc" and malloc.tcmalloc() is None:
+        log.warning(
+            "training under the C library's malloc, which hands each step's large tensors out as fresh "
+            "pages: with libtcmalloc-minimal4 installed, `capsnet train` runs under tcmalloc"
+        )
     n_params = sum(p.numel() for p in model.parameters())
     log.info("CapsNet %s, %d parameters, %d training images on %s", cfg, n_params, len(x_train), dev)
     steps = math.ceil(len(x_train) / batch_size)
