@@ -4,9 +4,10 @@ Everything installs under the one top-level package `capsnet` (capsnet.service, 
 capsnet.models): no generic top-level name such as `service` for pip to overwrite. bench/ is a tool of
 the checkout (it reads models/, docs/ and git) and stays out of the wheel: `python -m bench`.
 
-The model is stored once, under models/ (the Dockerfile, the deploy manifests and the docs name that
-path). The wheel carries it as the data package `capsnet.models` (this directory mapped to that name),
-found at run time with importlib.resources: see capsnet.service.settings.SHIPPED_MODEL.
+The models are stored once, under models/ (the Dockerfile, the deploy manifests and the docs name that
+path). The wheel carries them as the data package `capsnet.models` (this directory mapped to that name),
+found at run time with importlib.resources: see capsnet.service.settings.SHIPPED_MODEL and
+shipped_models().
 
 A tree without models/ builds a wheel without the model, with a warning: the container build copies
 only the code into its build stage and the model beside it (/app/models, CAPSNET_MODEL_DIR), so the
@@ -30,8 +31,10 @@ package_data = {"capsnet.service": ["static/*"]}
 if (MODELS / "__init__.py").is_file():
     packages.append("capsnet.models")
     package_dir["capsnet.models"] = "models"
-    # The files by name: a capsnet-fp16.onnx or a Triton repository written beside them stays out.
-    package_data["capsnet.models"] = [f"capsnet-mnist/{name}" for name in SHIPPED_FILES]
+    # Every shipped model (a folder with a capsnet.onnx: the service serves them all, capsnet-mnist the
+    # default), its files by name: a capsnet-fp16.onnx or a Triton repository written beside them stays out.
+    shipped = sorted(d.name for d in MODELS.iterdir() if (d / "capsnet.onnx").is_file())
+    package_data["capsnet.models"] = [f"{d}/{name}" for d in shipped for name in SHIPPED_FILES]
 else:
     warnings.warn("models/ is absent: this wheel carries no model (set CAPSNET_MODEL_DIR)", stacklevel=1)
 

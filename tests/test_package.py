@@ -26,7 +26,7 @@ from PIL import Image
 from capsnet.cli import main
 from capsnet.model_export.data import DATASETS, load_split
 from capsnet.predict import Progress
-from capsnet.service.settings import SHIPPED_MODEL, Settings
+from capsnet.service.settings import SHIPPED_MODEL, Settings, shipped_models
 from tests import live
 from tests.service.photos import render_product
 
@@ -288,8 +288,15 @@ def test_sdist_and_wheel_carry_the_model_and_the_web_page_and_pass_twine(tmp_pat
         sizes = {i.filename: i.file_size for i in z.infolist()}
         meta = Parser().parsestr(z.read(next(n for n in sizes if n.endswith(".dist-info/METADATA"))).decode())
         entry_points = z.read(next(n for n in sizes if n.endswith(".dist-info/entry_points.txt"))).decode()
-    for name in SHIPPED_FILES:  # the model, byte for byte the size of the repository's files
-        assert sizes[f"capsnet/models/capsnet-mnist/{name}"] == (SHIPPED_MODEL / name).stat().st_size
+    # every shipped model (the default one with all its files), byte for byte the size of the repository's
+    shipped = {d.name: [n for n in SHIPPED_FILES if (d / n).is_file()] for d in shipped_models()}
+    assert shipped["capsnet-mnist"] == list(SHIPPED_FILES)
+    for folder, files in shipped.items():
+        assert "capsnet.onnx" in files
+        for name in files:
+            assert (
+                sizes[f"capsnet/models/{folder}/{name}"] == (ROOT / "models" / folder / name).stat().st_size
+            )
     for p in (ROOT / "capsnet" / "service" / "static").iterdir():
         assert sizes[f"capsnet/service/static/{p.name}"] == p.stat().st_size
     for p in (ROOT / "capsnet").rglob("*.py"):
@@ -304,13 +311,15 @@ def test_sdist_and_wheel_carry_the_model_and_the_web_page_and_pass_twine(tmp_pat
     assert "Framework :: FastAPI" in meta.get_all("Classifier")
     assert meta["Description-Content-Type"] == "text/markdown" and "capsnet predict" in meta.get_payload()
     assert "capsnet = capsnet.cli:main" in entry_points
-    model_mb = sum((SHIPPED_MODEL / n).stat().st_size for n in SHIPPED_FILES) / 2**20
-    assert wheel.stat().st_size / 2**20 < model_mb + 2  # the model (it barely compresses) and little else
+    model_mb = (
+        sum((ROOT / "models" / d / n).stat().st_size for d, files in shipped.items() for n in files) / 2**20
+    )
+    assert wheel.stat().st_size / 2**20 < model_mb + 2  # the models (they barely compress) and little else
 
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert {"setup.py", "LICENSE", "models/__init__.py"} <= names
-    assert {f"models/capsnet-mnist/{n}" for n in SHIPPED_FILES} <= names
+    assert {f"models/{d}/{n}" for d, files in shipped.items() for n in files} <= names
 
 
 @pytest.mark.slow

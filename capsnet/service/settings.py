@@ -25,12 +25,26 @@ def _shipped_model() -> Path:
 SHIPPED_MODEL = _shipped_model()
 
 
+def shipped_models() -> list[Path]:
+    """Every model shipped beside SHIPPED_MODEL (a folder of the same package holding a capsnet.onnx),
+    the default one first, then by name: what a server started with the defaults serves."""
+    folder = SHIPPED_MODEL.parent
+    others = (
+        sorted(p for p in folder.iterdir() if p.name != SHIPPED_MODEL.name and (p / "capsnet.onnx").is_file())
+        if folder.is_dir()
+        else []
+    )
+    return [SHIPPED_MODEL, *others]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAPSNET_", protected_namespaces=())
 
     model_dir: Path = Field(SHIPPED_MODEL, description="directory holding capsnet.onnx (+ decoder.onnx)")
-    model_dirs: str = Field(
-        "", description="comma list of more model directories, served by name (`?model=`, the /v2 paths)"
+    model_dirs: str | None = Field(
+        None,
+        description="comma list of more model directories, served by name (`?model=`, the /v2 paths); "
+        "unset: the other shipped models, when CAPSNET_MODEL_DIR is the shipped one; empty: none",
     )
     providers: str = Field(
         "auto", description="'auto' (CUDA when usable, else CPU) or a comma list of ORT providers"

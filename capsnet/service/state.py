@@ -33,7 +33,7 @@ from capsnet.service.engine import Engine, EngineError
 from capsnet.service.errors import APIError
 from capsnet.service.metrics import Metrics, forget_dead_workers
 from capsnet.service.protocol import Signature
-from capsnet.service.settings import Settings
+from capsnet.service.settings import Settings, shipped_models
 from capsnet.service.workers import WorkerSync
 
 log = logging.getLogger(__name__)
@@ -132,11 +132,17 @@ class Repository:
 
 
 def model_dirs(settings: Settings) -> list[Path]:
-    """CAPSNET_MODEL_DIR, then CAPSNET_MODEL_DIRS without repeats."""
+    """CAPSNET_MODEL_DIR, then CAPSNET_MODEL_DIRS without repeats; CAPSNET_MODEL_DIRS unset, the other
+    shipped models beside the shipped default (none beside a model of the operator's)."""
     out = [settings.model_dir]
     seen = {settings.model_dir.resolve()}
-    for part in settings.model_dirs.split(","):
-        if part.strip() and (path := Path(part.strip())).resolve() not in seen:
+    if settings.model_dirs is not None:
+        more = [Path(part.strip()) for part in settings.model_dirs.split(",") if part.strip()]
+    else:
+        shipped = shipped_models()
+        more = shipped[1:] if settings.model_dir.resolve() == shipped[0].resolve() else []
+    for path in more:
+        if path.resolve() not in seen:
             seen.add(path.resolve())
             out.append(path)
     return out

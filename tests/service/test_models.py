@@ -240,3 +240,38 @@ def test_an_unloaded_model_answers_503_as_on_the_v2_paths(client, photo):
     finally:
         assert client.post(f"/v2/repository/models/{FASHION}/load", headers=admin).status_code == 200
     assert client.post("/predict", params={"model": FASHION}, content=photo, headers=JPEG).status_code == 200
+
+
+def test_the_defaults_serve_every_shipped_model_the_shipped_default_first(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_fashion_model_dir, files, photo
+):
+    """CAPSNET_MODEL_DIRS unset: a server of the shipped model serves the other shipped models beside it
+    (#33: `make serve`, the wheel); set, even empty, it is the operator's list; beside a model of the
+    operator's, nothing shipped is added."""
+    from capsnet.service import settings as settings_module
+    from capsnet.service.state import model_dirs
+
+    shipped = tmp_path / "models"  # the package capsnet.models, as a wheel installs it
+    shutil.copytree(tiny_model_dir, shipped / "capsnet-mnist")
+    shutil.copytree(tiny_fashion_model_dir, shipped / "capsnet-fashion-mnist")
+    (shipped / "__pycache__").mkdir()  # a folder without capsnet.onnx is no model
+    monkeypatch.setattr(settings_module, "SHIPPED_MODEL", shipped / "capsnet-mnist")
+    default = Settings(model_dir=shipped / "capsnet-mnist", max_batch_size=8)
+    assert model_dirs(default) == [shipped / "capsnet-mnist", shipped / "capsnet-fashion-mnist"]
+    assert model_dirs(Settings(model_dir=shipped / "capsnet-mnist", model_dirs="")) == [
+        shipped / "capsnet-mnist"
+    ]
+    assert model_dirs(Settings(model_dir=tiny_model_dir)) == [tiny_model_dir]
+    named = Settings(model_dir=shipped / "capsnet-mnist", model_dirs=str(tiny_fashion_model_dir))
+    assert model_dirs(named) == [shipped / "capsnet-mnist", tiny_fashion_model_dir]
+
+    with ready_client(default) as c:
+        models = c.get("/metadata").json()["models"]
+        assert [(m["name"], m["default"], m["ready"]) for m in models] == [
+            ("tiny", True, True),
+            (FASHION, False, True),
+        ]
+        r = c.post("/predict", params={"model": FASHION}, content=photo, headers=JPEG)
+        assert r.status_code == 200, r.text
+        want = run(files[FASHION], as_input(photo, "fashion"))  # the shipped copy's numbers are its own
+        close(r.json()["predictions"][0]["probabilities"], want["probabilities"])
