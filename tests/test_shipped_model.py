@@ -1,4 +1,5 @@
-"""The model that ships under models/capsnet-mnist, checked through onnxruntime like users run it."""
+"""The models that ship under models/ (capsnet-mnist, the default, and any other folder holding a
+capsnet.onnx, served beside it by default), checked through onnxruntime like users run them."""
 
 import json
 import re
@@ -9,24 +10,36 @@ import onnxruntime as ort
 import pytest
 
 from capsnet.model_export.card import evaluate_onnx, onnx_probabilities
-from capsnet.model_export.data import load_split
-from capsnet.service.settings import SHIPPED_MODEL, Settings
+from capsnet.model_export.data import get_spec, load_split
+from capsnet.service.settings import SHIPPED_MODEL, Settings, shipped_models
 from tests.live import ready_client
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in {".png", ".jpg"})
-# Issue 5 asks for >= 99.5 % through onnxruntime: the shipped model must never fall below it, and the
-# card's own figure is checked below to the tolerance the card states for another CPU.
-ACCURACY_FLOOR = 0.995
+SHIPPED = shipped_models()
+# The accuracy through onnxruntime a shipped model must never fall below, by dataset: issue 5 asks for
+# >= 99.5 % on MNIST, issue 33 for >= 93.0 % on Fashion-MNIST (ahead of a plain 2-conv CNN). The card's
+# own figure is checked below to the tolerance the card states for another CPU.
+ACCURACY_FLOOR = {"mnist": 0.995, "fashion-mnist": 0.930}
 # Issue 21: the int8 variant may lose at most 0.1 point against fp32 on the same 10,000 test images.
 INT8_MAX_DROP = 0.001
 
 
-def test_shipped_artifacts_are_complete_and_small():
-    names = {p.name for p in SHIPPED_MODEL.iterdir()}
-    assert {"capsnet.onnx", "capsnet-int8.onnx", "decoder.onnx", "model_card.json", "MODEL_CARD.md"} <= names
+def card_of(model_dir: Path) -> dict:
+    return json.loads((model_dir / "model_card.json").read_text())
+
+
+@pytest.mark.parametrize("model_dir", SHIPPED, ids=lambda d: d.name)
+def test_shipped_artifacts_are_complete_and_small(model_dir):
+    names = {p.name for p in model_dir.iterdir()}
+    assert {"capsnet.onnx", "decoder.onnx", "model_card.json", "MODEL_CARD.md"} <= names
+    # int8: shipped, or refused with the card saying why; the default model must have it
+    # (CAPSNET_PRECISION=int8 serves a model beside it without the file in fp32, never the default one)
+    refused = card_of(model_dir).get("int8", {}).get("written") is False
+    assert ("capsnet-int8.onnx" in names) != refused
+    assert model_dir != SHIPPED_MODEL or not refused
     assert not any(n.endswith((".pt", ".pth", ".ckpt")) for n in names)  # no checkpoints, no optimizer state
-    total = sum(p.stat().st_size for p in SHIPPED_MODEL.iterdir())
+    total = sum(p.stat().st_size for p in model_dir.iterdir())
     assert total < 45 * 2**20
 
 
@@ -40,17 +53,43 @@ def assert_matches_card(preds: np.ndarray, y: np.ndarray, figures: dict) -> None
 
 
 @pytest.mark.slow
-def test_shipped_model_accuracy_through_onnxruntime_matches_its_card():
-    card = json.loads((SHIPPED_MODEL / "model_card.json").read_text())
-    ev = card["evaluation"]
-    x, y = load_split("mnist", "test")
-    preds = evaluate_onnx(SHIPPED_MODEL / "capsnet.onnx", x)
+@pytest.mark.parametrize("model_dir", SHIPPED, ids=lambda d: d.name)
+def test_shipped_model_accuracy_through_onnxruntime_matches_its_card(model_dir):
+    card = card_of(model_dir)
+    ev, dataset = card["evaluation"], card["dataset"]["name"]
+    x, y = load_split(dataset, "test")
+    preds = evaluate_onnx(model_dir / "capsnet.onnx", x)
     assert_matches_card(preds, y, ev)
-    assert float((preds == y).mean()) >= ACCURACY_FLOOR and ev["test_accuracy"] >= ACCURACY_FLOOR
+    floor = ACCURACY_FLOOR[dataset]
+    assert float((preds == y).mean()) >= floor and ev["test_accuracy"] >= floor
     assert card["parameters"]["total"] == 8_215_568 and card["config"]["routing_iterations"] == 3
-    md = (SHIPPED_MODEL / "MODEL_CARD.md").read_text()
+    md = (model_dir / "MODEL_CARD.md").read_text()
     assert f"**{ev['test_accuracy'] * 100:.2f} %**" in md and ev["cpu"]["model"] in md
     assert f"{ev['near_ties']['images']} test image(s) whose top two lengths are within 0.0001" in md
+
+
+def test_a_server_with_the_defaults_serves_every_shipped_model_by_name_with_onnxruntimes_numbers():
+    """Issue 33: what `make serve` starts. Each shipped model by its name, with its dataset's labels, and
+    real test images of that dataset answered as onnxruntime answers on the file itself."""
+    with ready_client(Settings(model_dir=SHIPPED_MODEL, model_dirs=None, max_batch_size=16)) as client:
+        models = client.get("/metadata").json()["models"]
+        assert [(m["name"], m["default"]) for m in models] == [
+            (card_of(d)["name"], d == SHIPPED_MODEL) for d in SHIPPED
+        ]
+        for model_dir, listed in zip(SHIPPED, models, strict=True):
+            dataset = card_of(model_dir)["dataset"]["name"]
+            labels = list(get_spec(dataset).labels)
+            assert listed["labels"] == labels and listed["ready"]
+            x, y = load_split(dataset, "test")
+            images = x[:16].astype(np.float32) / 255.0
+            r = client.post("/predict", params={"model": listed["name"]}, json={"images": images.tolist()})
+            assert r.status_code == 200, r.text
+            got = r.json()["predictions"]
+            want = onnx_probabilities(model_dir / "capsnet.onnx", x[:16])
+            np.testing.assert_allclose([item["probabilities"] for item in got], want, atol=1e-5)
+            assert [item["label"] for item in got] == [labels[k] for k in want.argmax(1)]
+            # the labels in their order: a shuffled label list would be right about one time in ten
+            assert sum(item["label"] == labels[k] for item, k in zip(got, y[:16], strict=True)) >= 14
 
 
 @pytest.mark.slow
