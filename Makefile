@@ -52,7 +52,8 @@ format: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
-# The shipped model: paper-size CapsNet on full MNIST. ~30 min per epoch on 2 CPU cores; resumable.
+# The shipped model: paper-size CapsNet on full MNIST. ~12 min per epoch on 2 CPU cores under tcmalloc
+# (docs/training.md); resumable.
 EPOCHS ?= 1
 train: $(VENV)/.dev-installed data
 	$(BIN)/capsnet train --dataset mnist --epochs $(EPOCHS) --output runs/mnist --resume
