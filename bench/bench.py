@@ -499,11 +499,20 @@ def input_forms(digit: np.ndarray, model: str, tmp: Path) -> list[tuple[Load, An
     ]  # fmt: skip
 
 
-def own_costs(work: Any, between: Any, calls: int, warm: list[float], cold: list[float]) -> None:
+def own_costs(
+    work: Any,
+    between: Any,
+    calls: int,
+    warm: list[float],
+    cold: list[float],
+    after: list[float] | None = None,
+) -> None:
     """Time `calls` calls of `work` by itself twice over, appending seconds: to `warm`, a call right after
     another of its own (its code and data in the caches), and to `cold`, a call right after one of
     `between` (untimed), as in the service, where an inference has just passed its weights through the
-    caches. The two alternate, so that a slow or fast phase of a shared machine falls on both."""
+    caches. The two alternate, so that a slow or fast phase of a shared machine falls on both. `after`:
+    the call of `between` that follows each cold one, timed (the inference as the work left the
+    caches): cold + after is what one request at a time costs in one process, without a server."""
     for _ in range(calls):
         work()
         t0 = time.perf_counter()
@@ -515,6 +524,9 @@ def own_costs(work: Any, between: Any, calls: int, warm: list[float], cold: list
         t3 = time.perf_counter()
         warm.append(t1 - t0)
         cold.append(t3 - t2)
+        if after is not None:
+            between()
+            after.append(time.perf_counter() - t3)
 
 
 # Each form's turn at each concurrency comes this often, in the same total time, for a median against
@@ -554,6 +566,7 @@ def form_cases(
     # Each form's own work is timed before every pass too, in the same minutes as the passes.
     own: dict[str, list[float]] = {load.case: [] for load, _ in forms}
     cold: dict[str, list[float]] = {load.case: [] for load, _ in forms}
+    after: dict[str, list[float]] = {load.case: [] for load, _ in forms}
     for _, work in forms:  # warm-up
         own_costs(work, infer, 5, [], [])
     env = {"CAPSNET_LOG_LEVEL": "warning"}
@@ -567,7 +580,7 @@ def form_cases(
         samples = timed_calls(lambda: sess.run(None, batch), calls_per_case(best_batch, iters), warmup=1)
         passes.append(latency_stats(samples, best_batch)["images_per_s"])
         for load, work in forms:
-            own_costs(work, infer, OWN_CALLS_PER_PASS, own[load.case], cold[load.case])
+            own_costs(work, infer, OWN_CALLS_PER_PASS, own[load.case], cold[load.case], after[load.case])
 
     runs = loads_on_one_server(serve, env, loads, concs, per_round, tmp, between=between_passes)
     reference = {"batch": best_batch, "images_per_s": float(np.median(passes)), "passes": passes}
@@ -582,6 +595,8 @@ def form_cases(
                     "server_rss_mb": max(r["server_rss_mb"] for r in mine)}  # fmt: skip
             row |= {"own_cost_ms": float(np.median(own[case]) * 1e3),
                     "own_cost_after_inference_ms": float(np.median(cold[case]) * 1e3),
+                    "inference_after_own_ms": float(np.median(after[case]) * 1e3),
+                    "in_process_ms": float(np.median(np.add(cold[case], after[case])) * 1e3),
                     "own_cost_calls": len(own[case])}  # fmt: skip
             rows.append(row)
     return rows, reference
@@ -985,7 +1000,7 @@ def form_split(r: dict[str, Any], case: str, connections: int) -> dict[str, floa
     beyond = row["server_core_ms_per_request"] - none["server_core_ms_per_request"]
     own = row["own_cost_ms"] - none["own_cost_ms"]
     cold = row["own_cost_after_inference_ms"] - none["own_cost_after_inference_ms"]
-    return {
+    split = {
         "core_ms": row["server_core_ms_per_request"],
         "beyond_none_core_ms": beyond,
         "loop_beyond_none_ms": row["event_loop_core_ms_per_request"] - none["event_loop_core_ms_per_request"],
@@ -994,6 +1009,14 @@ def form_split(r: dict[str, Any], case: str, connections: int) -> dict[str, floa
         "hand_offs_ms": beyond - cold,
         "p50_beyond_none_ms": row["p50_ms"] - none["p50_ms"],
     }
+    if "in_process_ms" in row:  # (result files before 2026-12-08 lack it)
+        # One request at a time without a server: the form's work right after an inference, then the
+        # next inference, in one process. What the server's p50 adds beyond that is the server's own.
+        split["in_process_beyond_none_ms"] = row["in_process_ms"] - none["in_process_ms"]
+        split["server_beyond_in_process_ms"] = (
+            split["p50_beyond_none_ms"] - split["in_process_beyond_none_ms"]
+        )
+    return split
 
 
 def form_ratios(r: dict[str, Any]) -> dict[str, Any]:
@@ -1016,12 +1039,19 @@ def form_ratios(r: dict[str, Any]) -> dict[str, Any]:
 
     def split(case: str, c: int) -> str:
         s = form_split(r, case, c)
-        return (
+        text = (
             f"{case} at concurrency {c}: {s['core_ms']:.2f} core ms per request, {s['beyond_none_core_ms']:+.2f} "
             f"beyond a PNG taken as it is: its own work {s['own_work_ms']:.2f} ms timed alone, "
             f"{s['own_work_after_inference_ms']:.2f} ms right after an inference (its code and data evicted), the "
             f"event loop's thread {s['loop_beyond_none_ms']:+.2f} ms, hand-offs and waiting {s['hand_offs_ms']:+.2f} ms"
         )
+        if c == 1 and "in_process_beyond_none_ms" in s:
+            text += (
+                f"; without a server, in one process (its work right after an inference, then the next "
+                f"inference) it takes {s['in_process_beyond_none_ms']:.2f} ms more than a PNG taken as it is, "
+                f"so the server's p50 adds {s['server_beyond_in_process_ms']:+.2f} ms of its own"
+            )
+        return text
 
     whys = {
         "default_c32_vs_none_c32": (
@@ -1080,14 +1110,20 @@ def print_table(r: dict[str, Any]) -> None:
     forms = [h for h in r["http"] if "own_cost_ms" in h and h["case"] != FORM_NONE]
     if forms:
         print(
-            f"\n{'input forms, beyond PNG none':<32}{'conc':>5}{'own ms':>8}{'cold':>6}{'core ms':>9}{'loop':>7}{'hand-offs':>10}{'p50':>7}"
+            f"\n{'input forms, beyond PNG none':<32}{'conc':>5}{'own ms':>8}{'cold':>6}{'core ms':>9}{'loop':>7}"
+            f"{'hand-offs':>10}{'p50':>7}{'1 process':>10}{'server':>8}"
         )
         for h in forms:
             sp = form_split(r, h["case"], h["connections"])
+            alone = (
+                f"{sp['in_process_beyond_none_ms']:>+10.2f}{sp['server_beyond_in_process_ms']:>+8.2f}"
+                if h["connections"] == 1 and "in_process_beyond_none_ms" in sp
+                else ""
+            )
             print(
                 f"{h['case']:<32}{h['connections']:>5}{sp['own_work_ms']:>8.2f}{sp['own_work_after_inference_ms']:>6.2f}"
                 f"{sp['beyond_none_core_ms']:>+9.2f}"
-                f"{sp['loop_beyond_none_ms']:>+7.2f}{sp['hand_offs_ms']:>+10.2f}{sp['p50_beyond_none_ms']:>+7.2f}"
+                f"{sp['loop_beyond_none_ms']:>+7.2f}{sp['hand_offs_ms']:>+10.2f}{sp['p50_beyond_none_ms']:>+7.2f}{alone}"
             )
     ref = r["forms_reference"]
     passes = ", ".join(f"{v:.0f}" for v in ref["passes"])

@@ -140,18 +140,11 @@ def cpu(name: str, d: dict[str, Any]) -> list[str]:
         "RSS MB",
     ]
     out += [*_table(header, rows), ""]
-    forms = [r for r in d["http"] if "own_cost_ms" in r and r["case"] != FORM_NONE]
-    if forms:
-        rows = []
-        for r in forms:
-            sp = form_split(d, r["case"], r["connections"])
-            rows.append([r["case"], str(r["connections"]), _f(sp["own_work_ms"], 2),
-                         _f(sp["own_work_after_inference_ms"], 2), _f(sp["beyond_none_core_ms"], 2),
-                         _f(sp["loop_beyond_none_ms"], 2), _f(sp["hand_offs_ms"], 2), _f(sp["p50_beyond_none_ms"], 2)])  # fmt: skip
-        header = ["input form, beyond a PNG with `preprocess=none`", "concurrency", "own work ms",
-                  "own work ms after an inference",
-                  "core ms per request", "of it, the event loop's", "hand-offs and waiting", "p50 ms"]  # fmt: skip
-        out += [*_fill("cpu_forms"), "", *_table(header, rows), ""]
+    if any("own_cost_ms" in r for r in d["http"]):
+        prose = _fill("cpu_forms")
+        if any("in_process_ms" in r for r in d["http"]):  # (result files before 2026-12-08 lack it)
+            prose += ["", *_fill("cpu_forms_in_process")]
+        out += [*prose, "", *forms_table(d), ""]
     if "grpc" in d:
         g = d["grpc"]
         header = ["gRPC `ModelInfer` (tritonclient.grpc)", "B", "streams", "images/s", "p50 ms",
@@ -194,6 +187,28 @@ GPU_CASES = {
     "ort_fp16_iobinding": "onnxruntime CUDA, fp16 variant, IOBinding",
     "ort_fp16_cuda_graph": "onnxruntime CUDA, fp16 variant, CUDA graph",
 }
+
+
+def forms_table(d: dict[str, Any]) -> list[str]:
+    """The input forms' table: what each costs beyond a PNG taken as it is, split into its parts."""
+    forms = [r for r in d["http"] if "own_cost_ms" in r and r["case"] != FORM_NONE]
+    in_process = any("in_process_ms" in r for r in forms)  # (result files before 2026-12-08 lack it)
+    rows = []
+    for r in forms:
+        sp = form_split(d, r["case"], r["connections"])
+        rows.append([r["case"], str(r["connections"]), _f(sp["own_work_ms"], 2),
+                     _f(sp["own_work_after_inference_ms"], 2), _f(sp["beyond_none_core_ms"], 2),
+                     _f(sp["loop_beyond_none_ms"], 2), _f(sp["hand_offs_ms"], 2), _f(sp["p50_beyond_none_ms"], 2)])  # fmt: skip
+        if in_process:  # one request at a time: the p50 against the same sequence in one process
+            one = r["connections"] == 1 and "in_process_beyond_none_ms" in sp
+            rows[-1] += [_f(sp["in_process_beyond_none_ms"], 2) if one else "—",
+                         _f(sp["server_beyond_in_process_ms"], 2) if one else "—"]  # fmt: skip
+    header = ["input form, beyond a PNG with `preprocess=none`", "concurrency", "own work ms",
+              "own work ms after an inference",
+              "core ms per request", "of it, the event loop's", "hand-offs and waiting", "p50 ms"]  # fmt: skip
+    if in_process:
+        header += ["in one process, ms", "the server's own, ms"]
+    return _table(header, rows)
 
 
 def gpu(name: str, d: dict[str, Any]) -> list[str]:

@@ -107,6 +107,15 @@ def test_quick_benchmark_writes_every_case_and_ratio(tmp_path, capsys):
         - forms[FORM_NONE, 1]["own_cost_after_inference_ms"]
     )
     assert split["hand_offs_ms"] == pytest.approx(split["beyond_none_core_ms"] - cold)
+    # the same sequence without a server: the work after an inference, then the next inference, timed
+    # per call, so the median of the sums exceeds the work's own median
+    assert all(h["in_process_ms"] > h["own_cost_after_inference_ms"] and h["inference_after_own_ms"] > 0
+               for h in forms.values())  # fmt: skip
+    in_process = forms[FORM_SCAN, 1]["in_process_ms"] - forms[FORM_NONE, 1]["in_process_ms"]
+    assert split["in_process_beyond_none_ms"] == pytest.approx(in_process)
+    assert split["server_beyond_in_process_ms"] == pytest.approx(split["p50_beyond_none_ms"] - in_process)
+    server_own = r["ratios"]["scan_c1_added_vs_preprocessing"]["why"]
+    assert f"so the server's p50 adds {split['server_beyond_in_process_ms']:+.2f} ms of its own" in server_own
     assert all(h["rounds"] == 2 and h["own_cost_after_inference_ms"] > 0 for h in forms.values())
     # each form's own work timed before each of the 4 passes, alone and after an inference
     assert all(h["own_cost_calls"] == 4 * OWN_CALLS_PER_PASS for h in forms.values())

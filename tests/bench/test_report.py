@@ -1,6 +1,7 @@
 """bench/report.py's tables read the right figures out of a run's JSON."""
 
-from bench.report import routing_before_after
+from bench.bench import FORM_NONE, FORM_SCAN
+from bench.report import forms_table, routing_before_after
 
 Rates = dict[int, float]  # images/s by batch size
 
@@ -42,3 +43,40 @@ def test_routing_table_takes_each_reference_from_the_better_pass():
     assert rows["service fp32, requests/s at concurrency 32"] == ["401", "409"]
     assert rows["service int8, requests/s at concurrency 64"] == ["1,203", "1,227"]
     assert rows["service int8, p50 ms at concurrency 1"] == ["1.65", "1.75"]
+
+
+def form_row(case: str, c: int, p50: float, own: float, cold: float, in_process: float | None) -> dict:
+    row = {"case": case, "connections": c, "p50_ms": p50, "server_core_ms_per_request": 6.0 + own,
+           "event_loop_core_ms_per_request": 0.5 + own, "own_cost_ms": own,
+           "own_cost_after_inference_ms": cold}  # fmt: skip
+    return row if in_process is None else {**row, "in_process_ms": in_process}
+
+
+def forms_run(with_in_process: bool) -> dict:
+    def ip(ms: float) -> float | None:
+        return ms if with_in_process else None
+
+    return {
+        "http": [
+            form_row(FORM_NONE, 1, 6.00, 0.03, 0.13, ip(4.60)),
+            form_row(FORM_NONE, 32, 90.0, 0.03, 0.13, ip(4.60)),
+            form_row(FORM_SCAN, 1, 8.75, 1.77, 2.20, ip(7.20)),
+            form_row(FORM_SCAN, 32, 120.0, 1.77, 2.20, ip(7.20)),
+        ]
+    }
+
+
+def test_forms_table_holds_the_server_against_one_process_at_concurrency_1():
+    lines = forms_table(forms_run(with_in_process=True))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    rows = {(c[0], c[1]): c[2:] for c in cells[2:]}
+    # the scan at 1: its p50 2.75 ms beyond a PNG taken as it is, the same sequence in one process
+    # 7.20 - 4.60 = 2.60 ms beyond: the server adds 0.15 ms of its own
+    own, cold, _, _, _, p50, one, server = rows[FORM_SCAN, "1"]
+    assert (own, cold, p50) == ("1.74", "2.07", "2.75")
+    assert (one, server) == ("2.60", "0.15")
+    assert rows[FORM_SCAN, "32"][-2:] == ["—", "—"]  # a p50 under load is mostly queueing
+    assert cells[0][-2:] == ["in one process, ms", "the server's own, ms"]
+    # a result file from before the column: the table as it was
+    old = [[c.strip() for c in line.strip("|").split("|")] for line in forms_table(forms_run(False))]
+    assert len(old[0]) == 8 and old[2][:2] == [FORM_SCAN, "1"] and len(old[2]) == 8
