@@ -200,7 +200,7 @@ def forms_table(d: dict[str, Any]) -> list[str]:
                      _f(sp["own_work_after_inference_ms"], 2), _f(sp["beyond_none_core_ms"], 2),
                      _f(sp["loop_beyond_none_ms"], 2), _f(sp["hand_offs_ms"], 2), _f(sp["p50_beyond_none_ms"], 2)])  # fmt: skip
         if in_process:  # one request at a time: the p50 against the same sequence in one process
-            one = r["connections"] == 1 and "in_process_beyond_none_ms" in sp
+            one = "in_process_beyond_none_ms" in sp  # (concurrency 1 only)
             rows[-1] += [_f(sp["in_process_beyond_none_ms"], 2) if one else "—",
                          _f(sp["server_beyond_in_process_ms"], 2) if one else "—"]  # fmt: skip
     header = ["input form, beyond a PNG with `preprocess=none`", "concurrency", "own work ms",
